@@ -1,14 +1,40 @@
 """The Aff-Wild2 reader: find the annotation folders and frames, parse and join the three tasks.
 
-(SKELETON: the data types below are the contract; the functions are being written.)
+The input tree is described in DESIGN.md §1. The reader does three things:
+
+1. :func:`find_annotation_dirs` locates ``cropped_aligned`` and the challenge folders under a root
+   (a few levels down, never walking into the 2.8M-frame folder), or takes each explicitly.
+2. :func:`read_tree` parses every ``<Challenge>/{Train_Set,Validation_Set}/<video>.txt`` of the
+   requested tasks, checks headers and values, joins the tasks per (video, frame) and keeps the
+   frames that have an image and at least one valid label.
+3. :func:`image_path` and :func:`sample_key` name a frame's image and its shard key.
+
+Per-frame data lives only in the numpy arrays of :class:`VideoLabels` (about 25 bytes per frame,
+70 MB for the 2.8M frames of the real dataset). Parsing uses ``np.fromstring`` on a whole file at
+once and falls back to a line-by-line pass only to name the line of a bad value.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from affectfast.errors import DataError
+from affectfast.tasks import (
+    AU_IGNORE, AU_NAMES, CHALLENGE_DIRS, EXPR_IGNORE, HEADERS, LABEL_SIZE, NUM_AU, NUM_EXPR,
+    SPLIT_DIRS, TASKS, VA_IGNORE, VA_NAMES, parse_tasks, valid_mask,
+)
+
+FRAMES_DIR = "cropped_aligned"
+# How deep below the root the folders may sit: root/Third ABAW Annotations/VA_Estimation_Challenge
+# is depth 2. Three levels cover every release layout seen while keeping the search cheap.
+SEARCH_DEPTH = 3
+FRAME_DIGITS = 5  # frame images are <NNNNN>.jpg, 1-based
 
 
 @dataclass(frozen=True)
@@ -19,6 +45,17 @@ class AnnotationDirs:
     va: Path | None = None            # .../VA_Estimation_Challenge
     expr: Path | None = None          # .../EXPR_Recognition_Challenge or EXPR_Classification_Challenge
     au: Path | None = None            # .../AU_Detection_Challenge
+
+    def __post_init__(self):
+        # Accept str paths from callers; store Path so comparisons and joins behave.
+        for name in ("frames", *TASKS):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+
+    def task_dir(self, task: str) -> Path | None:
+        """The challenge folder of ``task`` ("va", "expr" or "au"), or None."""
+        return getattr(self, task)
 
 
 @dataclass
@@ -38,3 +75,287 @@ class VideoLabels:
 
     def __len__(self) -> int:
         return len(self.frames)
+
+
+# --- naming ---------------------------------------------------------------------------------------
+
+def image_path(frames_dir: str | Path, video: str, frame: int) -> Path:
+    """The image of 1-based ``frame`` of ``video``: ``<frames_dir>/<video>/<NNNNN>.jpg``."""
+    return Path(frames_dir) / video / f"{frame:0{FRAME_DIGITS}d}.jpg"
+
+
+def sample_key(video: str, frame: int) -> str:
+    """The shard key ``<video>/<NNNNN>`` of a frame; a video name with a dot is a DataError."""
+    _check_video_name(video, Path(video))
+    if not 1 <= frame < 10**FRAME_DIGITS:
+        raise ValueError(f"frame {frame} outside 1..{10**FRAME_DIGITS - 1}")
+    return f"{video}/{frame:0{FRAME_DIGITS}d}"
+
+
+def _check_video_name(video: str, path: Path) -> None:
+    # DALI splits a sample's file name at the first dot to find the extension (DESIGN.md §2).
+    if "." in video:
+        raise DataError(path, f"video name {video!r} contains a dot; shard keys must not "
+                              "(DALI splits the extension at the first dot)")
+
+
+# --- finding the folders --------------------------------------------------------------------------
+
+def find_annotation_dirs(root: str | Path | None, *, frames: str | Path | None = None,
+                         va: str | Path | None = None, expr: str | Path | None = None,
+                         au: str | Path | None = None) -> AnnotationDirs:
+    """Locate ``cropped_aligned`` and the challenge folders under ``root``; explicit ones win.
+
+    Searches up to :data:`SEARCH_DEPTH` levels below ``root`` and never walks into a frames or
+    challenge folder. A task found nowhere gives None; no frames folder, no task at all, or two
+    folders for one task is a DataError.
+    """
+    explicit = {"frames": frames, "va": va, "expr": expr, "au": au}
+    found: dict[str, Path | None] = {k: Path(v) if v is not None else None
+                                     for k, v in explicit.items()}
+    for what, path in found.items():
+        if path is not None and not path.is_dir():
+            raise DataError(path, f"the {what} folder given does not exist or is not a folder")
+    if any(path is None for path in found.values()):
+        if root is None:
+            if found["frames"] is None:
+                raise DataError(".", f"no root given and no {FRAMES_DIR} folder given")
+        else:
+            root = Path(root)
+            if not root.is_dir():
+                raise DataError(root, "the tree root does not exist or is not a folder")
+            for what, paths in _search(root).items():
+                if found[what] is not None:
+                    continue
+                if len(paths) > 1:
+                    raise DataError(paths[0], f"two {what} folders: {paths[0]} and {paths[1]}; "
+                                              "pass the one to use explicitly")
+                found[what] = paths[0] if paths else None
+    where = Path(root) if root is not None else found["frames"]
+    if found["frames"] is None:
+        raise DataError(where, f"no {FRAMES_DIR} folder within {SEARCH_DEPTH} levels; expected "
+                               f"{FRAMES_DIR}/<video>/<NNNNN>.jpg (or pass the frames folder)")
+    if all(found[task] is None for task in TASKS):
+        names = ", ".join(name for task in TASKS for name in CHALLENGE_DIRS[task])
+        raise DataError(where, f"no annotation folder within {SEARCH_DEPTH} levels; expected one "
+                               f"of {names} (or pass them explicitly)")
+    for task in TASKS:
+        path = found[task]
+        if path is not None and not any((path / s).is_dir() for s in SPLIT_DIRS):
+            raise DataError(path, f"expected a {' or '.join(SPLIT_DIRS)} folder inside")
+    return AnnotationDirs(**found)
+
+
+def _search(root: Path) -> dict[str, list[Path]]:
+    """Breadth-first search for frames and challenge folders; returns every match per target."""
+    targets = {FRAMES_DIR: "frames"}
+    targets.update({name: task for task, names in CHALLENGE_DIRS.items() for name in names})
+    found: dict[str, list[Path]] = {"frames": [], **{task: [] for task in TASKS}}
+    level = [root]
+    for _ in range(SEARCH_DEPTH):
+        deeper = []
+        for folder in level:
+            try:
+                with os.scandir(folder) as entries:
+                    subdirs = sorted(e.name for e in entries
+                                     if not e.name.startswith(".") and e.is_dir())
+            except OSError:  # unreadable folder: nothing of ours can be inside
+                continue
+            for name in subdirs:
+                if name in targets:  # never walk into a match: cropped_aligned holds 2.8M files
+                    found[targets[name]].append(folder / name)
+                else:
+                    deeper.append(folder / name)
+        level = deeper
+    return found
+
+
+# --- reading the tree -----------------------------------------------------------------------------
+
+def read_tree(dirs: AnnotationDirs, tasks: str | tuple[str, ...] = TASKS, *,
+              progress: bool = False) -> list[VideoLabels]:
+    """Parse and join the annotations of ``tasks``; one VideoLabels per video, sorted by name.
+
+    Only the requested tasks are read (the others stay ignored in the arrays). Videos with no
+    kept frame are left out. Bad input, train/val leakage and annotation files without a frames
+    folder raise DataError before anything is returned.
+    """
+    tasks = parse_tasks(tasks)
+    present = [t for t in tasks if dirs.task_dir(t) is not None]
+    if not present:
+        raise DataError(dirs.frames, f"none of the requested tasks ({','.join(tasks)}) has an "
+                                     "annotation folder")
+    index = _index_annotations(dirs, present)
+    videos = []
+    for video in tqdm(sorted(index), desc="reading annotations", unit="video", disable=not progress):
+        split, files = index[video]
+        labels = _read_video(dirs.frames, video, split, files)
+        if len(labels):
+            videos.append(labels)
+    return videos
+
+
+def _index_annotations(dirs: AnnotationDirs,
+                       tasks: list[str]) -> dict[str, tuple[str, dict[str, Path]]]:
+    """Map video -> (split, {task: annotation file}); refuse leakage, dots and missing frames."""
+    where: dict[str, dict[str, tuple[str, Path]]] = {}
+    for task in tasks:
+        for set_dir, split in SPLIT_DIRS.items():
+            folder = dirs.task_dir(task) / set_dir
+            if not folder.is_dir():
+                continue
+            with os.scandir(folder) as entries:
+                names = sorted(e.name for e in entries
+                               if e.name.endswith(".txt") and not e.name.startswith("."))
+            for name in names:
+                path = folder / name
+                video = name[:-len(".txt")]
+                _check_video_name(video, path)
+                seen = where.setdefault(video, {})
+                if task in seen:
+                    raise DataError(path, f"video {video} is also annotated in {seen[task][1]}: "
+                                          "train/val leakage")
+                seen[task] = (split, path)
+    index = {}
+    for video, seen in where.items():
+        (split, path), *others = seen.values()
+        for other_split, other in others:
+            if other_split != split:
+                raise DataError(path, f"video {video} is in {split} here and in {other_split} in "
+                                      f"{other}: train/val leakage")
+        if not (dirs.frames / video).is_dir():
+            raise DataError(path, f"no frames folder {dirs.frames / video} for this annotation file")
+        index[video] = (split, {task: p for task, (_, p) in seen.items()})
+    return index
+
+
+def _read_video(frames_dir: Path, video: str, split: str, files: dict[str, Path]) -> VideoLabels:
+    """Join one video's task files with its images; keep frames with an image and a valid label."""
+    frames = _list_frames(frames_dir / video)
+    columns = _ignored_columns(len(frames))
+    keep = np.zeros(len(frames), dtype=bool)
+    for task, path in files.items():
+        per_line = _parse_annotation(path, task)  # row i = frame i+1
+        # Images past the last annotation line have no label; lines past the last image are unused.
+        labelled = frames <= len(per_line)
+        columns[task][labelled] = per_line[frames[labelled] - 1]
+        keep |= valid_mask(task, columns[task])
+    return VideoLabels(name=video, split=split, frames=frames[keep],
+                       **{task: column[keep] for task, column in columns.items()})
+
+
+def _ignored_columns(n: int) -> dict[str, np.ndarray]:
+    """Label arrays of ``n`` frames, every label ignored (the in-memory encoding of tasks.py)."""
+    return {"va": np.full((n, 2), np.nan, dtype=np.float32),
+            "expr": np.full(n, EXPR_IGNORE, dtype=np.int8),
+            "au": np.full((n, NUM_AU), AU_IGNORE, dtype=np.int8)}
+
+
+def _list_frames(video_dir: Path) -> np.ndarray:
+    """Sorted 1-based frame numbers of the ``<NNNNN>.jpg`` files in a folder (one scandir, no stat)."""
+    with os.scandir(video_dir) as entries:
+        numbers = [int(e.name[:FRAME_DIGITS]) for e in entries
+                   if len(e.name) == FRAME_DIGITS + 4 and e.name.endswith(".jpg")
+                   and e.name[:FRAME_DIGITS].isascii() and e.name[:FRAME_DIGITS].isdigit()]
+    frames = np.array(numbers, dtype=np.int32)
+    frames.sort()
+    return frames[frames >= 1]
+
+
+# --- parsing one annotation file ------------------------------------------------------------------
+
+def _parse_annotation(path: Path, task: str) -> np.ndarray:
+    """Labels of every line of a task file in the in-memory encoding; row i is frame i+1."""
+    body = _read_body(path, task)
+    values = _parse_numbers(path, body, LABEL_SIZE[task], integer=task != "va")
+    return _CHECKS[task](path, body, values)
+
+
+def _read_body(path: Path, task: str) -> list[bytes]:
+    """The data lines of a file after its header was checked (CRLF, no final newline, trailing
+    blank lines accepted)."""
+    lines = path.read_bytes().splitlines()  # splits on \n, \r\n and \r; no final newline needed
+    expected = ",".join(HEADERS[task])
+    header = lines[0].decode("utf-8-sig", errors="replace").strip() if lines else ""
+    if [f.strip().lower() for f in header.split(",")] != [h.lower() for h in HEADERS[task]]:
+        raise DataError(path, f"expected the {task} header {expected!r}, got {header!r}", 1)
+    body = lines[1:]
+    while body and not body[-1].strip():
+        body.pop()
+    # The EXPR header names 8 classes but each line holds one class index: widths come from tasks.
+    width = LABEL_SIZE[task]
+    fields = np.fromiter((line.count(b",") + 1 for line in body), dtype=np.int64, count=len(body))
+    wrong = np.flatnonzero(fields != width)
+    if wrong.size:
+        i = int(wrong[0])
+        what = "value" if width == 1 else "comma-separated values"
+        raise DataError(path, f"expected {width} {what} ({_FIELDS[task]}), got {fields[i]}", i + 2)
+    return body
+
+
+def _parse_numbers(path: Path, body: list[bytes], width: int, integer: bool) -> np.ndarray:
+    """Parse all lines at once into an n×width array; name the first bad field on failure."""
+    joined = b",".join(body)
+    values = None
+    # Integers parse about 10x faster than floats; "1.0" in an integer column still parses as float.
+    for dtype in ((np.int64, np.float64) if integer else (np.float64,)):
+        values = _fromstring(joined, dtype)
+        if values is not None and values.size == len(body) * width:
+            return values.reshape(len(body), width)
+    for number, line in enumerate(body, start=2):
+        for field in line.split(b","):
+            parsed = _fromstring(field, np.float64)
+            if parsed is None or parsed.size != 1:
+                text = field.decode("utf-8", errors="replace").strip()
+                raise DataError(path, f"{text!r} is not a number", number)
+    raise DataError(path, "could not parse the values as numbers")  # unreachable in practice
+
+
+def _fromstring(data: bytes, dtype) -> np.ndarray | None:
+    """``np.fromstring`` in text mode, None where it stops before the end (a non-number)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # older numpy only warns on unmatched data
+        try:
+            return np.fromstring(data, dtype=dtype, sep=",")
+        except (ValueError, DeprecationWarning):
+            return None
+
+
+def _first_bad(path: Path, body: list[bytes], bad: np.ndarray, names: tuple[str, ...],
+               expected: str) -> None:
+    """Raise a DataError naming the first bad (line, field), if any."""
+    rows, cols = np.nonzero(bad)
+    if rows.size:
+        row, col = int(rows[0]), int(cols[0])
+        text = body[row].split(b",")[col].decode("utf-8", errors="replace").strip()
+        raise DataError(path, f"{names[col]} {text} out of range: expected {expected}", row + 2)
+
+
+def _check_va(path: Path, body: list[bytes], values: np.ndarray) -> np.ndarray:
+    ignored = values == VA_IGNORE
+    in_range = (values >= -1) & (values <= 1)  # NaN fails both comparisons
+    _first_bad(path, body, ~(ignored | in_range), VA_NAMES,
+               f"a value in [-1, 1] or {VA_IGNORE:g} to ignore")
+    va = values.astype(np.float32)
+    va[ignored.any(axis=1)] = np.nan  # -5 in either value ignores the frame's VA
+    return va
+
+
+def _check_expr(path: Path, body: list[bytes], values: np.ndarray) -> np.ndarray:
+    ok = np.isin(values, np.arange(EXPR_IGNORE, NUM_EXPR))
+    _first_bad(path, body, ~ok, ("expression",),
+               f"an integer 0..{NUM_EXPR - 1} or {EXPR_IGNORE} to ignore")
+    return values[:, 0].astype(np.int8)
+
+
+def _check_au(path: Path, body: list[bytes], values: np.ndarray) -> np.ndarray:
+    ok = np.isin(values, (0, 1, AU_IGNORE))
+    _first_bad(path, body, ~ok, AU_NAMES, f"0 or 1, or {AU_IGNORE} to ignore")
+    au = values.astype(np.int8)
+    au[(au == AU_IGNORE).any(axis=1)] = AU_IGNORE  # a frame's AUs are ignored together
+    return au
+
+
+_FIELDS = {"va": ",".join(VA_NAMES), "expr": f"expression index 0..{NUM_EXPR - 1}",
+           "au": ",".join(AU_NAMES)}
+_CHECKS = {"va": _check_va, "expr": _check_expr, "au": _check_au}
