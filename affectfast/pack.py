@@ -1,0 +1,622 @@
+"""The shard writer: pack an Aff-Wild2 tree into WebDataset tar shards with DALI indexes.
+
+``pack(PackConfig(root, out))`` reads the tree (``affwild2.read_tree``), lays every usable frame
+into one columnar numpy index (about 35 bytes per frame: 100 MB for the 2.8M frames of the real
+dataset), orders it (val in video/frame order, train shuffled globally with the seed), cuts it into
+shards of ``shard_size`` samples and lets worker processes write whole shards. The shard format is
+DESIGN.md §2 and ``docs/shard-format.md``.
+
+Guarantees:
+- The output bytes depend only on the source and (shard_size, seed, check, skip_bad): never on the
+  number of workers, on timing or on reruns. Tar headers carry fixed metadata (GNU format, mtime 0,
+  uid/gid 0, no user/group names, mode 0o644) and there are no directory entries.
+- A shard is written as ``.NAME.tar.tmp`` / ``.NAME.idx.tmp`` and renamed when complete (tar, then
+  idx), so nothing partial ever sits under a final name. ``.pack-state.jsonl`` records the source
+  fingerprint and settings, then one line per finished shard; a pack killed midway and run again
+  reuses the finished shards and writes the rest. Shards from another source or settings are never
+  reused: that is a DataError.
+- A bad JPEG is a DataError naming the file, and the shards this run wrote are removed; with
+  ``skip_bad`` it is left out, listed and counted in the manifest. ``manifest.json`` comes last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from affectfast.affwild2 import (
+    AnnotationDirs, VideoLabels, find_annotation_dirs, image_path, read_tree, sample_key,
+)
+from affectfast.errors import DataError
+from affectfast.jpeg import CHECKS, JpegError, check_jpeg
+from affectfast.tasks import (
+    EXPR_NAMES, IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, NUM_AU, NUM_EXPR, SPLIT_DIRS,
+    SPLITS, TASKS, encode_label, valid_mask,
+)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = ".pack-state.jsonl"
+TMP_SUFFIX = ".tmp"
+IDX_VERSION = "v1.2"     # the first token of a DALI wds2idx index file
+# A ustar/GNU header holds names up to 99 bytes in one 512-byte block; longer names would need a
+# GNU long-name entry, which DALI's index offsets do not expect.
+MAX_MEMBER_NAME = 99
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """What to pack and how. Only shard_size, seed, check and skip_bad change the output bytes."""
+
+    root: Path | None                 # the Aff-Wild2 tree; folders are searched below it
+    out: Path                         # output folder for shards, indexes and manifest.json
+    workers: int = os.cpu_count() or 1
+    shard_size: int = 5000            # samples per shard (the last shard of a split may hold fewer)
+    seed: int = 0                     # seed of the global train shuffle
+    check: str = "full"               # "full": decode every JPEG; "header": markers + end only
+    skip_bad: bool = False            # leave bad JPEGs out (listed in the manifest) instead of failing
+    frames: Path | None = None        # explicit folders (override the search under root)
+    va: Path | None = None
+    expr: Path | None = None
+    au: Path | None = None
+
+    def __post_init__(self):
+        for name in ("root", "out", "frames", "va", "expr", "au"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if self.out is None:
+            raise ValueError("out is required")
+        if self.root is None and self.frames is None:
+            raise ValueError("give root, or the frames folder and the annotation folders")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ValueError(f"shard_size must be a positive integer, got {self.shard_size!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.check not in CHECKS:
+            raise ValueError(f"check must be one of {', '.join(CHECKS)}, got {self.check!r}")
+
+    def settings(self) -> dict:
+        """The settings that decide the output bytes (recorded in the state file and manifest)."""
+        return {"shard_size": self.shard_size, "seed": self.seed, "check": self.check,
+                "skip_bad": self.skip_bad}
+
+
+# --- the global index -----------------------------------------------------------------------------
+
+@dataclass
+class SampleIndex:
+    """Every sample of the tree as numpy columns; row i is one frame. No per-frame Python objects."""
+
+    videos: list[str]          # video names, sorted; ``video`` holds indexes into this list
+    video: np.ndarray          # int32 N
+    frame: np.ndarray          # int32 N, 1-based
+    train: np.ndarray          # bool N, True for split "train"
+    va: np.ndarray             # float32 N×2 (NaN: ignored)
+    expr: np.ndarray           # int8 N (-1: ignored)
+    au: np.ndarray             # int8 N×12 (-1 rows: ignored)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def rows(self, split: str) -> np.ndarray:
+        """Row numbers of ``split`` in video/frame order."""
+        return np.flatnonzero(self.train if split == "train" else ~self.train)
+
+
+def build_index(videos: list[VideoLabels], frames_dir: Path) -> SampleIndex:
+    """Concatenate the reader's per-video arrays into one index; check names fit the shard format."""
+    for labels in videos:
+        _check_member_names(labels.name, frames_dir)
+    lengths = np.array([len(v) for v in videos], dtype=np.int64)
+
+    def column(name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        if not videos:
+            return np.zeros((0, *shape), dtype=dtype)
+        return np.concatenate([getattr(v, name) for v in videos]).astype(dtype, copy=False)
+
+    return SampleIndex(
+        videos=[v.name for v in videos],
+        video=np.repeat(np.arange(len(videos), dtype=np.int32), lengths),
+        frame=column("frames", np.int32, ()),
+        train=np.repeat(np.array([v.split == "train" for v in videos], dtype=bool), lengths),
+        va=column("va", np.float32, (2,)),
+        expr=column("expr", np.int8, ()),
+        au=column("au", np.int8, (NUM_AU,)),
+    )
+
+
+def _check_member_names(video: str, frames_dir: Path) -> None:
+    """Refuse video names that would break a tar header or a DALI index line."""
+    longest = len(sample_key(video, 1).encode()) + 1 + max(len(e) for e in LABEL_EXT.values())
+    if not video.isascii() or not video.isprintable() or " " in video:
+        raise DataError(frames_dir / video, "video names must be printable ASCII without spaces "
+                                            "(DALI index lines are space-separated)")
+    if longest > MAX_MEMBER_NAME:
+        raise DataError(frames_dir / video, f"video name too long for a tar header "
+                                            f"(member names up to {MAX_MEMBER_NAME} bytes)")
+
+
+def shuffle_order(index: SampleIndex, split: str, seed: int) -> np.ndarray:
+    """The sample order of a split: val as read, train permuted once with ``default_rng(seed)``."""
+    rows = index.rows(split)
+    if split == "train":
+        rows = rows[np.random.default_rng(seed).permutation(len(rows))]
+    return rows
+
+
+def shard_name(split: str, number: int) -> str:
+    """``train-000003``: the stem of a shard's .tar and .idx."""
+    return f"{split}-{number:06d}"
+
+
+# --- the source fingerprint -----------------------------------------------------------------------
+
+def fingerprint_source(dirs: AnnotationDirs, videos: list[str]) -> str:
+    """sha256 over every annotation file (name and bytes) and the image names of each video."""
+    digest = hashlib.sha256()
+
+    def add(text: str, data: bytes = b"") -> None:
+        # Length-prefixed so that no two different sources can hash the same stream.
+        for part in (text.encode(), data):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+
+    for task in TASKS:
+        folder = dirs.task_dir(task)
+        for set_dir in SPLIT_DIRS if folder is not None else ():
+            if not (folder / set_dir).is_dir():
+                continue
+            for name in sorted(n for n in os.listdir(folder / set_dir)
+                               if n.endswith(".txt") and not n.startswith(".")):
+                add(f"{task}/{set_dir}/{name}", (folder / set_dir / name).read_bytes())
+    for video in videos:
+        add(video, "\n".join(sorted(os.listdir(dirs.frames / video))).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+# --- writing one shard (runs in a worker process) -------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's samples: their global rows and the columns the writer needs, in shard order."""
+
+    split: str
+    number: int
+    rows: np.ndarray
+    video: np.ndarray
+    frame: np.ndarray
+    va: np.ndarray
+    expr: np.ndarray
+    au: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.number)
+
+
+@dataclass(frozen=True)
+class WriterContext:
+    """What every shard writer shares; sent to each worker process once."""
+
+    out: Path
+    frames_dir: Path
+    videos: list[str]
+    check: str
+    skip_bad: bool
+
+
+@dataclass
+class ShardResult:
+    """A finished shard (or the bad image that stopped it): what the state file records."""
+
+    name: str
+    samples: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    bad: list[dict] = field(default_factory=list)   # {"row", "key", "path", "error"} per skipped image
+    error: dict | None = None                       # {"path", "message"}: a bad image, not skipped
+
+
+class _BadImage(Exception):
+    def __init__(self, path: Path, message: str):
+        super().__init__(message)
+        self.path, self.message = path, message
+
+
+class _HashingWriter:
+    """A file wrapper that hashes and counts what is written."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular-file entry: the stdlib's GNU header with fixed metadata, the data, NUL padding."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
+    header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    return header + data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def tar_end(size: int) -> bytes:
+    """The end of an archive of ``size`` bytes, as ``tarfile.TarFile.close`` writes it: two zero
+    blocks, then zeros up to a whole record."""
+    size += 2 * tarfile.BLOCKSIZE
+    return tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE))
+
+
+def index_line(components: list[tuple[str, int, int]]) -> str:
+    """One sample's line of a DALI index: ``ext offset size name`` per component, in tar order.
+
+    ``components`` holds (member name, data offset, size); the extension is everything after the
+    first dot of the file name, as DALI's ``wds2idx`` splits it.
+    """
+    parts = []
+    for name, offset, size in components:
+        base = name[name.rfind("/") + 1:]
+        parts.append(f"{base[base.find('.') + 1:]} {offset} {size} {name}")
+    return " ".join(parts)
+
+
+def index_text(lines: list[str]) -> str:
+    """A whole DALI index file (the ``v1.2`` format ``wds2idx`` writes) from its sample lines."""
+    return f"{IDX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+
+
+def write_shard(job: ShardJob, context: WriterContext) -> ShardResult:
+    """Write one shard and its index under temporary names, then rename them into place."""
+    tar_tmp, idx_tmp = (context.out / f".{job.name}{ext}{TMP_SUFFIX}" for ext in (".tar", ".idx"))
+    try:
+        result, lines = _write_tar(job, context, tar_tmp)
+    except _BadImage as bad:
+        tar_tmp.unlink(missing_ok=True)
+        return ShardResult(job.name, error={"path": str(bad.path), "message": bad.message})
+    if result.samples == 0:     # every image was bad: write no shard at all
+        tar_tmp.unlink()
+        return result
+    idx_tmp.write_text(index_text(lines), encoding="ascii")
+    os.replace(tar_tmp, context.out / f"{job.name}.tar")
+    os.replace(idx_tmp, context.out / f"{job.name}.idx")
+    return result
+
+
+def _write_tar(job: ShardJob, context: WriterContext, path: Path) -> tuple[ShardResult, list[str]]:
+    """Stream the shard's samples into ``path``; return the result and the index lines."""
+    result = ShardResult(job.name)
+    valid = {task: valid_mask(task, getattr(job, task)) for task in TASKS}
+    lines = []
+    with open(path, "wb", buffering=1 << 20) as file:
+        sink = _HashingWriter(file)
+        for i in range(len(job.rows)):
+            video, frame = context.videos[job.video[i]], int(job.frame[i])
+            key = sample_key(video, frame)
+            image = image_path(context.frames_dir, video, frame)
+            data = _read_checked(image, context.check)
+            if isinstance(data, JpegError | OSError):
+                if not context.skip_bad:
+                    raise _BadImage(image, f"bad image: {data}")
+                result.bad.append({"row": int(job.rows[i]), "key": key, "path": str(image),
+                                   "error": str(data)})
+                continue
+            components = [(f"{key}.{IMAGE_EXT}", data)]
+            components += [(f"{key}.{LABEL_EXT[task]}", encode_label(task, getattr(job, task)[i]))
+                           for task in TASKS if valid[task][i]]
+            entry, offset, listed = [], sink.size, []
+            for name, payload in components:
+                member = tar_member(name, payload)
+                listed.append((name, offset + tarfile.BLOCKSIZE, len(payload)))
+                entry.append(member)
+                offset += len(member)
+            sink.write(b"".join(entry))     # one write and one hash update per sample
+            lines.append(index_line(listed))
+            result.samples += 1
+        sink.write(tar_end(sink.size))
+    result.bytes, result.sha256 = sink.size, sink.sha256.hexdigest()
+    return result, lines
+
+
+def _read_checked(path: Path, check: str) -> bytes | JpegError | OSError:
+    """The file's bytes if it is a good JPEG, else the reason it is not."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return OSError(f"cannot read: {error.strerror or error}")
+    try:
+        check_jpeg(data, check)
+    except JpegError as error:
+        return error
+    return data
+
+
+# Each worker process keeps the context it was started with (sent once, not per shard).
+_CONTEXT: WriterContext | None = None
+
+
+def _init_worker(context: WriterContext) -> None:
+    global _CONTEXT
+    _CONTEXT = context
+
+
+def _write_in_worker(job: ShardJob) -> ShardResult:
+    return write_shard(job, _CONTEXT)
+
+
+def run_jobs(jobs: Iterator[ShardJob], context: WriterContext, workers: int
+             ) -> Iterator[ShardResult]:
+    """Write shards in ``workers`` processes (or in this one for 1), keeping few jobs in flight so
+    the index is never copied whole into the task queue."""
+    if workers == 1:
+        for job in jobs:
+            yield write_shard(job, context)
+        return
+    spawn = multiprocessing.get_context("spawn")   # no inherited threads or locks
+    with spawn.Pool(workers, initializer=_init_worker, initargs=(context,)) as pool:
+        pending = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(_write_in_worker, (job,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# --- the state file: resume safely ----------------------------------------------------------------
+
+class PackState:
+    """``.pack-state.jsonl``: line 1 the source fingerprint and settings, then one line per shard
+    finished (after its tar and idx were renamed into place)."""
+
+    def __init__(self, out: Path, header: dict):
+        self.path = out / STATE
+        self.out = out
+        self.header = header
+        self.done: dict[str, dict] = {}
+        self.created = not self.path.exists()
+        self.written_now: list[str] = []
+        if self.created:
+            self._refuse_foreign_files()
+            _write_atomic(self.path, json.dumps(header, sort_keys=True) + "\n")
+            self._initial = None
+        else:
+            self._initial = self.path.read_text()
+            self._load(self._initial)
+
+    def _refuse_foreign_files(self) -> None:
+        foreign = sorted(p.name for p in self.out.iterdir()
+                         if p.suffix in (".tar", ".idx") or p.name == MANIFEST)
+        if foreign:
+            raise DataError(self.out, f"holds {foreign[0]} but no {STATE}: not written by "
+                                      "`affectfast pack`; remove those files or choose another --out")
+
+    def _load(self, text: str) -> None:
+        lines = text.splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            header = None
+        if header != self.header:
+            raise DataError(self.path, _difference(header, self.header))
+        for line in lines[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:    # a line cut short by a kill: that shard is redone
+                continue
+            self.done[record["name"]] = record
+
+    def finished(self, name: str) -> dict | None:
+        """The record of a finished shard whose files are still in place, else None."""
+        record = self.done.get(name)
+        if record is None:
+            return None
+        if record["samples"] == 0:
+            return record
+        tar, idx = self.out / f"{name}.tar", self.out / f"{name}.idx"
+        if tar.is_file() and idx.is_file() and tar.stat().st_size == record["bytes"]:
+            return record
+        return None
+
+    def record(self, result: ShardResult) -> dict:
+        """Append a finished shard to the state file."""
+        record = asdict(result)
+        del record["error"]
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record, sort_keys=True) + "\n")
+        self.done[result.name] = record
+        self.written_now.append(result.name)
+        return record
+
+    def roll_back(self) -> None:
+        """Remove the shards this run wrote and restore the state file as it was."""
+        for name in self.written_now:
+            for ext in (".idx", ".tar"):
+                (self.out / f"{name}{ext}").unlink(missing_ok=True)
+        if self._initial is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            _write_atomic(self.path, self._initial)
+
+
+def _difference(found: dict | None, wanted: dict) -> str:
+    """Why an output folder's state does not match this pack, for the error message."""
+    advice = "remove the folder or choose another --out"
+    if not isinstance(found, dict):
+        return f"unreadable pack state; {advice}"
+    if found.get("fingerprint") != wanted["fingerprint"]:
+        return f"holds shards of another source tree (its annotations or images changed); {advice}"
+    changed = [f"{k} {found.get('settings', {}).get(k)!r} -> {v!r}"
+               for k, v in wanted["settings"].items() if found.get("settings", {}).get(k) != v]
+    if changed:
+        return f"holds shards packed with other settings ({', '.join(changed)}); {advice}"
+    return f"holds shards of another format version; {advice}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def remove_temporaries(out: Path) -> None:
+    """Delete half-written files a killed or failed pack left behind."""
+    for path in out.glob(f".*{TMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+
+
+# --- statistics and the manifest ------------------------------------------------------------------
+
+def split_stats(index: SampleIndex, rows: np.ndarray) -> dict:
+    """Per-task counts of the samples ``rows``: what the trainer needs for weights and checks."""
+    stats = {}
+    for task in TASKS:
+        labels = getattr(index, task)[rows]
+        valid = valid_mask(task, labels)
+        entry = {"valid": int(valid.sum())}
+        if task == "va":
+            values = labels[valid].astype(np.float64)
+            entry["mean"] = [float(x) for x in values.mean(axis=0)] if len(values) else [0.0, 0.0]
+            entry["std"] = [float(x) for x in values.std(axis=0)] if len(values) else [0.0, 0.0]
+        elif task == "expr":
+            entry["class_counts"] = np.bincount(labels[valid], minlength=NUM_EXPR).tolist()
+        else:
+            entry["positive_counts"] = (labels[valid] == 1).sum(axis=0).tolist()
+        stats[task] = entry
+    return stats
+
+
+def build_manifest(config: PackConfig, dirs: AnnotationDirs, fingerprint: str, index: SampleIndex,
+                   plan: dict[str, list[np.ndarray]], records: dict[str, dict]) -> dict:
+    """The manifest (docs/shard-format.md): source, settings, label layout, per split shards and
+    stats of the samples actually written."""
+    splits = {}
+    for split in SPLITS:
+        shards, bad, kept = [], [], []
+        for number, rows in enumerate(plan[split]):
+            record = records[shard_name(split, number)]
+            bad += [{k: item[k] for k in ("key", "path", "error")} for item in record["bad"]]
+            bad_rows = np.array([item["row"] for item in record["bad"]], dtype=np.int64)
+            kept.append(rows[~np.isin(rows, bad_rows)])
+            if record["samples"]:
+                stem = shard_name(split, number)
+                shards.append({"name": f"{stem}.tar", "index": f"{stem}.idx",
+                               "samples": record["samples"], "bytes": record["bytes"],
+                               "sha256": record["sha256"]})
+        kept_rows = np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+        splits[split] = {
+            "samples": int(len(kept_rows)),
+            "videos": int(len(np.unique(index.video[kept_rows]))),
+            "shards": shards,
+            "stats": split_stats(index, kept_rows),
+            "bad_files": bad,
+        }
+    return {
+        "format": "affectfast-webdataset",
+        "format_version": FORMAT_VERSION,
+        "source": {
+            "fingerprint": fingerprint,
+            "root": str(config.root) if config.root is not None else None,
+            "frames": str(dirs.frames),
+            **{task: str(dirs.task_dir(task)) if dirs.task_dir(task) else None for task in TASKS},
+        },
+        "config": config.settings(),
+        "components": {
+            IMAGE_EXT: {"content": "original JPEG bytes"},
+            **{LABEL_EXT[task]: {"task": task, "dtype": LABEL_DTYPE[task].str,
+                                 "size": LABEL_SIZE[task]} for task in TASKS},
+        },
+        "expr_names": list(EXPR_NAMES),
+        "splits": splits,
+    }
+
+
+# --- the whole pack -------------------------------------------------------------------------------
+
+def plan_shards(index: SampleIndex, config: PackConfig) -> dict[str, list[np.ndarray]]:
+    """Per split, the global rows of each shard in write order."""
+    plan = {}
+    for split in SPLITS:
+        order = shuffle_order(index, split, config.seed)
+        plan[split] = [order[i:i + config.shard_size]
+                       for i in range(0, len(order), config.shard_size)]
+    return plan
+
+
+def _jobs(index: SampleIndex, plan: dict[str, list[np.ndarray]], todo: list[tuple[str, int]]
+          ) -> Iterator[ShardJob]:
+    for split, number in todo:
+        rows = plan[split][number]
+        yield ShardJob(split, number, rows, index.video[rows], index.frame[rows],
+                       index.va[rows], index.expr[rows], index.au[rows])
+
+
+def pack(config: PackConfig, *, progress: bool = True) -> dict:
+    """Pack the tree into ``config.out``; return the manifest (also written as manifest.json)."""
+    dirs = find_annotation_dirs(config.root, frames=config.frames, va=config.va,
+                                expr=config.expr, au=config.au)
+    index = build_index(read_tree(dirs, progress=progress), dirs.frames)
+    if len(index) == 0:
+        raise DataError(dirs.frames, "no frame has both an image and a valid label: nothing to pack")
+    fingerprint = fingerprint_source(dirs, index.videos)
+    plan = plan_shards(index, config)
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(config.out)
+    state = PackState(config.out, {"format_version": FORMAT_VERSION, "fingerprint": fingerprint,
+                                   "settings": config.settings()})
+    shards = [(split, n) for split in SPLITS for n in range(len(plan[split]))]
+    todo = [s for s in shards if state.finished(shard_name(*s)) is None]
+    done = sum(len(plan[s][n]) for s, n in shards) - sum(len(plan[s][n]) for s, n in todo)
+    context = WriterContext(config.out, dirs.frames, index.videos, config.check, config.skip_bad)
+    bar = tqdm(total=len(index), initial=done, unit="frame", unit_scale=True, desc="packing",
+               disable=not progress, smoothing=0.1)
+    try:
+        for result in run_jobs(_jobs(index, plan, todo), context, min(config.workers, len(todo) or 1)):
+            if result.error is not None:
+                raise DataError(result.error["path"], result.error["message"])
+            state.record(result)
+            bar.update(result.samples + len(result.bad))
+    except DataError:
+        state.roll_back()
+        raise
+    finally:
+        bar.close()
+        remove_temporaries(config.out)
+
+    records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
+    manifest = build_manifest(config, dirs, fingerprint, index, plan, records)
+    _write_atomic(config.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def load_manifest(out: str | Path) -> dict:
+    """Read ``out/manifest.json``; a missing or unreadable one is a DataError."""
+    path = Path(out) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, "no manifest: not a finished `affectfast pack` output") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(path, f"unreadable manifest: {error}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(path, f"format_version {manifest.get('format_version')!r}, expected "
+                              f"{FORMAT_VERSION}")
+    return manifest
