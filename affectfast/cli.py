@@ -6,7 +6,9 @@ Bad input (``DataError``) prints one line naming file and line and exits with co
 from __future__ import annotations
 
 import functools
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -41,3 +43,71 @@ def main():
 
 
 # --- commands (each block is owned by one module; keep them thin) -------------------------------
+
+
+# --- pack / verify (owner: affectfast.pack, affectfast.verify) -----------------------------------
+
+@main.command("pack")
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: shards/<ROOT name>].")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+              show_default=True, help="Processes writing shards (the output does not depend on it).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Samples per shard.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the global train shuffle.")
+@click.option("--check", type=click.Choice(["full", "header"]), default="full", show_default=True,
+              help="full: decode every JPEG; header: markers, size and end marker only (faster).")
+@click.option("--skip-bad", is_flag=True,
+              help="Leave bad JPEGs out (listed and counted in manifest.json) instead of failing.")
+@click.option("--frames", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The cropped_aligned folder, if not found under ROOT.")
+@click.option("--va", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The VA_Estimation_Challenge folder, if not found under ROOT.")
+@click.option("--expr", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The EXPR_Recognition_Challenge folder, if not found under ROOT.")
+@click.option("--au", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The AU_Detection_Challenge folder, if not found under ROOT.")
+@exits_2_on_data_error
+def pack_command(root, out, workers, shard_size, seed, check, skip_bad, frames, va, expr, au):
+    """Pack the Aff-Wild2 tree ROOT into WebDataset shards + DALI indexes + manifest.json.
+
+    Byte-identical for any --workers; a killed pack run again resumes where it stopped.
+    """
+    from affectfast.pack import PackConfig, pack
+
+    config = PackConfig(root=root, out=out or Path("shards") / root.resolve().name,
+                        workers=workers, shard_size=shard_size, seed=seed, check=check,
+                        skip_bad=skip_bad, frames=frames, va=va, expr=expr, au=au)
+    manifest = pack(config)
+    splits = manifest["splits"]
+    for entry in splits.values():
+        for bad in entry["bad_files"]:
+            click.echo(f"skipped {bad['path']}: {bad['error']}", err=True)
+    shards = sum(len(entry["shards"]) for entry in splits.values())
+    bad = sum(len(entry["bad_files"]) for entry in splits.values())
+    counts = ", ".join(f"{split} {entry['samples']}" for split, entry in splits.items())
+    click.echo(f"packed {config.out}: {shards} shards, samples {counts}"
+               + (f", {bad} bad images skipped (listed in manifest.json)" if bad else ""))
+
+
+@main.command("verify")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--decode", is_flag=True, help="Also decode every image (slower).")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+              show_default=True, help="Processes reading shards.")
+def verify_command(out, decode, workers):
+    """Check pack output OUT against its manifest: sizes, sha256, .idx files, counts.
+
+    Exit 0 with a one-line summary when all is well, else the problems and exit 1.
+    """
+    from affectfast.verify import summary, verify
+
+    problems = verify(out, decode=decode, workers=workers, progress=True)
+    if problems:
+        for problem in problems:
+            click.echo(problem)
+        click.echo(f"{len(problems)} problem(s) found in {out}", err=True)
+        sys.exit(1)
+    click.echo(summary(out))

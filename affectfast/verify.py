@@ -1,0 +1,215 @@
+"""Check a pack output folder against its manifest: sizes, checksums, indexes, counts, decodes.
+
+``verify(out)`` reads every shard once: its size and sha256 must match the manifest, its ``.idx``
+must equal the index rebuilt from the tar's own headers, and the samples, label components and label
+statistics it holds must add up to what the manifest says. With ``decode=True`` every image is also
+fully decoded. It returns the problems found, one line each; an empty list means all is well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from affectfast.errors import DataError
+from affectfast.jpeg import JpegError, check_jpeg
+from affectfast.pack import MANIFEST, index_line, index_text, load_manifest
+from affectfast.tasks import (
+    IMAGE_EXT, LABEL_EXT, NUM_AU, NUM_EXPR, TASKS, decode_label,
+)
+
+TASK_OF_EXT = {ext: task for task, ext in LABEL_EXT.items()}
+# VA mean/std are summed in another order than pack summed them: allow float64 rounding only.
+STATS_TOLERANCE = 1e-6
+
+
+@dataclass
+class ShardCounts:
+    """What one shard (or a whole split) holds, counted from the tar itself."""
+
+    samples: int = 0
+    valid: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TASKS, 0))
+    expr: np.ndarray = field(default_factory=lambda: np.zeros(NUM_EXPR, dtype=np.int64))
+    au: np.ndarray = field(default_factory=lambda: np.zeros(NUM_AU, dtype=np.int64))
+    va: list[np.ndarray] = field(default_factory=list)      # float32 2-vectors
+
+    def add(self, other: ShardCounts) -> None:
+        self.samples += other.samples
+        for task in TASKS:
+            self.valid[task] += other.valid[task]
+        self.expr += other.expr
+        self.au += other.au
+        self.va += other.va
+
+
+def verify(out: str | Path, decode: bool = False, *, workers: int = 1,
+           progress: bool = False) -> list[str]:
+    """Every problem found in the pack output ``out`` (one line each); empty when all is well."""
+    out = Path(out)
+    try:
+        manifest = load_manifest(out)
+    except DataError as error:
+        return [str(error)]
+    problems = []
+    shards = [(split, shard) for split, entry in manifest["splits"].items()
+              for shard in entry["shards"]]
+    totals = {split: ShardCounts() for split in manifest["splits"]}
+    jobs = [(out, shard, decode) for _, shard in shards]
+    for (split, _), (found, counts) in zip(shards, tqdm(_map(_check_shard, jobs, workers),
+                                                         total=len(jobs), unit="shard",
+                                                         desc="verifying", disable=not progress)):
+        problems += found
+        if counts is not None:
+            totals[split].add(counts)
+    for split, entry in manifest["splits"].items():
+        problems += _compare_split(out / MANIFEST, split, entry, totals[split])
+    listed = {shard[key] for _, shard in shards for key in ("name", "index")}
+    problems += [f"{path}: not listed in the manifest" for path in sorted(out.iterdir())
+                 if path.suffix in (".tar", ".idx") and path.name not in listed]
+    return problems
+
+
+def _map(function, jobs: list, workers: int):
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(function, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap(function, jobs)
+
+
+def _check_shard(job: tuple[Path, dict, bool]) -> tuple[list[str], ShardCounts | None]:
+    """Check one shard against its manifest entry and count what it holds."""
+    out, shard, decode = job
+    path = out / shard["name"]
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return [f"{path}: missing or unreadable ({error.strerror or error})"], None
+    problems = []
+    if len(data) != shard["bytes"]:
+        problems.append(f"{path}: {len(data)} bytes, the manifest says {shard['bytes']}")
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        problems.append(f"{path}: sha256 differs from the manifest (changed or corrupt)")
+    try:
+        lines, counts = _read_tar(path, data, decode, problems)
+    except tarfile.TarError as error:
+        return problems + [f"{path}: not a readable tar ({error})"], None
+    problems += _compare_index(out / shard["index"], index_text(lines))
+    if counts.samples != shard["samples"]:
+        problems.append(f"{path}: {counts.samples} samples, the manifest says {shard['samples']}")
+    return problems, counts
+
+
+def _read_tar(path: Path, data: bytes, decode: bool, problems: list[str]
+              ) -> tuple[list[str], ShardCounts]:
+    """Group the members into samples as DALI's wds2idx does; count and check their components."""
+    counts, lines, sample, last = ShardCounts(), [], [], None
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                problems.append(f"{path}: member {member.name} is not a regular file")
+                continue
+            base = member.name[member.name.rfind("/") + 1:]
+            key = member.name[:len(member.name) - len(base) + base.find(".")]
+            if key != last and sample:
+                lines.append(index_line(sample))
+                sample = []
+            last = key
+            sample.append((member.name, member.offset_data, member.size))
+            payload = data[member.offset_data:member.offset_data + member.size]
+            _count_component(path, member.name, base[base.find(".") + 1:], payload, decode,
+                             counts, problems)
+    if sample:
+        lines.append(index_line(sample))
+    counts.samples = len(lines)
+    return lines, counts
+
+
+def _count_component(path: Path, name: str, ext: str, payload: bytes, decode: bool,
+                     counts: ShardCounts, problems: list[str]) -> None:
+    if ext == IMAGE_EXT:
+        if decode:
+            try:
+                check_jpeg(payload, "full")
+            except JpegError as error:
+                problems.append(f"{path}: {name}: {error}")
+        return
+    task = TASK_OF_EXT.get(ext)
+    if task is None:
+        problems.append(f"{path}: {name}: unknown component .{ext}")
+        return
+    try:
+        label = decode_label(task, payload)
+    except ValueError as error:
+        problems.append(f"{path}: {name}: {error}")
+        return
+    if (task == "expr" and label[0] >= NUM_EXPR) or (task == "au" and label.max() > 1) or (
+            task == "va" and not np.all(np.abs(label) <= 1)):
+        problems.append(f"{path}: {name}: label {label.tolist()} out of range")
+        return
+    counts.valid[task] += 1
+    if task == "expr":
+        counts.expr[label[0]] += 1
+    elif task == "au":
+        counts.au += label == 1
+    else:
+        counts.va.append(label)
+
+
+def _compare_index(path: Path, expected: str) -> list[str]:
+    try:
+        found = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as error:
+        return [f"{path}: missing or unreadable ({error})"]
+    if found == expected:
+        return []
+    for number, (a, b) in enumerate(zip(found.splitlines(), expected.splitlines()), start=1):
+        if a != b:
+            return [f"{path}:{number}: does not match its tar (expected {b[:80]!r})"]
+    return [f"{path}: does not match its tar ({len(found.splitlines())} lines, expected "
+            f"{len(expected.splitlines())})"]
+
+
+def _compare_split(manifest: Path, split: str, entry: dict, counts: ShardCounts) -> list[str]:
+    """The split's totals counted in the shards against the manifest's samples and stats."""
+    problems = []
+    where = f"{manifest}: {split}"
+    if counts.samples != entry["samples"]:
+        problems.append(f"{where}: shards hold {counts.samples} samples, the manifest says "
+                        f"{entry['samples']}")
+    stats = entry["stats"]
+    for task in TASKS:
+        if counts.valid[task] != stats[task]["valid"]:
+            problems.append(f"{where}: shards hold {counts.valid[task]} valid {task} labels, the "
+                            f"manifest says {stats[task]['valid']}")
+    if counts.expr.tolist() != stats["expr"]["class_counts"]:
+        problems.append(f"{where}: expr class counts {counts.expr.tolist()} differ from the "
+                        f"manifest's {stats['expr']['class_counts']}")
+    if counts.au.tolist() != stats["au"]["positive_counts"]:
+        problems.append(f"{where}: AU positive counts {counts.au.tolist()} differ from the "
+                        f"manifest's {stats['au']['positive_counts']}")
+    va = np.array(counts.va, dtype=np.float64).reshape(-1, 2)
+    for name, value in (("mean", va.mean(axis=0) if len(va) else np.zeros(2)),
+                        ("std", va.std(axis=0) if len(va) else np.zeros(2))):
+        if not np.allclose(value, stats["va"][name], rtol=0, atol=STATS_TOLERANCE):
+            problems.append(f"{where}: VA {name} {value.tolist()} differs from the manifest's "
+                            f"{stats['va'][name]}")
+    return problems
+
+
+def summary(out: str | Path) -> str:
+    """One line describing a verified pack output (from its manifest)."""
+    manifest = load_manifest(out)
+    splits = manifest["splits"]
+    shards = sum(len(entry["shards"]) for entry in splits.values())
+    parts = ", ".join(f"{split} {entry['samples']}" for split, entry in splits.items())
+    bad = sum(len(entry["bad_files"]) for entry in splits.values())
+    skipped = f"; {bad} bad images were skipped at pack time" if bad else ""
+    return f"{out}: ok, {shards} shards, samples {parts}{skipped}"
