@@ -1,0 +1,84 @@
+"""DDP in one place: read the torchrun environment once, return who this process is (STYLE.md §5).
+
+Launched plainly (no ``WORLD_SIZE`` in the environment) everything is single-process and no process
+group exists. Launched by ``torchrun`` it joins the group: NCCL on GPUs, gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place: global rank, world size, its device, and whether it logs and saves."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    is_main: bool = True
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(use_cuda: bool) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun; pick this rank's device.
+
+    ``use_cuda``: train on the GPU with index LOCAL_RANK (NCCL) rather than the CPU (gloo).
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        # Long timeout: rank 0 may spend minutes on a validation pass others wait for.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30),
+                                device_id=device if use_cuda else None)
+    return DistInfo(rank, world_size, device, rank == 0)
+
+
+def teardown_distributed() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` in rank order (a one-element list when not distributed)."""
+    if not info.distributed:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running stats) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, but the last training forward then updates
+    each rank's running stats from its own batch: without this, ranks would evaluate slightly
+    different models and the gathered metrics would not match the saved checkpoint.
+    """
+    if info.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    """Mean of a Python float over ranks."""
+    if not info.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / info.world_size
