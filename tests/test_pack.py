@@ -1,0 +1,425 @@
+"""The shard writer on real bytes: round trip, determinism, DALI/webdataset/GNU tar readability,
+resume after a kill, bad JPEGs, and the JPEG checks themselves."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import affectfast.pack as pack_module
+from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree, sample_key
+from affectfast.cli import main
+from affectfast.errors import DataError
+from affectfast.jpeg import JpegError, check_jpeg
+from affectfast.pack import MANIFEST, STATE, PackConfig, pack, tar_end, tar_member
+from affectfast.tasks import LABEL_EXT, TASKS, decode_label, valid_mask
+from affectfast.verify import verify
+
+SHARD_SIZE = 64  # as the `packed` fixture packs
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def read_shards(out: Path, split: str | None = None) -> list[tuple[str, str, dict[str, bytes]]]:
+    """(shard, key, {ext: bytes}) of every sample, in manifest and tar order (read with tarfile)."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    samples = []
+    for name, entry in manifest["splits"].items():
+        if split not in (None, name):
+            continue
+        for shard in entry["shards"]:
+            with tarfile.open(out / shard["name"]) as tar:
+                for member in tar:
+                    key, ext = member.name.split(".", 1)
+                    if not samples or samples[-1][1] != key or samples[-1][0] != shard["name"]:
+                        samples.append((shard["name"], key, {}))
+                    samples[-1][2][ext] = tar.extractfile(member).read()
+    return samples
+
+
+def source_samples(root: Path) -> dict[str, tuple[Path, str, dict[str, np.ndarray]]]:
+    """key -> (image path, split, {task: label}) for every frame the reader keeps."""
+    dirs = find_annotation_dirs(root)
+    expected = {}
+    for video in read_tree(dirs):
+        for i, frame in enumerate(video.frames):
+            labels = {task: getattr(video, task)[i] for task in TASKS
+                      if valid_mask(task, getattr(video, task)[i:i + 1])[0]}
+            expected[sample_key(video.name, int(frame))] = (
+                image_path(dirs.frames, video.name, int(frame)), video.split, labels)
+    return expected
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every shard, index and the manifest of a pack output, by name."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
+            if p.suffix in (".tar", ".idx") or p.name == MANIFEST}
+
+
+def final_names(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.suffix in (".tar", ".idx") or p.name == MANIFEST)
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp"))
+
+
+def pack_quiet(root: Path, out: Path, **kwargs) -> dict:
+    kwargs = {"workers": 1, "shard_size": SHARD_SIZE, "seed": 0, **kwargs}
+    return pack(PackConfig(root=root, out=out, **kwargs), progress=False)
+
+
+@pytest.fixture
+def tree_copy(synth_tree, tmp_path):
+    """A private copy of the synthetic tree that a test may damage."""
+    return Path(shutil.copytree(synth_tree, tmp_path / "tree"))
+
+
+def a_val_frame(root: Path) -> Path:
+    """The image of a kept val frame (val shards are written last, so earlier shards exist)."""
+    kept = [path for path, split, _ in source_samples(root).values() if split == "val"]
+    return kept[len(kept) // 2]
+
+
+# --- round trip and layout ------------------------------------------------------------------------
+
+def test_round_trip_every_sample_bytes_and_labels(synth_tree, packed):
+    expected = source_samples(synth_tree)
+    samples = read_shards(packed)
+    assert sorted(key for _, key, _ in samples) == sorted(expected)   # every frame exactly once
+    for _, key, components in samples:
+        path, _, labels = expected[key]
+        assert components["jpg"] == path.read_bytes()                 # never re-encoded
+        assert set(components) == {"jpg", *(LABEL_EXT[t] for t in labels)}
+        for task, value in labels.items():
+            np.testing.assert_array_equal(decode_label(task, components[LABEL_EXT[task]]),
+                                          np.asarray(value).reshape(-1))
+
+
+def test_split_order_and_shard_sizes(synth_tree, packed):
+    expected = source_samples(synth_tree)
+    manifest = json.loads((packed / MANIFEST).read_text())
+    for split in ("train", "val"):
+        keys = [key for _, key, _ in read_shards(packed, split)]
+        assert {k for k, (_, s, _) in expected.items() if s == split} == set(keys)
+        in_order = sorted(keys)   # video/frame order: the reader's order, keys zero-padded
+        if split == "val":
+            assert keys == in_order
+        else:
+            assert keys != in_order                           # globally shuffled
+        sizes = [shard["samples"] for shard in manifest["splits"][split]["shards"]]
+        assert sizes[:-1] == [SHARD_SIZE] * (len(sizes) - 1) and 0 < sizes[-1] <= SHARD_SIZE
+        assert sum(sizes) == manifest["splits"][split]["samples"] == len(keys)
+
+
+def test_manifest_stats_match_the_source(synth_tree, packed):
+    expected = source_samples(synth_tree)
+    manifest = json.loads((packed / MANIFEST).read_text())
+    assert manifest["format_version"] == 1 and manifest["config"]["shard_size"] == SHARD_SIZE
+    for split in ("train", "val"):
+        labels = [lab for _, s, lab in expected.values() if s == split]
+        stats = manifest["splits"][split]["stats"]
+        for task in TASKS:
+            assert stats[task]["valid"] == sum(task in lab for lab in labels)
+        expr = np.bincount([int(lab["expr"]) for lab in labels if "expr" in lab], minlength=8)
+        assert stats["expr"]["class_counts"] == expr.tolist()
+        au = np.sum([lab["au"] for lab in labels if "au" in lab], axis=0)
+        assert stats["au"]["positive_counts"] == au.tolist()
+        va = np.array([lab["va"] for lab in labels if "va" in lab], dtype=np.float64)
+        np.testing.assert_allclose(stats["va"]["mean"], va.mean(axis=0), atol=1e-12)
+        np.testing.assert_allclose(stats["va"]["std"], va.std(axis=0), atol=1e-12)
+        assert manifest["splits"][split]["bad_files"] == []
+
+
+def test_tar_metadata_is_fixed_and_gnu_tar_lists_it(packed):
+    for tar_path in sorted(packed.glob("*.tar")):
+        raw = tar_path.read_bytes()
+        assert raw[257:265] == b"ustar  \0"                  # GNU magic
+        assert len(raw) % tarfile.RECORDSIZE == 0
+        with tarfile.open(tar_path) as tar:
+            members = tar.getmembers()
+        assert all(m.isreg() and m.mode == 0o644 and m.mtime == 0 and m.uid == m.gid == 0
+                   and m.uname == m.gname == "" for m in members)
+        listed = subprocess.run(["tar", "tf", str(tar_path)], capture_output=True, text=True,
+                                check=True).stdout.split()
+        assert listed == [m.name for m in members]
+
+
+def test_tar_bytes_equal_what_tarfile_writes():
+    """Our member/end encoding is exactly tarfile.addfile + close with the same metadata."""
+    members = [("v/00001.jpg", b"\xff\xd8" + bytes(range(256)) * 3), ("v/00001.va", b"12345678"),
+               ("v/00002.jpg", b"x" * 512), ("v/00002.au", b"\x01" * 12)]
+    ours = b"".join(tar_member(name, data) for name, data in members)
+    ours += tar_end(len(ours))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime, info.uname, info.gname = len(data), 0o644, 0, "", ""
+            tar.addfile(info, io.BytesIO(data))
+    assert ours == buffer.getvalue()
+
+
+def test_idx_equals_dali_wds2idx(packed, tmp_path):
+    from wds2idx import IndexCreator
+
+    for tar_path in sorted(packed.glob("*.tar")):
+        theirs = tmp_path / f"{tar_path.stem}.idx"
+        with IndexCreator(str(tar_path), str(theirs), verbose=False) as creator:
+            creator.create_index()
+        assert (packed / f"{tar_path.stem}.idx").read_bytes() == theirs.read_bytes()
+
+
+def test_webdataset_library_reads_the_shards(packed):
+    import webdataset as wds
+
+    expected = read_shards(packed)
+    urls = [str(packed / shard) for shard, *_ in dict.fromkeys((s,) for s, _, _ in expected)]
+    got = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+           for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    assert got == [(key, components) for _, key, components in expected]
+
+
+def test_dali_webdataset_reader_reads_the_shards(packed):
+    from nvidia.dali import fn, pipeline_def
+
+    expected = read_shards(packed)
+    shards = list(dict.fromkeys(shard for shard, _, _ in expected))
+    exts = ["jpg", "va", "expr", "au"]
+    batch = 32
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None)
+    def reader():
+        return tuple(fn.readers.webdataset(
+            paths=[str(packed / s) for s in shards],
+            index_paths=[str(packed / s.replace(".tar", ".idx")) for s in shards],
+            ext=exts, missing_component_behavior="empty", name="reader"))
+
+    pipe = reader()
+    pipe.build()
+    assert pipe.epoch_size("reader") == len(expected)
+    got = []
+    while len(got) < len(expected):
+        outputs = pipe.run()
+        for i in range(batch):
+            got.append([np.array(out[i]).tobytes() for out in outputs])
+    for (_, _, components), arrays in zip(expected, got[:len(expected)]):
+        assert arrays == [components.get(ext, b"") for ext in exts]
+
+
+# --- determinism and resume -----------------------------------------------------------------------
+
+def test_identical_for_one_and_two_workers_and_reruns(synth_tree, packed, tmp_path):
+    reference = output_files(packed)
+    pack_quiet(synth_tree, tmp_path / "two", workers=2)
+    assert output_files(tmp_path / "two") == reference
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("*.tar")}
+    pack_quiet(synth_tree, tmp_path / "two", workers=2)            # rerun: reuses every shard
+    assert output_files(tmp_path / "two") == reference
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("*.tar")} == before
+    assert leftovers(tmp_path / "two") == []
+
+
+def test_pack_that_fails_midway_resumes_identically(synth_tree, packed, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    original = pack_module.write_shard
+    calls = []
+
+    def dies_after_three(job, context):
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        calls.append(job.name)
+        return original(job, context)
+
+    monkeypatch.setattr(pack_module, "write_shard", dies_after_three)
+    with pytest.raises(RuntimeError):
+        pack_quiet(synth_tree, out)
+    assert final_names(out) == sorted(f"{n}{e}" for n in calls for e in (".tar", ".idx"))
+    assert leftovers(out) == []
+
+    rewritten = []
+    monkeypatch.setattr(pack_module, "write_shard",
+                        lambda job, context: rewritten.append(job.name) or original(job, context))
+    pack_quiet(synth_tree, out)
+    assert output_files(out) == output_files(packed)
+    assert not set(rewritten) & set(calls)                         # finished shards were reused
+    assert leftovers(out) == []
+
+
+SLOW_PACK = textwrap.dedent("""
+    import sys, time
+    import affectfast.pack as p
+    member = p.tar_member
+    def slow_member(name, data):          # ~100 ms per 16-sample shard: the kill lands mid-shard
+        time.sleep(0.0015)
+        return member(name, data)
+    p.tar_member = slow_member
+    p.pack(p.PackConfig(root=sys.argv[1], out=sys.argv[2], workers=1, shard_size=16), progress=False)
+""")
+
+
+def test_sigkilled_pack_leaves_no_partial_file_and_resumes(synth_tree, tmp_path):
+    reference = tmp_path / "reference"
+    pack_quiet(synth_tree, reference, shard_size=16)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_PACK, str(synth_tree), str(out)])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("*.idx"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert not (out / MANIFEST).exists()
+    # Whatever sits under a final name is complete and identical to the reference.
+    for name in final_names(out):
+        if name.endswith(".tar") and (out / name.replace(".tar", ".idx")).exists():
+            assert (out / name).read_bytes() == (reference / name).read_bytes()
+    pack_quiet(synth_tree, out, shard_size=16)
+    assert output_files(out) == output_files(reference)
+    assert leftovers(out) == []
+
+
+def test_output_of_other_settings_or_unknown_origin_is_refused(synth_tree, packed, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(packed, out)
+    with pytest.raises(DataError, match="seed 0 -> 1"):
+        pack_quiet(synth_tree, out, seed=1)
+    (out / STATE).unlink()
+    with pytest.raises(DataError, match="not written by"):
+        pack_quiet(synth_tree, out)
+
+
+# --- bad JPEGs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage, check", [
+    (lambda data: b"", "header"),
+    (lambda data: data[:len(data) // 2], "header"),
+    (lambda data: data[:len(data) // 2], "full"),
+    (lambda data: b"GIF89a" + data[6:], "full"),
+])
+def test_bad_jpeg_is_an_error_naming_it_and_nothing_is_left(tree_copy, tmp_path, damage, check):
+    bad = a_val_frame(tree_copy)
+    bad.write_bytes(damage(bad.read_bytes()))
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as error:
+        pack_quiet(tree_copy, out, shard_size=16, check=check)
+    assert str(bad) in str(error.value)
+    assert final_names(out) == [] and leftovers(out) == [] and not (out / STATE).exists()
+
+
+def test_bad_jpeg_cli_exit_2(tree_copy, tmp_path):
+    bad = a_val_frame(tree_copy)
+    bad.write_bytes(b"")
+    result = CliRunner().invoke(main, ["pack", str(tree_copy), "--out", str(tmp_path / "out"),
+                                       "--workers", "2", "--shard-size", "16"])
+    assert result.exit_code == 2
+    assert f"error: {bad}: bad image: empty file" in result.output
+    assert final_names(tmp_path / "out") == []
+
+
+def test_skip_bad_leaves_them_out_and_counts_them(tree_copy, tmp_path):
+    expected = source_samples(tree_copy)
+    bad = [a_val_frame(tree_copy), next(p for p, s, _ in expected.values() if s == "train")]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:100])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["pack", str(tree_copy), "--out", str(out), "--workers", "1",
+                                       "--shard-size", "16", "--check", "header", "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert "2 bad images skipped" in result.output
+    manifest = json.loads((out / MANIFEST).read_text())
+    listed = [item["path"] for split in ("train", "val")
+              for item in manifest["splits"][split]["bad_files"]]
+    assert sorted(listed) == sorted(map(str, bad))
+    keys = {key for _, key, _ in read_shards(out)}
+    assert keys == set(expected) - {key for key, (p, _, _) in expected.items() if p in bad}
+    for split in ("train", "val"):
+        labels = [lab for key, (p, s, lab) in expected.items() if s == split and p not in bad]
+        assert manifest["splits"][split]["samples"] == len(labels)
+        for task in TASKS:
+            assert manifest["splits"][split]["stats"][task]["valid"] == sum(task in lab
+                                                                             for lab in labels)
+    assert verify(out) == []
+
+
+# --- config and CLI -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [{"workers": 0}, {"shard_size": 0}, {"seed": -1},
+                                    {"check": "quick"}, {"root": None}])
+def test_pack_config_is_validated(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        PackConfig(**{"root": tmp_path, "out": tmp_path / "out", **kwargs})
+
+
+def test_cli_pack_smoke(synth_tree, packed, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["pack", str(synth_tree), "--out", str(out), "--workers", "1",
+                                       "--shard-size", str(SHARD_SIZE)])
+    assert result.exit_code == 0, result.output
+    assert f"packed {out}" in result.output
+    assert output_files(out) == output_files(packed)
+    missing = CliRunner().invoke(main, ["pack", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert missing.exit_code == 2
+
+
+# --- JPEG checks ----------------------------------------------------------------------------------
+
+def jpeg_bytes(size=(24, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 60)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_jpeg_checks_accept_a_good_file_and_report_its_size():
+    data = jpeg_bytes()
+    assert check_jpeg(data, "header") == check_jpeg(data, "full") == (16, 24)
+    assert check_jpeg(data + b"\0\0", "header") == (16, 24)           # padding after EOI
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"hello world", "start-of-image"),
+    (jpeg_bytes()[:-300], "truncated"),
+    (b"\xff\xd8\xff\xd9", "frame header"),
+    (b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x00\x00\x10\x03" + b"\0" * 9 + b"\xff\xd9", "16x0 pixels"),
+])
+def test_jpeg_header_check_rejects(data, reason):
+    with pytest.raises(JpegError, match=reason):
+        check_jpeg(data, "header")
+
+
+def test_jpeg_full_check_catches_what_the_header_cannot():
+    data = bytearray(jpeg_bytes())
+    sos = data.index(b"\xff\xda")
+    data[sos + 6] = 0x33                    # first component uses Huffman tables 3, never defined
+    assert check_jpeg(bytes(data), "header") == (16, 24)
+    with pytest.raises(JpegError, match="does not decode"):
+        check_jpeg(bytes(data), "full")
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    with pytest.raises(JpegError):
+        check_jpeg(png.getvalue(), "full")
+
+
+def test_jpeg_header_check_rejects_bad_component_count():
+    data = bytearray(jpeg_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 9] = 7
+    with pytest.raises(JpegError, match="7 colour components"):
+        check_jpeg(bytes(data), "header")
