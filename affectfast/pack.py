@@ -65,7 +65,7 @@ class PackConfig:
     shard_size: int = 5000            # samples per shard (the last shard of a split may hold fewer)
     seed: int = 0                     # seed of the global train shuffle
     check: str = "full"               # "full": decode every JPEG; "header": markers + end only
-    skip_bad: bool = False            # leave bad JPEGs out (listed in the manifest) instead of failing
+    skip_bad: bool = False            # leave bad JPEGs out (listed in the manifest), don't fail
     frames: Path | None = None        # explicit folders (override the search under root)
     va: Path | None = None
     expr: Path | None = None
@@ -99,7 +99,7 @@ class PackConfig:
 
 @dataclass
 class SampleIndex:
-    """Every sample of the tree as numpy columns; row i is one frame. No per-frame Python objects."""
+    """Every sample of the tree as numpy columns, row i one frame; no per-frame Python objects."""
 
     videos: list[str]          # video names, sorted; ``video`` holds indexes into this list
     video: np.ndarray          # int32 N
@@ -118,7 +118,7 @@ class SampleIndex:
 
 
 def build_index(videos: list[VideoLabels], frames_dir: Path) -> SampleIndex:
-    """Concatenate the reader's per-video arrays into one index; check names fit the shard format."""
+    """Concatenate the reader's per-video arrays into one index; check names fit the format."""
     for labels in videos:
         _check_member_names(labels.name, frames_dir)
     lengths = np.array([len(v) for v in videos], dtype=np.int64)
@@ -227,7 +227,7 @@ class ShardResult:
     samples: int = 0
     bytes: int = 0
     sha256: str = ""
-    bad: list[dict] = field(default_factory=list)   # {"row", "key", "path", "error"} per skipped image
+    bad: list[dict] = field(default_factory=list)   # {"row", "key", "path", "error"} per skipped
     error: dict | None = None                       # {"path", "message"}: a bad image, not skipped
 
 
@@ -250,7 +250,7 @@ class _HashingWriter:
 
 
 def tar_member(name: str, data: bytes) -> bytes:
-    """One regular-file entry: the stdlib's GNU header with fixed metadata, the data, NUL padding."""
+    """One regular-file entry: the stdlib's GNU header (fixed metadata), the data, NUL padding."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
@@ -406,7 +406,8 @@ class PackState:
                          if p.suffix in (".tar", ".idx") or p.name == MANIFEST)
         if foreign:
             raise DataError(self.out, f"holds {foreign[0]} but no {STATE}: not written by "
-                                      "`affectfast pack`; remove those files or choose another --out")
+                                      "`affectfast pack`; remove those files or choose another "
+                                      "--out")
 
     def _load(self, text: str) -> None:
         lines = text.splitlines()
@@ -574,7 +575,8 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
                                 expr=config.expr, au=config.au)
     index = build_index(read_tree(dirs, progress=progress), dirs.frames)
     if len(index) == 0:
-        raise DataError(dirs.frames, "no frame has both an image and a valid label: nothing to pack")
+        raise DataError(dirs.frames, "no frame has both an image and a valid label: nothing to "
+                                     "pack")
     fingerprint = fingerprint_source(dirs, index.videos)
     plan = plan_shards(index, config)
 
@@ -589,7 +591,8 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     bar = tqdm(total=len(index), initial=done, unit="frame", unit_scale=True, desc="packing",
                disable=not progress, smoothing=0.1)
     try:
-        for result in run_jobs(_jobs(index, plan, todo), context, min(config.workers, len(todo) or 1)):
+        workers = min(config.workers, len(todo) or 1)
+        for result in run_jobs(_jobs(index, plan, todo), context, workers):
             if result.error is not None:
                 raise DataError(result.error["path"], result.error["message"])
             state.record(result)

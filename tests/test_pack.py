@@ -71,7 +71,8 @@ def output_files(out: Path) -> dict[str, bytes]:
 
 
 def final_names(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.suffix in (".tar", ".idx") or p.name == MANIFEST)
+    return sorted(p.name for p in out.iterdir()
+                  if p.suffix in (".tar", ".idx") or p.name == MANIFEST)
 
 
 def leftovers(out: Path) -> list[str]:
@@ -268,7 +269,8 @@ SLOW_PACK = textwrap.dedent("""
         time.sleep(0.0015)
         return member(name, data)
     p.tar_member = slow_member
-    p.pack(p.PackConfig(root=sys.argv[1], out=sys.argv[2], workers=1, shard_size=16), progress=False)
+    config = p.PackConfig(root=sys.argv[1], out=sys.argv[2], workers=1, shard_size=16)
+    p.pack(config, progress=False)
 """)
 
 
