@@ -19,7 +19,6 @@ twin of the DALI geometry, the epoch arithmetic); each kind lives in its own mod
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -149,20 +148,18 @@ def split_shards(shards: str | Path, split: str) -> list[Shard]:
     return result
 
 
-def _manifest_shards(folder: Path, split: str) -> dict[str, int | None]:
-    """Shard name -> byte count listed in manifest.json (empty when the manifest is absent)."""
-    path = folder / "manifest.json"
-    if not path.is_file():
+def _manifest_shards(folder: Path, split: str) -> dict[str, int]:
+    """Shard name -> byte count from manifest.json (docs/shard-format.md); {} without a manifest."""
+    if not (folder / "manifest.json").is_file():
         return {}
+    from affectfast.pack import load_manifest
+
+    manifest = load_manifest(folder)
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as error:
-        raise DataError(path, f"not valid JSON: {error}") from None
-    try:
-        entries = manifest["splits"][split]["shards"]
-        return {entry["name"]: entry.get("bytes") for entry in entries}
-    except (KeyError, TypeError):
-        return {}  # TODO: align with affectfast.pack's manifest keys
+        return {entry["name"]: int(entry["bytes"]) for entry in manifest["splits"][split]["shards"]}
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(folder / "manifest.json",
+                        f"no shard list for split {split!r} ({type(error).__name__}: {error})") from None
 
 
 def sample_counts(shards: list[Shard], tasks: tuple[str, ...]) -> np.ndarray:
@@ -186,9 +183,15 @@ def batches_per_epoch(samples: int, batch_size: int, rank: int, world_size: int,
     return -(-share // batch_size)
 
 
+def rank_range(samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of rank ``rank``'s contiguous part of an epoch: DALI's shard_id split, used by all."""
+    return samples * rank // world_size, samples * (rank + 1) // world_size
+
+
 def rank_share(samples: int, rank: int, world_size: int) -> int:
-    """Samples of rank ``rank``: contiguous (DALI) or modulo (wds, files) splits both give this."""
-    return samples * (rank + 1) // world_size - samples * rank // world_size
+    """Number of samples rank ``rank`` reads per epoch (``samples // world_size`` or one more)."""
+    lo, hi = rank_range(samples, rank, world_size)
+    return hi - lo
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -218,18 +221,29 @@ def torch_transform(image_size: int, augment: AugmentSpec | None):
     return v2.Compose(steps)
 
 
-def label_columns(tasks: tuple[str, ...], values: list[dict[str, np.ndarray | None]]):
-    """Per-task label and mask tensors from per-sample dicts (None where a label is missing)."""
+def collate_examples(examples: list[tuple], tasks: tuple[str, ...]) -> tuple:
+    """(keys, images N×H×W×3, labels, masks) from ``(key, image CHW, {task: label or None})``.
+
+    Images are stacked as HWC so the batch is NHWC-contiguous: its NCHW view is channels_last.
+    """
     from affectfast.tasks import LABEL_SIZE
 
+    keys = [e[0] for e in examples]
+    images = torch.stack([e[1].permute(1, 2, 0) for e in examples])
     labels, masks = {}, {}
     for task in tasks:
-        present = [v[task] is not None for v in values]
-        rows = [v[task] if v[task] is not None else np.zeros(LABEL_SIZE[task]) for v in values]
+        present = [e[2][task] is not None for e in examples]
+        rows = [np.reshape(e[2][task], LABEL_SIZE[task]) if ok else np.zeros(LABEL_SIZE[task])
+                for e, ok in zip(examples, present)]
         column = torch.from_numpy(np.stack(rows).astype(np.float32))
         labels[task] = column[:, 0].long() if task == "expr" else column
         masks[task] = torch.tensor(present, dtype=torch.bool)
-    return labels, masks
+    return keys, images, labels, masks
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers: one intra-op thread each (the workers are the parallelism)."""
+    torch.set_num_threads(1)
 
 
 def finish_batch(images_nhwc: torch.Tensor, labels: dict, masks: dict, keys: list[str] | None,

@@ -1,0 +1,103 @@
+"""The ``files`` loader: the baseline, as the seed study read Aff-Wild2.
+
+Annotations are parsed at start (``affwild2.read_tree``), then a torch ``Dataset`` opens one JPEG
+file per sample with PIL and applies the torchvision transforms that ``wds`` uses, behind a
+``DataLoader``. One Dataset serves every split and task set (the seed had one copy per task).
+
+Same epoch rules as the other kinds (``affectfast.loader``): the same samples (uni-task: frames with
+that label; multi-task: every frame with any label, masks per task), ranks take contiguous disjoint
+parts of an order that training draws from (seed, epoch) on every rank alike (so the ranks' parts
+change each epoch but never overlap), training yields ``len(loader)`` full batches on every rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree, sample_key
+from affectfast.errors import DataError
+from affectfast.loader import (LoaderConfig, batches_per_epoch, collate_examples, epoch_seed,
+                               finish_batch, rank_range, torch_transform, worker_init)
+from affectfast.tasks import TASKS, valid_mask
+
+
+class FramesDataset(torch.utils.data.Dataset):
+    """One item per kept frame: ``(key, image CHW float, {task: label array or None})``."""
+
+    def __init__(self, tree: Path, split: str, tasks: tuple[str, ...], transform):
+        dirs = find_annotation_dirs(tree)
+        # Every task the tree has, so multi-task keeps the frames the pack keeps (any valid label).
+        videos = [v for v in read_tree(dirs, TASKS) if v.split == split]
+        self.frames_dir, self.tasks, self.transform = dirs.frames, tasks, transform
+        self.names = [v.name for v in videos]
+        keep = [valid_mask(tasks[0], getattr(v, tasks[0])) if len(tasks) == 1
+                else np.ones(len(v), dtype=bool) for v in videos]
+        if not videos:
+            raise DataError(tree, f"no {split} video with annotations in this tree")
+        self.video = np.concatenate([np.full(k.sum(), i, np.int32) for i, k in enumerate(keep)])
+        self.frame = np.concatenate([v.frames[k] for v, k in zip(videos, keep)])
+        self.labels = {t: np.concatenate([getattr(v, t)[k] for v, k in zip(videos, keep)])
+                       for t in tasks}
+        self.valid = {t: valid_mask(t, column) for t, column in self.labels.items()}
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+    def __getitem__(self, i: int) -> tuple:
+        name, frame = self.names[self.video[i]], int(self.frame[i])
+        path = image_path(self.frames_dir, name, frame)
+        try:
+            with Image.open(path) as image:
+                pixels = image.convert("RGB")
+        except OSError as error:
+            raise DataError(path, f"cannot read frame image: {error}") from None
+        labels = {t: self.labels[t][i] if self.valid[t][i] else None for t in self.tasks}
+        return sample_key(name, frame), self.transform(pixels), labels
+
+
+class FilesLoader:
+    """``files``: iterate once per epoch; see the module docstring."""
+
+    def __init__(self, config: LoaderConfig):
+        self.config = config
+        self.dataset = FramesDataset(config.tree, config.split, config.tasks,
+                                     torch_transform(config.image_size, config.augment))
+        self.samples = len(self.dataset)
+        if self.samples < config.world_size:
+            raise DataError(config.tree, f"{config.split} has {self.samples} frames with "
+                                         f"{','.join(config.tasks)}: fewer than the ranks")
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        c = self.config
+        return batches_per_epoch(self.samples, c.batch_size, c.rank, c.world_size, c.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle deterministically from (seed, epoch)."""
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        c = self.config
+        order = np.arange(self.samples)
+        if c.shuffle:  # the same permutation on every rank, then each takes its own slice
+            order = np.random.default_rng(epoch_seed(c.seed, self.epoch)).permutation(self.samples)
+        lo, hi = rank_range(self.samples, c.rank, c.world_size)
+        return order[lo:hi].tolist()
+
+    def __iter__(self):
+        c = self.config
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=c.batch_size, sampler=self._indices(),
+            drop_last=c.drop_last, num_workers=c.num_threads, worker_init_fn=worker_init,
+            collate_fn=self._collate, prefetch_factor=4,
+            generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)))
+        for _, (keys, images, labels, masks) in zip(range(len(self)), loader):
+            yield finish_batch(images, labels, masks, keys if c.with_keys else None, c.device,
+                               c.dtype)
+
+    def _collate(self, examples: list[tuple]) -> tuple:
+        return collate_examples(examples, self.config.tasks)

@@ -1,0 +1,163 @@
+"""The ``wds`` loader: webdataset + torch DataLoader + torchvision v2 transforms.
+
+What a user would write without DALI: PIL decoding and torchvision transforms in DataLoader worker
+processes. It follows the same epoch rules as the DALI loaders (see ``affectfast.loader``):
+
+- Ranks split by *samples*, contiguously, exactly as DALI's ``shard_id``/``num_shards`` do: rank r
+  keeps the filtered samples with global index in ``rank_range(N, r, world)``, and only opens the
+  tars that overlap that range (known from the ``.idx`` files, no tar read needed). webdataset's
+  ``split_by_node`` splits by whole tars instead, which gives ranks unequal sample counts (the last
+  tar is short) and, with fewer tars than ranks, empty ranks; it reads the torch.distributed
+  environment implicitly. Here the split is explicit and exact.
+- Workers split the rank's tars (``split_by_worker``); each worker batches its own samples, and the
+  main process merges the workers' partial last batches (``_rebatch``) so only the epoch's last
+  batch can be partial, and training stops after ``len(loader)`` batches on every rank.
+- The uni-task filter runs before ``decode``, so frames without the label are never decoded.
+- Training shuffles the order of tars from (seed, epoch) and samples in a 1024-sample buffer seeded
+  from the worker's seed (derived from (seed, epoch) through the DataLoader generator).
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from affectfast.errors import DataError
+from affectfast.loader import (SHUFFLE_BUFFER, LoaderConfig, batches_per_epoch, collate_examples,
+                               epoch_seed, finish_batch, rank_range, sample_counts, split_shards,
+                               torch_transform, worker_init)
+from affectfast.tasks import IMAGE_EXT, LABEL_EXT, decode_label
+
+
+class WdsLoader:
+    """``wds``: iterate once per epoch; see the module docstring."""
+
+    def __init__(self, config: LoaderConfig):
+        self.config = config
+        self.shards = split_shards(config.shards, config.split)
+        counts = sample_counts(self.shards, config.tasks)
+        self.samples = int(counts.sum())
+        if self.samples < config.world_size:
+            raise DataError(config.shards, f"{config.split} has {self.samples} samples with "
+                                           f"{','.join(config.tasks)}: fewer than the ranks")
+        # Global index (among the samples this task set keeps) of each tar's first sample.
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        lo, hi = rank_range(self.samples, config.rank, config.world_size)
+        self.offsets = {str(s.tar): int(start) for s, start, n in zip(self.shards, starts, counts)
+                        if n and start < hi and start + n > lo}
+        self.range = (lo, hi)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        c = self.config
+        return batches_per_epoch(self.samples, c.batch_size, c.rank, c.world_size, c.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle deterministically from (seed, epoch)."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        c = self.config
+        urls = list(self.offsets)
+        if c.shuffle:
+            random.Random(epoch_seed(c.seed, self.epoch)).shuffle(urls)
+        workers = min(c.num_threads, len(urls))
+        loader = torch.utils.data.DataLoader(
+            self._dataset(urls), batch_size=None, num_workers=workers, worker_init_fn=worker_init,
+            generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)),
+            prefetch_factor=4 if workers else None)
+        for keys, images, labels, masks in _rebatch(loader, c.batch_size, len(self)):
+            yield finish_batch(images, labels, masks, keys if c.with_keys else None, c.device,
+                               c.dtype)
+
+    def _dataset(self, urls: list[str]) -> wds.DataPipeline:
+        c = self.config
+        stages = [
+            wds.SimpleShardList(urls),
+            wds.split_by_worker,
+            wds.tarfile_to_samples(),
+            RankPart(self.offsets, c.tasks, *self.range),
+        ]
+        if c.shuffle:
+            stages.append(_worker_shuffle)
+        stages += [
+            wds.decode("pil", only=[IMAGE_EXT]),
+            wds.map(partial(_example, c.tasks, torch_transform(c.image_size, c.augment))),
+            wds.batched(c.batch_size, collation_fn=partial(_collate, c.tasks), partial=True),
+        ]
+        return wds.DataPipeline(*stages)
+
+
+class RankPart:
+    """Stage: keep samples that carry the task (uni-task) and fall in this rank's [lo, hi)."""
+
+    def __init__(self, offsets: dict[str, int], tasks: tuple[str, ...], lo: int, hi: int):
+        self.offsets, self.lo, self.hi = offsets, lo, hi
+        self.need = LABEL_EXT[tasks[0]] if len(tasks) == 1 else IMAGE_EXT
+
+    def __call__(self, samples):
+        url, index = None, 0
+        for sample in samples:
+            if sample["__url__"] != url:
+                url, index = sample["__url__"], self.offsets[sample["__url__"]]
+            if self.need not in sample:
+                continue
+            if self.lo <= index < self.hi:
+                yield sample
+            index += 1
+
+
+def _example(tasks: tuple[str, ...], transform, sample: dict) -> tuple:
+    labels = {t: decode_label(t, sample[LABEL_EXT[t]]) if LABEL_EXT[t] in sample else None
+              for t in tasks}
+    return sample["__key__"], transform(sample[IMAGE_EXT]), labels
+
+
+def _collate(tasks: tuple[str, ...], examples: list[tuple]) -> tuple:
+    return collate_examples(examples, tasks)
+
+
+def _worker_shuffle(samples):
+    """Stage: buffer shuffle seeded from this DataLoader worker's seed (so from (seed, epoch))."""
+    info = torch.utils.data.get_worker_info()
+    seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
+    yield from wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, seed=seed)(samples)
+
+
+def _rebatch(batches, batch_size: int, limit: int):
+    """Pass full batches through; merge the workers' partial ones; stop after ``limit`` batches."""
+    yielded, pending = 0, []
+    for batch in batches:
+        if yielded == limit:
+            return
+        if len(batch[0]) == batch_size:
+            yielded += 1
+            yield batch
+            continue
+        pending.append(batch)
+        while sum(len(p[0]) for p in pending) >= batch_size and yielded < limit:
+            merged = _concat(pending)
+            pending = [_slice(merged, batch_size, None)]
+            yielded += 1
+            yield _slice(merged, 0, batch_size)
+    pending = [p for p in pending if len(p[0])]
+    if pending and yielded < limit:
+        yield _concat(pending)
+
+
+def _concat(batches: list[tuple]) -> tuple:
+    keys = [k for b in batches for k in b[0]]
+    images = torch.cat([b[1] for b in batches])
+    labels = {t: torch.cat([b[2][t] for b in batches]) for t in batches[0][2]}
+    masks = {t: torch.cat([b[3][t] for b in batches]) for t in batches[0][3]}
+    return keys, images, labels, masks
+
+
+def _slice(batch: tuple, start: int, stop: int | None) -> tuple:
+    keys, images, labels, masks = batch
+    return (keys[start:stop], images[start:stop], {t: v[start:stop] for t, v in labels.items()},
+            {t: v[start:stop] for t, v in masks.items()})
