@@ -325,3 +325,49 @@ def test_frames_folder_ignores_stray_files(tmp_path):
         (folder / stray).write_bytes(b"x")
     write_labels(tmp_path, EXPR_DIR, "v", ["1", "2", "3", "4"], task="expr")
     np.testing.assert_array_equal(read(tmp_path)["v"].frames, [1, 2])
+
+
+# --- the synthetic tree ---------------------------------------------------------------------------
+
+def _naive_labels(dirs: AnnotationDirs) -> dict[tuple[str, int], dict]:
+    """An independent, slow reading of a tree: (video, frame) -> {split, task: label} for every
+    frame with an image and at least one valid label."""
+    found: dict[tuple[str, int], dict] = {}
+    for task in ("va", "expr", "au"):
+        for set_dir, split in (("Train_Set", "train"), ("Validation_Set", "val")):
+            folder = dirs.task_dir(task) / set_dir
+            for path in sorted(folder.glob("*.txt")) if dirs.task_dir(task) else []:
+                lines = path.read_text().splitlines()[1:]
+                for frame, line in enumerate(lines, start=1):
+                    if not line.strip() or not image_path(dirs.frames, path.stem, frame).exists():
+                        continue
+                    values = [float(x) for x in line.split(",")]
+                    valid = {"va": -5 not in values, "expr": values != [-1],
+                             "au": -1 not in values}[task]
+                    if valid:
+                        entry = found.setdefault((path.stem, frame), {"split": split})
+                        entry[task] = values
+    return found
+
+
+def test_synthetic_tree_agrees_with_a_naive_reading(synth_tree):
+    dirs = find_annotation_dirs(synth_tree)
+    videos = read_tree(dirs)
+    expected = _naive_labels(dirs)
+    got = {}
+    for video in videos:
+        for i, frame in enumerate(video.frames.tolist()):
+            entry = {"split": video.split}
+            if not np.isnan(video.va[i]).any():
+                entry["va"] = video.va[i].tolist()
+            if video.expr[i] >= 0:
+                entry["expr"] = [float(video.expr[i])]
+            if (video.au[i] >= 0).all():
+                entry["au"] = video.au[i].astype(float).tolist()
+            got[(video.name, frame)] = entry
+    assert got.keys() == expected.keys() and len(got) > 100
+    for key, entry in expected.items():
+        if "va" in entry:
+            np.testing.assert_allclose(got[key].pop("va"), entry.pop("va"), rtol=1e-6)
+        assert got[key] == entry, key
+    assert {v.split for v in videos} == {"train", "val"}
