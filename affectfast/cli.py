@@ -45,6 +45,39 @@ def main():
 # --- commands (each block is owned by one module; keep them thin) -------------------------------
 
 
+# --- synth (owner: affectfast.synth) ------------------------------------------------------------
+
+@main.command("synth")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--videos", type=click.IntRange(min=4), default=40, show_default=True,
+              help="Frame folders (a _left/_right pair counts as two).")
+@click.option("--frames", type=click.IntRange(min=10), default=200, show_default=True,
+              help="Frames per video, before the gaps with no image.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--image-size", type=click.IntRange(32, 1024), default=112, show_default=True,
+              help="Square frame size in pixels (the real crops are 112).")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+              show_default=True, help="Drawing processes (the tree does not depend on it).")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty OUT (old files may remain).")
+def synth_command(out, videos, frames, seed, image_size, workers, overwrite):
+    """Write a synthetic Aff-Wild2-layout tree to OUT whose labels are drawn into the pixels.
+
+    Valence is the background grey, arousal the face brightness, the expression the colour of the
+    central disc, each AU a mirrored pair of coloured marks. The tree has the real quirks (missing
+    images, ignore markers, missing task files, _left/_right subjects, both sets) and is
+    byte-identical for a seed whatever --workers.
+    """
+    from affectfast.synth import SynthConfig, synthesize
+
+    config = SynthConfig(out=out, videos=videos, frames=frames, seed=seed, image_size=image_size,
+                         workers=workers, overwrite=overwrite)
+    try:
+        synthesize(config, progress=True)
+    except FileExistsError as error:
+        raise click.UsageError(str(error)) from None
+    click.echo(f"wrote {out}: {videos} videos x {frames} frames, seed {seed}")
+
+
 # --- pack / verify (owner: affectfast.pack, affectfast.verify) -----------------------------------
 
 @main.command("pack")
