@@ -111,28 +111,31 @@ def find_annotation_dirs(root: str | Path | None, *, frames: str | Path | None =
     challenge folder. A task found nowhere gives None; no frames folder, no task at all, or two
     folders for one task is a DataError.
     """
-    explicit = {"frames": frames, "va": va, "expr": expr, "au": au}
-    found: dict[str, Path | None] = {k: Path(v) if v is not None else None
-                                     for k, v in explicit.items()}
-    for what, path in found.items():
-        if path is not None and not path.is_dir():
-            raise DataError(path, f"the {what} folder given does not exist or is not a folder")
-    if any(path is None for path in found.values()):
-        if root is None:
-            if found["frames"] is None:
-                raise DataError(".", f"no root given and no {FRAMES_DIR} folder given")
-        else:
-            root = Path(root)
-            if not root.is_dir():
-                raise DataError(root, "the tree root does not exist or is not a folder")
-            for what, paths in _search(root).items():
-                if found[what] is not None:
-                    continue
+    found = {what: _given_dir(what, path)
+             for what, path in {"frames": frames, "va": va, "expr": expr, "au": au}.items()}
+    if root is not None and None in found.values():
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(root, "the tree root does not exist or is not a folder")
+        for what, paths in _search(root).items():
+            if found[what] is None and paths:
                 if len(paths) > 1:
                     raise DataError(paths[0], f"two {what} folders: {paths[0]} and {paths[1]}; "
                                               "pass the one to use explicitly")
-                found[what] = paths[0] if paths else None
-    where = Path(root) if root is not None else found["frames"]
+                found[what] = paths[0]
+    _check_found(Path(root) if root is not None else found["frames"] or Path("."), found)
+    return AnnotationDirs(**found)
+
+
+def _given_dir(what: str, path: str | Path | None) -> Path | None:
+    """An explicitly given folder as a Path, refused if it is not a folder."""
+    if path is not None and not Path(path).is_dir():
+        raise DataError(path, f"the {what} folder given does not exist or is not a folder")
+    return None if path is None else Path(path)
+
+
+def _check_found(where: Path, found: dict[str, Path | None]) -> None:
+    """Refuse a tree without frames, without any task, or with a challenge folder lacking sets."""
     if found["frames"] is None:
         raise DataError(where, f"no {FRAMES_DIR} folder within {SEARCH_DEPTH} levels; expected "
                                f"{FRAMES_DIR}/<video>/<NNNNN>.jpg (or pass the frames folder)")
@@ -144,7 +147,6 @@ def find_annotation_dirs(root: str | Path | None, *, frames: str | Path | None =
         path = found[task]
         if path is not None and not any((path / s).is_dir() for s in SPLIT_DIRS):
             raise DataError(path, f"expected a {' or '.join(SPLIT_DIRS)} folder inside")
-    return AnnotationDirs(**found)
 
 
 def _search(root: Path) -> dict[str, list[Path]]:

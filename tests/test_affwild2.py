@@ -219,6 +219,15 @@ def test_no_task_no_frames_and_duplicate_folders(tmp_path):
         find_annotation_dirs(tmp_path / "b")
 
 
+def test_missing_root_or_explicit_folder(tmp_path):
+    with pytest.raises(DataError, match="root does not exist") as info:
+        find_annotation_dirs(tmp_path / "nope")
+    assert info.value.path == tmp_path / "nope"
+    with pytest.raises(DataError, match="the va folder given does not exist") as info:
+        find_annotation_dirs(tmp_path, va=tmp_path / "nope")
+    assert info.value.path == tmp_path / "nope"
+
+
 def test_challenge_folder_without_sets_is_refused(tmp_path):
     write_frames(tmp_path, "v", [1])
     (tmp_path / VA_DIR).mkdir()
