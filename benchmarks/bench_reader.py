@@ -1,4 +1,4 @@
-"""Time and memory of the Aff-Wild2 reader (`read_tree`) on a generated tree, extrapolated to 2.8M frames.
+"""Time and memory of the Aff-Wild2 reader (`read_tree`) on a generated tree, extrapolated to 2.8M.
 
 The tree has all three tasks for every video, about 3% of frames without an image, -5/-1 ignore
 markers, and *empty* .jpg files: the reader lists images but never opens them, so their content does

@@ -1,4 +1,4 @@
-"""The Aff-Wild2 reader on tiny hand-written trees: each quirk of the real release and each bad input."""
+"""The Aff-Wild2 reader on tiny hand-written trees: each quirk of the release and each bad input."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from affectfast.errors import DataError
 from affectfast.tasks import CHALLENGE_DIRS, HEADERS
 
 NAN = np.nan
-VA_DIR, EXPR_DIR, AU_DIR = "VA_Estimation_Challenge", "EXPR_Recognition_Challenge", "AU_Detection_Challenge"
+VA_DIR, EXPR_DIR, AU_DIR = (
+    "VA_Estimation_Challenge", "EXPR_Recognition_Challenge", "AU_Detection_Challenge")
 AU0 = "0,0,0,0,0,0,0,0,0,0,0,0"
 AU1 = "1,0,0,0,0,0,0,0,0,0,0,1"
 AU_IGN = [-1] * 12
@@ -194,8 +195,8 @@ def test_explicit_folders_win(tmp_path):
     write_frames(tmp_path / "elsewhere", "v", [1, 2])
     write_labels(tmp_path, VA_DIR, "v", ["0,0", "0,0"], task="va")
     write_labels(tmp_path / "other", VA_DIR, "v", ["0.5,0.5", "-5,0"], task="va")
-    dirs = find_annotation_dirs(tmp_path / "other", frames=tmp_path / "elsewhere" / "cropped_aligned",
-                                va=str(tmp_path / VA_DIR))
+    frames = tmp_path / "elsewhere" / "cropped_aligned"
+    dirs = find_annotation_dirs(tmp_path / "other", frames=frames, va=str(tmp_path / VA_DIR))
     assert dirs.va == tmp_path / VA_DIR and isinstance(dirs.va, Path)
     dirs = find_annotation_dirs(None, frames=tmp_path / "elsewhere" / "cropped_aligned",
                                 va=tmp_path / "other" / VA_DIR)
@@ -259,7 +260,8 @@ def _bad(tmp_path, task, rows, **kwargs) -> DataError:
     ("va", ["0,0", "0.1,abc"], {}, 3, "'abc' is not a number"),
     ("expr", ["1", "2", "", "3"], {}, 4, "'' is not a number"),
     ("au", [AU0, AU0, "0,0,0,0,0,0,0,0,0,0,0,yes"], {}, 4, "'yes' is not a number"),
-    ("va", ["0,0", "1.7,0.5"], {}, 3, r"valence 1.7 out of range: expected a value in \[-1, 1\] or -5"),
+    ("va", ["0,0", "1.7,0.5"], {}, 3,
+     r"valence 1.7 out of range: expected a value in \[-1, 1\] or -5"),
     ("va", ["0,-1.01"], {}, 2, "arousal -1.01 out of range"),
     ("va", ["nan,0"], {}, 2, "valence nan out of range"),
     ("expr", ["1", "9"], {}, 3, "expression 9 out of range: expected an integer 0..7 or -1"),
