@@ -144,3 +144,51 @@ def verify_command(out, decode, workers):
         click.echo(f"{len(problems)} problem(s) found in {out}", err=True)
         sys.exit(1)
     click.echo(summary(out))
+
+
+# --- bench loaders (owner: affectfast.bench) ------------------------------------------------------
+
+@main.group("bench")
+def bench_group():
+    """Benchmarks (warm-up, timed runs, medians, CSV beside the printed table)."""
+
+
+@bench_group.command("loaders")
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tree", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The raw Aff-Wild2 tree SHARDS was packed from (needed by the files loader).")
+@click.option("--loaders", default="dali-cpu,wds,files", show_default=True,
+              help="Comma-separated kinds: dali-gpu (needs CUDA), dali-cpu, wds, files.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=8), default=112, show_default=True)
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Timed seconds per loader, after the warm-up batches.")
+@click.option("--interpolation", type=click.Choice(["nearest", "linear"]), default="nearest",
+              show_default=True, help="Resampling of the rotation (nearest is torchvision's default).")
+@click.option("--no-augment", is_flag=True, help="Time with augmentation off (resize and normalize only).")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="DALI threads / DataLoader workers.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the table as CSV (columns loader,images_per_s,...).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG bar chart.")
+@exits_2_on_data_error
+def bench_loaders_command(shards, tree, loaders, batch_size, image_size, seconds, interpolation,
+                          no_augment, threads, csv_path, plot):
+    """Images/s of each loader on SHARDS' train split, with the decode-only ceiling of the same run."""
+    from affectfast.bench import BenchConfig, bench_loaders, format_table, write_csv, write_plot
+    from affectfast.loader import AugmentSpec
+
+    kinds = tuple(k.strip() for k in loaders.split(",") if k.strip())
+    try:
+        config = BenchConfig(shards=shards, loaders=kinds, tree=tree, batch_size=batch_size,
+                             image_size=image_size, seconds=seconds, num_threads=threads,
+                             augment=None if no_augment else AugmentSpec(interpolation=interpolation),
+                             device="cuda" if "dali-gpu" in kinds else "cpu")
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    results = bench_loaders(config, progress=lambda line: click.echo(line, err=True))
+    click.echo(format_table(results))
+    if csv_path:
+        write_csv(results, csv_path)
+    if plot:
+        write_plot(results, plot, f"batch {batch_size}, {image_size} px, {threads} threads")
