@@ -1,0 +1,219 @@
+"""The synthetic Aff-Wild2 tree: layout, quirks, determinism, and labels that are really in the pixels."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from affectfast.cli import main
+from affectfast.synth import SynthConfig, labels_from_pixels, synthesize
+from affectfast.tasks import CHALLENGE_DIRS, HEADERS, NUM_AU
+
+CHALLENGES = {task: names[0] for task, names in CHALLENGE_DIRS.items()}
+SETS = {"Train_Set": "train", "Validation_Set": "val"}
+
+
+def annotations(root: Path) -> dict[tuple[str, str], tuple[str, list[str], bytes]]:
+    """{(task, video): (split, lines, raw bytes)} for every annotation file of a tree."""
+    found = {}
+    for task, challenge in CHALLENGES.items():
+        for set_dir, split in SETS.items():
+            for path in sorted((root / "annotations" / challenge / set_dir).glob("*.txt")):
+                raw = path.read_bytes()
+                found[(task, path.stem)] = (split, raw.decode().splitlines(), raw)
+    return found
+
+
+def images(root: Path) -> dict[str, list[int]]:
+    """{video: sorted 1-based frame numbers that have an image}."""
+    return {d.name: sorted(int(f.stem) for f in d.glob("*.jpg"))
+            for d in sorted((root / "cropped_aligned").iterdir())}
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_and_headers(synth_tree):
+    assert sorted(p.name for p in synth_tree.iterdir()) == ["annotations", "cropped_aligned"]
+    assert sorted(p.name for p in (synth_tree / "annotations").iterdir()) == sorted(CHALLENGES.values())
+    for challenge in CHALLENGES.values():
+        assert sorted(p.name for p in (synth_tree / "annotations" / challenge).iterdir()) == sorted(SETS)
+    frames = images(synth_tree)
+    assert len(frames) == 8
+    for video, numbers in frames.items():
+        assert "." not in video and numbers
+        for path in (synth_tree / "cropped_aligned" / video).iterdir():
+            assert re.fullmatch(r"\d{5}\.jpg", path.name)
+        with Image.open(synth_tree / "cropped_aligned" / video / f"{numbers[0]:05d}.jpg") as image:
+            assert image.format == "JPEG" and image.size == (64, 64) and image.mode == "RGB"
+    pattern = {"va": r"-?\d\.\d{3},-?\d\.\d{3}|-5,-?\d\.\d{3}|-?\d\.\d{3},-5|-5,-5",
+               "expr": r"-1|[0-7]", "au": r"(-1(,-1){11})|([01](,[01]){11})"}
+    for (task, video), (_, lines, _) in annotations(synth_tree).items():
+        assert video in frames
+        assert lines[0] == ",".join(HEADERS[task])
+        for line in lines[1:]:
+            assert re.fullmatch(pattern[task], line), (task, video, line)
+        if task == "va":
+            values = np.array([line.split(",") for line in lines[1:]], dtype=float)
+            assert ((np.abs(values) <= 1) | (values == -5)).all()
+
+
+def test_every_quirk_is_present(synth_tree):
+    frames = images(synth_tree)
+    files = annotations(synth_tree)
+    # Frames with no image inside a video, and annotation lines past the last image.
+    assert any(len(n) < n[-1] for n in frames.values())
+    assert any(len(lines) - 1 > frames[video][-1] for (_, video), (_, lines, _) in files.items())
+    # Ignore markers: VA -5 in both values, in valence only, in arousal only; EXPR -1; AU rows of -1.
+    va_lines = [line for (task, _), (_, lines, _) in files.items() if task == "va" for line in lines[1:]]
+    assert "-5,-5" in va_lines
+    assert any(line.startswith("-5,") and line != "-5,-5" for line in va_lines)
+    assert any(line.endswith(",-5") and line != "-5,-5" for line in va_lines)
+    assert any("-1" in lines[1:] for (task, _), (_, lines, _) in files.items() if task == "expr")
+    assert any(",".join(["-1"] * NUM_AU) in lines for (task, _), (_, lines, _) in files.items() if task == "au")
+    # A video lacking one task's file (but keeping the others).
+    tasks_of = {video: {task for task, v in files if v == video} for video in frames}
+    assert any(len(tasks) == 2 for tasks in tasks_of.values())
+    assert all(tasks for tasks in tasks_of.values())
+    # A _left/_right pair: two frames folders and their own annotation files.
+    lefts = [v[:-5] for v in frames if v.endswith("_left")]
+    assert lefts and all(f"{base}_right" in frames for base in lefts)
+    assert all(tasks_of[f"{base}_left"] and tasks_of[f"{base}_right"] for base in lefts)
+    # Both sets, and one set per video whatever the task.
+    split_of: dict[str, set[str]] = {}
+    for (_, video), (split, _, _) in files.items():
+        split_of.setdefault(video, set()).add(split)
+    assert all(len(s) == 1 for s in split_of.values())
+    assert {s for (s,) in split_of.values()} == {"train", "val"}
+    # Files with and without a final newline.
+    assert {raw.endswith(b"\n") for _, _, raw in files.values()} == {True, False}
+    # Labels change smoothly: VA steps are small, expressions come in segments that change.
+    for (task, video), (_, lines, _) in files.items():
+        if task == "va":
+            values = np.array([line.split(",") for line in lines[1:]], dtype=float)
+            valid = (values != -5).all(axis=1)
+            steps = np.abs(np.diff(values, axis=0))[valid[1:] & valid[:-1]]
+            assert steps.max() < 0.1, video
+    changes = []
+    for (task, _), (_, lines, _) in files.items():
+        if task == "expr":
+            expr = np.array(lines[1:], dtype=int)
+            expr = expr[expr >= 0]
+            changes.append(np.count_nonzero(np.diff(expr)) / len(expr))
+    assert max(changes) > 0 and np.mean(changes) < 0.15       # segments, not noise
+
+
+def test_same_seed_same_bytes_for_any_worker_count_and_other_seed_differs(tmp_path):
+    def tree(name, seed, workers):
+        return synthesize(SynthConfig(out=tmp_path / name, videos=5, frames=20, seed=seed,
+                                      image_size=48, workers=workers))
+
+    one, two = tree_digest(tree("w1", 3, 1)), tree_digest(tree("w2", 3, 2))
+    assert one == two and len(one) > 80
+    other = tree_digest(tree("s4", 4, 2))
+    assert other != one
+    assert set(other.values()).isdisjoint(one.values())
+
+
+def _expected(files, video: str, frame: int) -> dict[str, np.ndarray | None]:
+    """The annotated labels of one frame, None where absent or ignored."""
+    expected: dict[str, np.ndarray | None] = {"va": None, "expr": None, "au": None}
+    for task in expected:
+        if (task, video) in files:
+            values = np.array(files[(task, video)][1][frame].split(","), dtype=float)
+            if not (values == -5).any() and not (values == -1).all():
+                expected[task] = values
+    return expected
+
+
+@pytest.mark.parametrize("size, flip", [(64, False), (64, True), (48, True), (32, False)])
+def test_labels_are_in_the_pixels(synth_tree, size, flip):
+    files = annotations(synth_tree)
+    checked = 0
+    for video, numbers in images(synth_tree).items():
+        for frame in numbers[::7]:
+            with Image.open(synth_tree / "cropped_aligned" / video / f"{frame:05d}.jpg") as image:
+                image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+                if flip:
+                    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                decoded = labels_from_pixels(np.asarray(image))
+            expected = _expected(files, video, frame)
+            if expected["va"] is not None:
+                np.testing.assert_allclose(decoded["va"], expected["va"], atol=0.08)
+            if expected["expr"] is not None:
+                assert decoded["expr"] == expected["expr"][0]
+            if expected["au"] is not None:
+                np.testing.assert_array_equal(decoded["au"], expected["au"])
+            checked += 1
+    assert checked > 30
+
+
+def test_pixels_differ_when_labels_differ(synth_tree):
+    """The decoder is not fooled: a frame's decoded labels differ from a frame labelled otherwise."""
+    files = annotations(synth_tree)
+    video = next(v for (t, v) in files if t == "expr")
+    numbers = images(synth_tree)[video]
+    decoded = {}
+    for frame in numbers:
+        with Image.open(synth_tree / "cropped_aligned" / video / f"{frame:05d}.jpg") as image:
+            decoded[frame] = labels_from_pixels(np.asarray(image.convert("RGB")))
+    expr = [decoded[f]["expr"] for f in numbers]
+    au = np.stack([decoded[f]["au"] for f in numbers])
+    va = np.stack([decoded[f]["va"] for f in numbers])
+    assert len(set(expr)) > 1 or len({tuple(r) for r in au}) > 1
+    assert np.ptp(va, axis=0).max() > 0.01
+
+
+def test_reader_reads_the_tree_and_agrees_with_the_pixels(synth_tree):
+    from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree
+
+    videos = read_tree(find_annotation_dirs(synth_tree))
+    frames = images(synth_tree)
+    assert sorted(v.name for v in videos) == sorted(frames)
+    assert {v.split for v in videos} == {"train", "val"}
+    for labels in videos:
+        assert set(labels.frames.tolist()) <= set(frames[labels.name])
+        for i in range(0, len(labels), 9):
+            with Image.open(image_path(synth_tree / "cropped_aligned", labels.name, int(labels.frames[i]))) as image:
+                decoded = labels_from_pixels(np.asarray(image.convert("RGB")))
+            if not np.isnan(labels.va[i]).any():
+                np.testing.assert_allclose(decoded["va"], labels.va[i], atol=0.08)
+            if labels.expr[i] >= 0:
+                assert decoded["expr"] == labels.expr[i]
+            if (labels.au[i] >= 0).all():
+                np.testing.assert_array_equal(decoded["au"], labels.au[i])
+
+
+@pytest.mark.parametrize("field, value", [("videos", 3), ("frames", 5), ("image_size", 16),
+                                          ("workers", 0), ("seed", -1)])
+def test_config_rejects_bad_values(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        SynthConfig(out=tmp_path / "t", **{field: value})
+
+
+def test_refuses_a_non_empty_folder_unless_told(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    config = dict(out=tmp_path, videos=4, frames=10, image_size=32, workers=1)
+    with pytest.raises(FileExistsError):
+        synthesize(SynthConfig(**config))
+    assert synthesize(SynthConfig(**config, overwrite=True)) == tmp_path
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_cli_smoke(tmp_path):
+    out = tmp_path / "tree"
+    result = CliRunner().invoke(main, ["synth", str(out), "--videos", "4", "--frames", "10", "--seed", "1",
+                                       "--image-size", "32", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(images(out)) == 4
+    again = CliRunner().invoke(main, ["synth", str(out), "--videos", "4", "--frames", "10"])
+    assert again.exit_code == 2 and "not empty" in again.output
