@@ -1,8 +1,8 @@
 """The ABAW metrics over a whole split, and the per-class tables (DESIGN.md §4).
 
 - VA: Lin's concordance correlation coefficient (CCC) for valence and for arousal, and their mean.
-- EXPR: macro F1 over the 8 classes.
-- AU: mean over the 12 AUs of each AU's binary F1, at threshold 0.5 (and, on request, at per-AU
+- EXPR: macro F1 over the 8 classes (over those present in labels or predictions, as ABAW's code does).
+- AU: mean over the 12 AUs of each AU's binary F1 (0 for an AU with no positive label or prediction, as ABAW's code), at threshold 0.5 (and, on request, at per-AU
   thresholds tuned on the same split, reported under separate keys since they are optimistic).
 - P_MTL: the sum of ``ccc_mean``, ``f1_expr`` and ``f1_au`` over the tasks trained.
 F1 comes from scikit-learn. Each task is scored on the frames whose label for it is valid.
@@ -92,10 +92,7 @@ def compute_metrics(preds: Predictions, tasks: tuple[str, ...],
             metrics["ccc_mean"] = (metrics["ccc_valence"] + metrics["ccc_arousal"]) / 2
             p_mtl += metrics["ccc_mean"]
         elif task == "expr":
-            per_class = f1_score(label.astype(int), out.argmax(1), labels=list(range(NUM_EXPR)),
-                                 average=None, zero_division=0)
-            metrics["f1_expr_per_class"] = [float(v) for v in per_class]
-            metrics["f1_expr"] = float(per_class.mean())
+            metrics.update(_expr_f1(out.argmax(1), label.astype(int)))
             p_mtl += metrics["f1_expr"]
         else:
             metrics.update(_au_f1(out, label, np.full(NUM_AU, 0.5), ""))
@@ -105,6 +102,20 @@ def compute_metrics(preds: Predictions, tasks: tuple[str, ...],
                 metrics["au_thresholds"] = [float(t) for t in au_thresholds]
     metrics["p_mtl"] = p_mtl
     return metrics
+
+
+def _expr_f1(predicted: np.ndarray, targets: np.ndarray) -> dict:
+    """Macro F1 over the classes present in the labels or the predictions, as the ABAW evaluation
+    code computes it (scikit-learn's default); a class absent from both has no F1 (None in the table).
+    On Aff-Wild2's val split all 8 classes are present, so this is the macro F1 over the 8."""
+    present = np.union1d(targets, predicted).astype(int)
+    if present.size == 0:
+        return {"f1_expr_per_class": [None] * NUM_EXPR, "f1_expr": 0.0}
+    scores = f1_score(targets, predicted, labels=present, average=None, zero_division=0)
+    per_class: list[float | None] = [None] * NUM_EXPR
+    for c, v in zip(present, scores):
+        per_class[c] = float(v)
+    return {"f1_expr_per_class": per_class, "f1_expr": float(scores.mean())}
 
 
 def _au_f1(probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray, suffix: str) -> dict:
@@ -126,7 +137,8 @@ def format_tables(metrics: dict) -> str:
     lines += [f"{k:<14}{metrics[k]:>8.4f}" for k in headline]
     if "f1_expr_per_class" in metrics:
         lines += ["", f"F1 per expression ({metrics['frames_expr']} frames)", f"{'class':<14}{'F1':>8}"]
-        lines += [f"{n:<14}{v:>8.4f}" for n, v in zip(EXPR_NAMES, metrics["f1_expr_per_class"])]
+        lines += [f"{n:<14}" + (f"{v:>8.4f}" if v is not None else f"{'-':>8}")
+                  for n, v in zip(EXPR_NAMES, metrics["f1_expr_per_class"])]
     if "f1_au_per_class" in metrics:
         tuned = "f1_au_tuned_per_class" in metrics
         lines += ["", f"F1 per action unit ({metrics['frames_au']} frames)",
@@ -140,5 +152,5 @@ def format_tables(metrics: dict) -> str:
 
 
 def headline(metrics: dict) -> dict[str, float]:
-    """Only the scalar metrics that go into metrics.jsonl and TensorBoard."""
-    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+    """Only the scalar metrics (scores and frame counts) that go into metrics.jsonl and TensorBoard."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -149,6 +149,18 @@ def test_compute_metrics_matches_sklearn_and_textbook_ccc_on_valid_frames():
     assert "Happiness" in table and "AU26" in table and "p_mtl" in table
 
 
+def test_expr_macro_f1_skips_classes_absent_from_labels_and_predictions():
+    labels = np.array([6, 6, 6, 1, 1, 6], dtype=np.float32)
+    logits = np.eye(8, dtype=np.float32)[[6, 6, 1, 1, 1, 6]]
+    preds = Predictions([f"v/{i:05d}" for i in range(6)], {"expr": logits}, {"expr": labels},
+                        {"expr": np.ones(6, dtype=bool)})
+    m = compute_metrics(preds, ("expr",))
+    # class 6: P 1, R 3/4 -> 6/7; class 1: P 2/3, R 1 -> 4/5; the 6 absent classes are not averaged
+    assert m["f1_expr"] == pytest.approx((6 / 7 + 4 / 5) / 2)
+    assert m["f1_expr_per_class"][6] == pytest.approx(6 / 7) and m["f1_expr_per_class"][0] is None
+    assert "Neutral" in format_tables(m)
+
+
 def test_metrics_only_for_trained_tasks_and_p_mtl_sums_them():
     m = compute_metrics(_predictions(), ("expr",))
     assert "ccc_mean" not in m and "f1_au" not in m
