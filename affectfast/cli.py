@@ -146,6 +146,120 @@ def verify_command(out, decode, workers):
     click.echo(summary(out))
 
 
+# --- train / evaluate / predict (owner: affectfast.train) ----------------------------------------
+
+def _task_weights(ctx, param, value):
+    """Parse --task-weights "va=1,expr=0.5" into (task, weight) pairs."""
+    try:
+        pairs = [item.split("=") for item in value.split(",") if item.strip()] if value else []
+        return tuple((task.strip(), float(weight)) for task, weight in pairs)
+    except ValueError:
+        raise click.BadParameter("expected TASK=WEIGHT[,TASK=WEIGHT...], e.g. va=1,expr=0.5") from None
+
+
+_LOADERS = ("dali-gpu", "dali-cpu", "wds", "files")
+
+
+@main.command("train")
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder (config.json, metrics.jsonl, tb/, last.pt, best.pt), e.g. runs/NAME.")
+@click.option("--tasks", default="va,expr,au", show_default=True, help="Comma-separated subset of va,expr,au.")
+@click.option("--loader", type=click.Choice(_LOADERS), default="dali-gpu", show_default=True,
+              help="Data loader; without CUDA dali-gpu falls back to dali-cpu.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True, help="Per process.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="AdamW peak learning rate (5% linear warm-up, then cosine to zero).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=32), default=112, show_default=True, help="Pixels, square.")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True,
+              help="Mixed precision. auto: bf16 (fp16 + grad scaler where bf16 is unsupported) on a GPU, off on the CPU.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--init", default="scratch", show_default=True,
+              help="scratch | imagenet (torchvision's cache) | imagenet:PATH | ckpt:PATH (another run's trunk).")
+@click.option("--va-loss", type=click.Choice(["ccc", "mse"]), default="ccc", show_default=True)
+@click.option("--task-weights", callback=_task_weights, default="",
+              help="Loss weight per task, e.g. va=1,expr=0.5 (unlisted tasks weigh 1).")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random flip and rotation.")
+@click.option("--rotate-degrees", type=click.FloatRange(min=0), default=10.0, show_default=True)
+@click.option("--interpolation", type=click.Choice(["nearest", "linear"]), default="nearest", show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--num-threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Loader threads/workers per process.")
+@click.option("--tune-au-thresholds", is_flag=True, help="Also report AU F1 at per-AU thresholds tuned on val.")
+@click.option("--tree", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The raw Aff-Wild2 root (loader files only).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--stop-after", type=click.IntRange(min=1), default=None,
+              help="Train at most this many epochs now, leaving last.pt for --resume (wall-time limits).")
+@exits_2_on_data_error
+def train_command(shards, out, resume, stop_after, **options):
+    """Train ResNet-18 on packed SHARDS (uni- or multi-task); multi-GPU via torchrun.
+
+    \b
+    Single process:   affectfast train shards/demo --tasks expr --out runs/expr
+    Multi-GPU:        torchrun --nproc-per-node 8 -m affectfast train shards/aff --out runs/mtl
+    """
+    from affectfast.train import TrainConfig, train
+
+    try:
+        config = TrainConfig(shards=shards, out=out, **options)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    train(config, resume=resume, stop_after=stop_after)
+
+
+def _eval_config(checkpoint, shards, split, loader, batch_size, num_threads, tune_au_thresholds):
+    from affectfast.train import EvalConfig
+
+    return EvalConfig(checkpoint=checkpoint, shards=shards, split=split, loader=loader, batch_size=batch_size,
+                      num_threads=num_threads, tune_au_thresholds=tune_au_thresholds)
+
+
+def _eval_options(command):
+    for option in reversed([
+        click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+        click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True),
+        click.option("--loader", type=click.Choice(_LOADERS), default="dali-gpu", show_default=True,
+                     help="Without CUDA dali-gpu falls back to dali-cpu."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option("--num-threads", type=click.IntRange(min=1), default=2, show_default=True),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command("evaluate")
+@_eval_options
+@click.option("--tune-au-thresholds", is_flag=True, help="Also report AU F1 at per-AU thresholds tuned on SPLIT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object instead of tables.")
+@exits_2_on_data_error
+def evaluate_command(as_json, **options):
+    """Print the ABAW metrics of CHECKPOINT on SHARDS: CCC, F1 per expression and per AU, P_MTL."""
+    import json
+
+    from affectfast.metrics import format_tables
+    from affectfast.train import evaluate
+
+    metrics = evaluate(_eval_config(**options))
+    click.echo(json.dumps(metrics) if as_json else format_tables(metrics))
+
+
+@main.command("predict")
+@_eval_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for <Challenge>/<video>.txt prediction files.")
+@exits_2_on_data_error
+def predict_command(out, **options):
+    """Write CHECKPOINT's predictions on SHARDS in the ABAW submission layout, one file per video and task."""
+    from affectfast.train import predict
+
+    written = predict(_eval_config(tune_au_thresholds=False, **options), out)
+    click.echo(f"wrote {len(written)} prediction files under {out}")
+
+
 # --- bench loaders (owner: affectfast.bench) ------------------------------------------------------
 
 @main.group("bench")
