@@ -207,3 +207,21 @@ def _to_cpu(batch):
     batch.labels = {t: v.cpu() for t, v in batch.labels.items()}
     batch.masks = {t: v.cpu() for t, v in batch.masks.items()}
     return batch
+
+
+def test_bench_loaders_command_writes_table_csv_and_plot(packed, synth_tree, tmp_path):
+    from click.testing import CliRunner
+
+    from affectfast.cli import main
+
+    csv_path, png = tmp_path / "bench.csv", tmp_path / "bench.png"
+    result = CliRunner().invoke(main, [
+        "bench", "loaders", str(packed), "--tree", str(synth_tree), "--loaders", "dali-cpu,files",
+        "--batch-size", "16", "--image-size", "32", "--seconds", "0.2", "--threads", "1",
+        "--csv", str(csv_path), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("loader,images_per_s")
+    assert [r.split(",")[0] for r in rows[1:]] == ["dali-cpu", "files", "decode-only"]
+    assert all(float(r.split(",")[1]) > 0 for r in rows[1:])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
