@@ -2,9 +2,6 @@
 
 from affectfast.affwild2 import AnnotationDirs, VideoLabels, find_annotation_dirs, read_tree
 from affectfast.errors import DataError
-from affectfast.pack import PackConfig, pack
 from affectfast.tasks import TASKS
-from affectfast.verify import verify
 
-__all__ = ["AnnotationDirs", "VideoLabels", "find_annotation_dirs", "read_tree", "DataError", "TASKS",
-           "PackConfig", "pack", "verify"]
+__all__ = ["AnnotationDirs", "VideoLabels", "find_annotation_dirs", "read_tree", "DataError", "TASKS"]
