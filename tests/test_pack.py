@@ -25,7 +25,9 @@ from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree, sam
 from affectfast.cli import main
 from affectfast.errors import DataError
 from affectfast.jpeg import JpegError, check_jpeg
-from affectfast.pack import MANIFEST, STATE, PackConfig, pack, tar_end, tar_member
+from affectfast.pack import (
+    MANIFEST, STATE, PackConfig, pack, tar_end, tar_member, tarfile_header,
+)
 from affectfast.tasks import LABEL_EXT, TASKS, decode_label, valid_mask
 from affectfast.verify import verify
 
@@ -155,6 +157,8 @@ def test_tar_metadata_is_fixed_and_gnu_tar_lists_it(packed):
             members = tar.getmembers()
         assert all(m.isreg() and m.mode == 0o644 and m.mtime == 0 and m.uid == m.gid == 0
                    and m.uname == m.gname == "" for m in members)
+        for m in members:        # our fast header encoder against tarfile's own, member by member
+            assert raw[m.offset:m.offset_data] == tarfile_header(m.name, m.size)
         listed = subprocess.run(["tar", "tf", str(tar_path)], capture_output=True, text=True,
                                 check=True).stdout.split()
         assert listed == [m.name for m in members]
@@ -322,6 +326,17 @@ def test_bad_jpeg_is_an_error_naming_it_and_nothing_is_left(tree_copy, tmp_path,
     with pytest.raises(DataError) as error:
         pack_quiet(tree_copy, out, shard_size=16, check=check)
     assert str(bad) in str(error.value)
+    assert final_names(out) == [] and leftovers(out) == [] and not (out / STATE).exists()
+
+
+def test_bad_jpeg_early_with_workers_in_flight_leaves_nothing(tree_copy, packed, tmp_path):
+    """Other workers may finish shards after the bad one: those must go too."""
+    first_key = read_shards(packed, "train")[0][1]            # first train sample, any shard size
+    bad = source_samples(tree_copy)[first_key][0]
+    bad.write_bytes(bad.read_bytes()[:-10])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="truncated"):
+        pack_quiet(tree_copy, out, workers=2, shard_size=4, check="header")
     assert final_names(out) == [] and leftovers(out) == [] and not (out / STATE).exists()
 
 
