@@ -357,9 +357,11 @@ def _coverage(distance: np.ndarray, size: int) -> np.ndarray:
 class FaceMasks:
     """Coverage masks of one video's shapes, computed once per video and size."""
 
-    face: np.ndarray                # H×W×1
-    disc: np.ndarray                # H×W×1
-    marks: np.ndarray               # 12×H×W×1, both members of each AU's pair
+    face: np.ndarray                # float32 H×W×1
+    disc: np.ndarray                # float32 H×W×1
+    mark_id: np.ndarray             # intp H×W: the AU whose mark covers the pixel, NUM_AU for none
+    mark_cover: np.ndarray          # float32 H×W×1, coverage of that mark
+    mark_rgb: np.ndarray            # float32 H×W×3, its colour premultiplied by the coverage
 
 
 def face_masks(style: FaceStyle, size: int) -> FaceMasks:
@@ -375,8 +377,15 @@ def face_masks(style: FaceStyle, size: int) -> FaceMasks:
         pair = np.minimum(np.hypot(x - cx - px * s, y - cy - py * s),
                           np.hypot(x - cx + px * s, y - cy - py * s))
         marks.append(_coverage(pair - MARK_RADIUS * s, size))
+    marks = np.stack(marks)
+    # Marks never overlap (not even their anti-aliased edges), so one id per pixel is enough and
+    # a frame costs O(pixels) whatever the number of AUs that are on.
+    cover = marks.max(axis=0)
+    mark_id = np.where(cover > 0, marks.argmax(axis=0), NUM_AU)
+    colours = np.concatenate([MARK_COLOURS, np.zeros((1, 3), np.float32)])
     return FaceMasks(face=_coverage(face, size)[..., None], disc=_coverage(disc, size)[..., None],
-                     marks=np.stack(marks)[..., None])
+                     mark_id=mark_id, mark_cover=cover[..., None],
+                     mark_rgb=colours[mark_id] * cover[..., None])
 
 
 def draw_frame(masks: FaceMasks, style: FaceStyle, va, expr: int, au, noise: np.ndarray) -> np.ndarray:
@@ -385,12 +394,8 @@ def draw_frame(masks: FaceMasks, style: FaceStyle, va, expr: int, au, noise: np.
     image = np.broadcast_to(np.float32(background_level(valence)) + style.tint, masks.face.shape[:2] + (3,))
     image = image + (np.float32(skin_level(arousal)) * style.skin - image) * masks.face
     image += (EXPR_COLOURS[expr] - image) * masks.disc
-    on = np.flatnonzero(np.asarray(au) == 1)
-    if len(on):
-        # Marks never overlap, so their coverages add up to at most 1 per pixel.
-        alpha = masks.marks[on].sum(axis=0)
-        colours = (masks.marks[on] * MARK_COLOURS[on, None, None, :]).sum(axis=0)
-        image = image * (1 - alpha) + colours
+    on = np.append(np.asarray(au) == 1, False)[masks.mark_id][..., None]    # H×W×1 bool
+    image = np.where(on, image * (1 - masks.mark_cover) + masks.mark_rgb, image)
     image += noise
     return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
@@ -428,7 +433,8 @@ def _draw_chunk(chunk: _Chunk) -> int:
     shape = (chunk.size, chunk.size, 3)
     for frame, va, expr, au in zip(chunk.frames, chunk.va, chunk.expr, chunk.au):
         rng = np.random.default_rng([chunk.seed, 4, chunk.plan.index, int(frame)])
-        noise = rng.standard_normal(shape, dtype=np.float32) * np.float32(chunk.style.noise)
+        # Uniform noise with the style's std: 4x cheaper to draw than Gaussian, looks the same.
+        noise = (rng.random(shape, dtype=np.float32) - np.float32(0.5)) * np.float32(chunk.style.noise * 12 ** 0.5)
         image = draw_frame(masks, chunk.style, va, int(expr), au, noise)
         frame_path(chunk.root, chunk.plan.name, int(frame)).write_bytes(encode_jpeg(image))
     return len(chunk.frames)
