@@ -2,6 +2,7 @@
 
 from affectfast.affwild2 import AnnotationDirs, VideoLabels, find_annotation_dirs, read_tree
 from affectfast.errors import DataError
+from affectfast.synth import SynthConfig, synthesize
 from affectfast.tasks import TASKS
 
-__all__ = ["AnnotationDirs", "VideoLabels", "find_annotation_dirs", "read_tree", "DataError", "TASKS"]
+__all__ = ["AnnotationDirs", "VideoLabels", "find_annotation_dirs", "read_tree", "DataError", "SynthConfig", "synthesize", "TASKS"]
