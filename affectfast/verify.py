@@ -26,7 +26,7 @@ from affectfast.tasks import (
 )
 
 TASK_OF_EXT = {ext: task for task, ext in LABEL_EXT.items()}
-# VA mean/std are summed in another order than pack summed them: allow float64 rounding only.
+# VA mean/std come from running sums here, from arrays in pack: allow float64 rounding only.
 STATS_TOLERANCE = 1e-6
 
 
@@ -38,7 +38,8 @@ class ShardCounts:
     valid: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TASKS, 0))
     expr: np.ndarray = field(default_factory=lambda: np.zeros(NUM_EXPR, dtype=np.int64))
     au: np.ndarray = field(default_factory=lambda: np.zeros(NUM_AU, dtype=np.int64))
-    va: list[np.ndarray] = field(default_factory=list)      # float32 2-vectors
+    va_sum: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.float64))
+    va_squares: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.float64))
 
     def add(self, other: ShardCounts) -> None:
         self.samples += other.samples
@@ -46,7 +47,8 @@ class ShardCounts:
             self.valid[task] += other.valid[task]
         self.expr += other.expr
         self.au += other.au
-        self.va += other.va
+        self.va_sum += other.va_sum
+        self.va_squares += other.va_squares
 
 
 def verify(out: str | Path, decode: bool = False, *, workers: int = 1,
@@ -160,7 +162,9 @@ def _count_component(path: Path, name: str, ext: str, payload: bytes, decode: bo
     elif task == "au":
         counts.au += label == 1
     else:
-        counts.va.append(label)
+        value = label.astype(np.float64)
+        counts.va_sum += value
+        counts.va_squares += value * value
 
 
 def _compare_index(path: Path, expected: str) -> list[str]:
@@ -195,9 +199,10 @@ def _compare_split(manifest: Path, split: str, entry: dict, counts: ShardCounts)
     if counts.au.tolist() != stats["au"]["positive_counts"]:
         problems.append(f"{where}: AU positive counts {counts.au.tolist()} differ from the "
                         f"manifest's {stats['au']['positive_counts']}")
-    va = np.array(counts.va, dtype=np.float64).reshape(-1, 2)
-    for name, value in (("mean", va.mean(axis=0) if len(va) else np.zeros(2)),
-                        ("std", va.std(axis=0) if len(va) else np.zeros(2))):
+    n = max(counts.valid["va"], 1)
+    mean = counts.va_sum / n
+    std = np.sqrt(np.maximum(counts.va_squares / n - mean * mean, 0))
+    for name, value in (("mean", mean), ("std", std)):
         if not np.allclose(value, stats["va"][name], rtol=0, atol=STATS_TOLERANCE):
             problems.append(f"{where}: VA {name} {value.tolist()} differs from the manifest's "
                             f"{stats['va'][name]}")
