@@ -1,0 +1,175 @@
+"""The seed study as one command: uni-task VA, EXPR, AU against one multi-task model, per initialization.
+
+A study is a folder of runs, ``OUT/<init>/<model>/`` (each an ordinary ``affectfast train`` run), and
+three summaries written after every run: ``results.md``, ``results.csv`` and ``curves.png`` (each
+run's val metrics per epoch). A finished run (``epochs`` records in its metrics.jsonl) is skipped and
+an interrupted one resumed, so a study on a GPU node can simply be started again after a time limit.
+
+Initializations: the base ones ``TrainConfig.init`` accepts (``scratch``, ``imagenet``,
+``imagenet:PATH``, ``ckpt:PATH``) give four rows each (uni-va, uni-expr, uni-au, multi); ``uni-TASK``
+gives one row: the multi-task model fine-tuned from the trunk of the uni-task TASK run of the first
+base initialization (uni-task pre-training, then multi-task fine-tuning).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from affectfast.model import parse_init
+from affectfast.tasks import TASKS, parse_tasks
+from affectfast.train import TrainConfig, train
+
+RESULT_COLUMNS = ("run", "init", "ccc_valence", "ccc_arousal", "f1_expr", "f1_au", "p_mtl",
+                  "images_per_s", "wall_s")
+HEADINGS = {"ccc_valence": "CCC-V", "ccc_arousal": "CCC-A", "f1_expr": "F1-EXPR", "f1_au": "F1-AU",
+            "p_mtl": "P_MTL", "images_per_s": "images/s", "wall_s": "wall time (s)"}
+CURVE_METRICS = ("ccc_mean", "f1_expr", "f1_au", "p_mtl")
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One cell of the study: a model (task set) trained from one initialization."""
+
+    name: str                 # "uni-va", "uni-expr", "uni-au" or "multi"
+    init_label: str           # the --inits token, e.g. "scratch" or "uni-expr"
+    tasks: tuple[str, ...]
+    init: str                 # what TrainConfig.init gets
+    out: Path
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The study matrix plus the training settings every run shares (``base``; its out/tasks/init are set per run)."""
+
+    out: Path
+    base: TrainConfig
+    inits: tuple[str, ...] = ("scratch",)
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        if not self.inits:
+            raise ValueError("inits must name at least one initialization")
+        for token in self.inits:
+            if token.startswith("uni-"):
+                parse_tasks(token[len("uni-"):])
+            else:
+                parse_init(token)
+        if not any(not t.startswith("uni-") for t in self.inits):
+            raise ValueError("uni-TASK fine-tuning needs a base initialization (scratch, imagenet, ...) first")
+
+
+def slug(init: str) -> str:
+    """A folder name for an initialization token ("imagenet:/x/r18.pth" -> "imagenet-r18.pth")."""
+    kind, _, path = init.partition(":")
+    return kind if not path else f"{kind}-{Path(path).name}"
+
+
+def plan_runs(config: StudyConfig) -> list[StudyRun]:
+    """The runs of the study in the order they must be trained (pre-training before fine-tuning)."""
+    runs: list[StudyRun] = []
+    base_inits = [t for t in config.inits if not t.startswith("uni-")]
+    for init in base_inits:
+        folder = config.out / slug(init)
+        runs += [StudyRun(f"uni-{task}", init, (task,), init, folder / f"uni-{task}") for task in TASKS]
+        runs.append(StudyRun("multi", init, TASKS, init, folder / "multi"))
+    for token in config.inits:
+        if token.startswith("uni-"):
+            pretrained = config.out / slug(base_inits[0]) / token / "best.pt"
+            runs.append(StudyRun("multi", token, TASKS, f"ckpt:{pretrained}", config.out / f"from-{token}" / "multi"))
+    return runs
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """The per-epoch records of a run (empty if it has not started)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_study(config: StudyConfig) -> list[dict]:
+    """Train every run of the study that is not finished yet; return the result rows."""
+    runs = plan_runs(config)
+    config.out.mkdir(parents=True, exist_ok=True)
+    for index, run in enumerate(runs, 1):
+        done = len(read_records(run.out))
+        if done >= config.base.epochs:
+            print(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped", file=sys.stderr)
+            continue
+        print(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}", file=sys.stderr)
+        train_config = dataclasses.replace(config.base, out=run.out, tasks=run.tasks, init=run.init)
+        train(train_config, resume=(run.out / "last.pt").exists())
+        write_summaries(config.out, runs, config.base.epochs)
+    return write_summaries(config.out, runs, config.base.epochs)
+
+
+def result_row(run: StudyRun, records: list[dict]) -> dict:
+    """One table row: val metrics of the best epoch (highest P_MTL), median images/s, total wall time."""
+    best = max(records, key=lambda r: r["p_mtl"])
+    row = {"run": run.name, "init": run.init_label}
+    row.update({k: best.get(k) for k in RESULT_COLUMNS[2:7]})
+    row["images_per_s"] = statistics.median(r["images_per_s"] for r in records)
+    row["wall_s"] = sum(r["epoch_seconds"] for r in records)
+    return row
+
+
+def write_summaries(out: Path, runs: list[StudyRun], epochs: int) -> list[dict]:
+    """Write results.md, results.csv and curves.png for the runs that have records; return the rows."""
+    finished = [(run, read_records(run.out)) for run in runs]
+    finished = [(run, records) for run, records in finished if records]
+    rows = [result_row(run, records) for run, records in finished]
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(format_table(rows) + "\n")
+    if finished:
+        plot_curves(finished, out / "curves.png")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The comparison table as Markdown: a dash where a run did not train that task."""
+    columns = RESULT_COLUMNS
+    header = [c if c not in HEADINGS else HEADINGS[c] for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [_format_cell(row.get(c)) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value >= 100 else f"{value:.3f}"
+    return str(value)
+
+
+def plot_curves(finished: list[tuple[StudyRun, list[dict]]], path: Path) -> None:
+    """One panel per val metric, one line per run, over epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4 * len(CURVE_METRICS), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], CURVE_METRICS):
+        for run, records in finished:
+            points = [(r["epoch"], r[metric]) for r in records if r.get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{run.init_label}/{run.name}")
+        ax.set_title(f"val {metric}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

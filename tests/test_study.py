@@ -1,0 +1,76 @@
+"""The study (affectfast.study): the run matrix, restart skipping finished runs, and the summaries."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from affectfast.study import StudyConfig, format_table, plan_runs, read_records, run_study
+from affectfast.train import TrainConfig
+
+SMALL = dict(loader="dali-cpu", epochs=1, batch_size=32, image_size=32, num_threads=1, amp="off")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _config(shards, out, inits):
+    return StudyConfig(out=out, base=TrainConfig(shards=shards, out=out, **SMALL), inits=inits)
+
+
+def test_plan_trains_pretraining_before_fine_tuning(tmp_path):
+    runs = plan_runs(_config(tmp_path, tmp_path / "study", ("scratch", "imagenet:/w/r18.pth", "uni-expr")))
+    assert [(r.init_label, r.name) for r in runs] == [
+        ("scratch", "uni-va"), ("scratch", "uni-expr"), ("scratch", "uni-au"), ("scratch", "multi"),
+        ("imagenet:/w/r18.pth", "uni-va"), ("imagenet:/w/r18.pth", "uni-expr"), ("imagenet:/w/r18.pth", "uni-au"),
+        ("imagenet:/w/r18.pth", "multi"), ("uni-expr", "multi")]
+    assert runs[4].out == tmp_path / "study" / "imagenet-r18.pth" / "uni-va"
+    assert runs[-1].init == f"ckpt:{tmp_path / 'study' / 'scratch' / 'uni-expr' / 'best.pt'}"
+    assert runs[-1].tasks == ("va", "expr", "au")
+
+
+@pytest.mark.parametrize("inits", [(), ("uni-expr",), ("bogus",), ("uni-xyz", "scratch")])
+def test_bad_inits_are_refused(tmp_path, inits):
+    with pytest.raises(ValueError):
+        _config(tmp_path, tmp_path / "s", inits)
+
+
+def test_table_shows_a_dash_for_untrained_tasks():
+    rows = [{"run": "uni-expr", "init": "scratch", "f1_expr": 0.91234, "p_mtl": 0.91234,
+             "images_per_s": 812.4, "wall_s": 12.0}]
+    table = format_table(rows).splitlines()
+    assert table[0] == "| run | init | CCC-V | CCC-A | F1-EXPR | F1-AU | P_MTL | images/s | wall time (s) |"
+    assert table[2] == "| uni-expr | scratch | - | - | 0.912 | - | 0.912 | 812 | 12.000 |"
+
+
+def test_study_runs_the_matrix_writes_summaries_and_skips_finished_runs(packed, tmp_path):
+    config = _config(packed, tmp_path / "study", ("scratch", "uni-expr"))
+    rows = run_study(config)
+    assert [(r["init"], r["run"]) for r in rows] == [
+        ("scratch", "uni-va"), ("scratch", "uni-expr"), ("scratch", "uni-au"), ("scratch", "multi"),
+        ("uni-expr", "multi")]
+    by_run = {(r["init"], r["run"]): r for r in rows}
+    assert by_run["scratch", "uni-va"]["f1_expr"] is None and by_run["scratch", "uni-va"]["ccc_valence"] is not None
+    assert by_run["scratch", "uni-au"]["p_mtl"] == pytest.approx(by_run["scratch", "uni-au"]["f1_au"])
+    multi = by_run["scratch", "multi"]
+    assert multi["p_mtl"] == pytest.approx((multi["ccc_valence"] + multi["ccc_arousal"]) / 2
+                                           + multi["f1_expr"] + multi["f1_au"])
+    with open(config.out / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 5
+    assert (config.out / "results.md").read_text().count("\n") == 2 + 5
+    assert (config.out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the fine-tuned run started from the uni-expr trunk
+    assert read_records(config.out / "from-uni-expr" / "multi")
+
+    stamps = {p: p.stat().st_mtime_ns for p in Path(config.out).rglob("last.pt")}
+    assert len(stamps) == 5
+    assert run_study(config) == rows                    # a restart trains nothing again
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
