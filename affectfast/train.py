@@ -356,17 +356,23 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
         best = max(best, metrics["p_mtl"])
         if info.is_main:
             _log_epoch(out, writer, record, metrics)
-            checkpoint = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "epoch": epoch + 1,
-                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                          "rng": rng_state(), "best_p_mtl": best, "metrics": headline(metrics),
-                          "au_thresholds": metrics.get("au_thresholds")}
-            save_atomic(checkpoint, out / "last.pt")
-            if metrics["p_mtl"] >= best:
-                save_atomic(checkpoint, out / "best.pt")
+            state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+            _save_checkpoints(out, config, epoch + 1, state, metrics, best)
     if writer is not None:
         writer.close()
     return records
+
+
+def _save_checkpoints(out: Path, config: TrainConfig, epochs_done: int, state: dict, metrics: dict,
+                      best: float) -> None:
+    """Write last.pt (always) and best.pt (when this epoch has the best val P_MTL), each atomically."""
+    checkpoint = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "epoch": epochs_done,
+                  **{name: obj.state_dict() for name, obj in state.items()},
+                  "rng": rng_state(), "best_p_mtl": best, "metrics": headline(metrics),
+                  "au_thresholds": metrics.get("au_thresholds")}
+    save_atomic(checkpoint, out / "last.pt")
+    if metrics["p_mtl"] >= best:
+        save_atomic(checkpoint, out / "best.pt")
 
 
 def _restore(path: Path, config: TrainConfig, model, optimizer, scheduler, scaler) -> tuple[int, float]:

@@ -15,6 +15,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -142,6 +143,8 @@ def test_evaluate_reproduces_the_last_epoch_and_predict_writes_abaw_files(packed
     metrics = evaluate(EvalConfig(out / "last.pt", packed, loader="dali-cpu", batch_size=64, num_threads=1))
     for key in ("ccc_valence", "ccc_arousal", "f1_expr", "f1_au", "p_mtl"):
         assert metrics[key] == pytest.approx(records[-1][key], abs=1e-6), key
+    tuned = evaluate(EvalConfig(out / "last.pt", packed, loader="dali-cpu", num_threads=1, tune_au_thresholds=True))
+    assert tuned["f1_au_tuned"] >= tuned["f1_au"] == metrics["f1_au"] and len(tuned["au_thresholds"]) == 12
     written = predict(EvalConfig(out / "last.pt", packed, loader="dali-cpu", num_threads=1), tmp_path / "pred")
     expected = _val_frames_per_video(packed)
     folders = {"VA_Estimation_Challenge": "valence,arousal", "EXPR_Recognition_Challenge": "Neutral,Anger",
@@ -190,6 +193,14 @@ def test_ddp_two_gloo_processes_match_a_single_process_evaluation(packed, tmp_pa
         assert record[key] == pytest.approx(single[key], abs=1e-5), key
     for task in ("va", "expr", "au"):  # every val frame counted once across the two ranks
         assert record[f"frames_{task}"] == single[f"frames_{task}"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_defaults_train_with_dali_gpu_mixed_precision_and_channels_last(packed, tmp_path):
+    records = train(TrainConfig(shards=packed, out=tmp_path / "gpu", epochs=1, batch_size=32, image_size=48))
+    saved = json.loads((tmp_path / "gpu" / "config.json").read_text())
+    assert saved["loader"] == "dali-gpu" and saved["amp"] in ("bf16", "fp16") and saved["channels_last"]
+    assert all(np.isfinite(records[0][k]) for k in ("train_loss", "ccc_mean", "f1_expr", "f1_au"))
 
 
 @pytest.mark.slow
