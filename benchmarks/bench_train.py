@@ -119,7 +119,7 @@ def run_benchmark(config: TrainConfig, args) -> list[dict]:
     autocast = build_autocast(device, config.amp)
     step = lambda batch: train_step(model, batch, optimizer, scheduler, scaler, autocast, loss_spec)  # noqa: E731
     stream = endless(loader)
-    # The same batches, decoded once and cloned: DALI's iterator reuses its output buffers.
+    # The same batches, decoded once; cloned so they stay valid should a loader reuse its buffers.
     in_memory = [Batch(b.images.clone(), {t: v.clone() for t, v in b.labels.items()},
                        {t: v.clone() for t, v in b.masks.items()}) for b in islice(stream, args.steps)]
 
