@@ -160,36 +160,45 @@ def _task_weights(ctx, param, value):
 _LOADERS = ("dali-gpu", "dali-cpu", "wds", "files")
 
 
+def _training_options(command):
+    """The training settings shared by `train` and `study` (one TrainConfig field each)."""
+    for option in reversed([
+        click.option("--loader", type=click.Choice(_LOADERS), default="dali-gpu", show_default=True,
+                     help="Data loader; without CUDA dali-gpu falls back to dali-cpu."),
+        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True, help="Per process."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+                     help="AdamW peak learning rate (5% linear warm-up, then cosine to zero)."),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True),
+        click.option("--image-size", type=click.IntRange(min=32), default=112, show_default=True, help="Pixels, square."),
+        click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True,
+                     help="Mixed precision. auto: bf16 (fp16 + grad scaler where bf16 is unsupported) on a GPU, off on the CPU."),
+        click.option("--channels-last/--no-channels-last", default=True, show_default=True),
+        click.option("--va-loss", type=click.Choice(["ccc", "mse"]), default="ccc", show_default=True),
+        click.option("--task-weights", callback=_task_weights, default="",
+                     help="Loss weight per task, e.g. va=1,expr=0.5 (unlisted tasks weigh 1)."),
+        click.option("--augment/--no-augment", default=True, show_default=True, help="Random flip and rotation."),
+        click.option("--rotate-degrees", type=click.FloatRange(min=0), default=10.0, show_default=True),
+        click.option("--interpolation", type=click.Choice(["nearest", "linear"]), default="nearest", show_default=True),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--num-threads", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Loader threads/workers per process."),
+        click.option("--tune-au-thresholds", is_flag=True, help="Also report AU F1 at per-AU thresholds tuned on val."),
+        click.option("--tree", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="The raw Aff-Wild2 root (loader files only)."),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.command("train")
 @click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder (config.json, metrics.jsonl, tb/, last.pt, best.pt), e.g. runs/NAME.")
 @click.option("--tasks", default="va,expr,au", show_default=True, help="Comma-separated subset of va,expr,au.")
-@click.option("--loader", type=click.Choice(_LOADERS), default="dali-gpu", show_default=True,
-              help="Data loader; without CUDA dali-gpu falls back to dali-cpu.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True, help="Per process.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              help="AdamW peak learning rate (5% linear warm-up, then cosine to zero).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--image-size", type=click.IntRange(min=32), default=112, show_default=True, help="Pixels, square.")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True,
-              help="Mixed precision. auto: bf16 (fp16 + grad scaler where bf16 is unsupported) on a GPU, off on the CPU.")
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--init", default="scratch", show_default=True,
               help="scratch | imagenet (torchvision's cache) | imagenet:PATH | ckpt:PATH (another run's trunk).")
-@click.option("--va-loss", type=click.Choice(["ccc", "mse"]), default="ccc", show_default=True)
-@click.option("--task-weights", callback=_task_weights, default="",
-              help="Loss weight per task, e.g. va=1,expr=0.5 (unlisted tasks weigh 1).")
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Random flip and rotation.")
-@click.option("--rotate-degrees", type=click.FloatRange(min=0), default=10.0, show_default=True)
-@click.option("--interpolation", type=click.Choice(["nearest", "linear"]), default="nearest", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--num-threads", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Loader threads/workers per process.")
-@click.option("--tune-au-thresholds", is_flag=True, help="Also report AU F1 at per-AU thresholds tuned on val.")
-@click.option("--tree", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="The raw Aff-Wild2 root (loader files only).")
+@_training_options
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None,
               help="Train at most this many epochs now, leaving last.pt for --resume (wall-time limits).")
@@ -306,3 +315,34 @@ def bench_loaders_command(shards, tree, loaders, batch_size, image_size, seconds
         write_csv(results, csv_path)
     if plot:
         write_plot(results, plot, f"batch {batch_size}, {image_size} px, {threads} threads")
+
+
+# --- study (owner: affectfast.study) --------------------------------------------------------------
+
+@main.command("study")
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Study folder: one run per <init>/<model>, plus results.md, results.csv, curves.png.")
+@click.option("--inits", default="scratch", show_default=True,
+              help="Comma-separated initializations: scratch, imagenet, imagenet:PATH, ckpt:PATH give "
+                   "uni-va, uni-expr, uni-au and multi each; uni-TASK adds a multi-task model fine-tuned "
+                   "from the first one's uni-TASK run.")
+@_training_options
+@exits_2_on_data_error
+def study_command(shards, out, inits, **options):
+    """Run the uni- vs multi-task study on SHARDS and print the comparison table.
+
+    Restartable: finished runs are skipped and an interrupted one resumes from its last.pt.
+
+    \b
+    On a GPU node:  affectfast study shards/affwild2 --out runs/study --inits scratch,imagenet,uni-expr
+    """
+    from affectfast.study import StudyConfig, format_table, run_study
+    from affectfast.train import TrainConfig
+
+    try:
+        base = TrainConfig(shards=shards, out=out, **options)
+        config = StudyConfig(out=out, base=base, inits=tuple(t.strip() for t in inits.split(",") if t.strip()))
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    click.echo(format_table(run_study(config)))

@@ -140,16 +140,16 @@ def format_table(rows: list[dict]) -> str:
     header = [c if c not in HEADINGS else HEADINGS[c] for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [_format_cell(row.get(c)) for c in columns]
+        cells = [_format_cell(row.get(c), c in ("images_per_s", "wall_s")) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _format_cell(value) -> str:
+def _format_cell(value, whole: bool) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.0f}" if value >= 100 else f"{value:.3f}"
+        return f"{value:.0f}" if whole else f"{value:.3f}"
     return str(value)
 
 
@@ -161,15 +161,18 @@ def plot_curves(finished: list[tuple[StudyRun, list[dict]]], path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4 * len(CURVE_METRICS), 3.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes[0], CURVE_METRICS):
-        for run, records in finished:
+        for index, (run, records) in enumerate(finished):  # one colour per run in every panel
             points = [(r["epoch"], r[metric]) for r in records if r.get(metric) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=f"{run.init_label}/{run.name}")
+                ax.plot(*zip(*points), marker="o", color=colors[index % len(colors)],
+                        label=f"{run.init_label}/{run.name}")
         ax.set_title(f"val {metric}")
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

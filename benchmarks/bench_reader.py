@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2500, help="annotation lines per video")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--csv", type=Path, default=Path("benchmarks/bench_reader.csv"))
+    parser.add_argument("--csv", type=Path, default=Path("runs/bench_reader.csv"))
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
