@@ -23,7 +23,6 @@ The graph, per sample (DESIGN.md §3):
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from PIL import Image
 from affectfast.batch import Batch
 from affectfast.errors import DataError
 from affectfast.loader import (IMAGENET_MEAN, IMAGENET_STD, SHUFFLE_BUFFER, AugmentSpec,
-                               LoaderConfig, Shard, batches_per_epoch, epoch_seed, finish_batch,
+                               EpochLoader, LoaderConfig, Shard, epoch_seed, finish_batch,
                                sample_counts, split_shards)
 from affectfast.tasks import IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, VA_IGNORE
 
@@ -130,25 +129,12 @@ def build_pipeline(config: LoaderConfig, shards: list[Shard], epoch: int, *,
     return pipe
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """``dali-gpu`` / ``dali-cpu``: iterate once per epoch; see the module docstring."""
 
     def __init__(self, config: LoaderConfig):
-        self.config = config
         self.shards = split_shards(config.shards, config.split)
-        self.samples = int(sample_counts(self.shards, config.tasks).sum())
-        if self.samples < config.world_size:
-            raise DataError(config.shards, f"{config.split} has {self.samples} samples with "
-                                           f"{','.join(config.tasks)}: fewer than the ranks")
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        c = self.config
-        return batches_per_epoch(self.samples, c.batch_size, c.rank, c.world_size, c.drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle deterministically from (seed, epoch): the next iteration builds its pipeline."""
-        self.epoch = epoch
+        super().__init__(config, int(sample_counts(self.shards, config.tasks).sum()), config.shards)
 
     def __iter__(self):
         c = self.config

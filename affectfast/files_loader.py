@@ -20,7 +20,7 @@ from PIL import Image
 
 from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree, sample_key
 from affectfast.errors import DataError
-from affectfast.loader import (LoaderConfig, batches_per_epoch, collate_examples, epoch_seed,
+from affectfast.loader import (EpochLoader, LoaderConfig, collate_examples, epoch_seed,
                                finish_batch, rank_range, torch_transform, worker_init)
 from affectfast.tasks import TASKS, valid_mask
 
@@ -59,26 +59,13 @@ class FramesDataset(torch.utils.data.Dataset):
         return sample_key(name, frame), self.transform(pixels), labels
 
 
-class FilesLoader:
+class FilesLoader(EpochLoader):
     """``files``: iterate once per epoch; see the module docstring."""
 
     def __init__(self, config: LoaderConfig):
-        self.config = config
         self.dataset = FramesDataset(config.tree, config.split, config.tasks,
                                      torch_transform(config.image_size, config.augment))
-        self.samples = len(self.dataset)
-        if self.samples < config.world_size:
-            raise DataError(config.tree, f"{config.split} has {self.samples} frames with "
-                                         f"{','.join(config.tasks)}: fewer than the ranks")
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        c = self.config
-        return batches_per_epoch(self.samples, c.batch_size, c.rank, c.world_size, c.drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle deterministically from (seed, epoch)."""
-        self.epoch = epoch
+        super().__init__(config, len(self.dataset), config.tree)
 
     def _indices(self) -> list[int]:
         c = self.config

@@ -246,6 +246,28 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class EpochLoader:
+    """What every kind shares: the per-rank sample check, batches per epoch and the epoch number.
+
+    Subclasses set up their source, then call ``super().__init__`` with the number of samples the
+    task set keeps and the path to name in errors; they implement ``__iter__``.
+    """
+
+    def __init__(self, config: "LoaderConfig", samples: int, source: Path):
+        if samples < config.world_size:
+            raise DataError(source, f"{config.split} has {samples} samples with "
+                                    f"{','.join(config.tasks)}: fewer than the ranks")
+        self.config, self.samples, self.epoch = config, samples, 0
+
+    def __len__(self) -> int:
+        c = self.config
+        return batches_per_epoch(self.samples, c.batch_size, c.rank, c.world_size, c.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle deterministically from (seed, epoch) at the next iteration."""
+        self.epoch = epoch
+
+
 def finish_batch(images_nhwc: torch.Tensor, labels: dict, masks: dict, keys: list[str] | None,
                  device: torch.device, dtype: torch.dtype) -> Batch:
     """Move a batch to ``device``/``dtype``; NHWC images become an NCHW channels_last view (no copy)."""

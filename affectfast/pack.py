@@ -22,7 +22,6 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os

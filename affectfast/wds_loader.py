@@ -26,39 +26,25 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from affectfast.errors import DataError
-from affectfast.loader import (SHUFFLE_BUFFER, LoaderConfig, batches_per_epoch, collate_examples,
+from affectfast.loader import (SHUFFLE_BUFFER, EpochLoader, LoaderConfig, collate_examples,
                                epoch_seed, finish_batch, rank_range, sample_counts, split_shards,
                                torch_transform, worker_init)
 from affectfast.tasks import IMAGE_EXT, LABEL_EXT, decode_label
 
 
-class WdsLoader:
+class WdsLoader(EpochLoader):
     """``wds``: iterate once per epoch; see the module docstring."""
 
     def __init__(self, config: LoaderConfig):
-        self.config = config
         self.shards = split_shards(config.shards, config.split)
         counts = sample_counts(self.shards, config.tasks)
-        self.samples = int(counts.sum())
-        if self.samples < config.world_size:
-            raise DataError(config.shards, f"{config.split} has {self.samples} samples with "
-                                           f"{','.join(config.tasks)}: fewer than the ranks")
+        super().__init__(config, int(counts.sum()), config.shards)
         # Global index (among the samples this task set keeps) of each tar's first sample.
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         lo, hi = rank_range(self.samples, config.rank, config.world_size)
         self.offsets = {str(s.tar): int(start) for s, start, n in zip(self.shards, starts, counts)
                         if n and start < hi and start + n > lo}
         self.range = (lo, hi)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        c = self.config
-        return batches_per_epoch(self.samples, c.batch_size, c.rank, c.world_size, c.drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle deterministically from (seed, epoch)."""
-        self.epoch = epoch
 
     def __iter__(self):
         c = self.config

@@ -20,7 +20,6 @@ import csv
 import io
 import multiprocessing
 import os
-import resource
 import shutil
 import statistics
 import subprocess
