@@ -33,8 +33,8 @@ from PIL import Image
 from affectfast.batch import Batch
 from affectfast.errors import DataError
 from affectfast.loader import (IMAGENET_MEAN, IMAGENET_STD, SHUFFLE_BUFFER, AugmentSpec,
-                               EpochLoader, LoaderConfig, Shard, epoch_seed, finish_batch,
-                               sample_counts, split_shards)
+                               EpochLoader, LoaderConfig, Shard, epoch_seed, epoch_shard_order,
+                               finish_batch, sample_counts, split_shards)
 from affectfast.tasks import IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, VA_IGNORE
 
 READER = "reader"
@@ -138,7 +138,8 @@ class DaliLoader(EpochLoader):
 
     def __iter__(self):
         c = self.config
-        pipe = build_pipeline(c, self.shards, self.epoch)
+        pipe = build_pipeline(c, epoch_shard_order(self.shards, c.seed, self.epoch, c.shuffle),
+                              self.epoch)
         names = ["images", *c.tasks] + (["keys"] if c.with_keys else [])
         policy = LastBatchPolicy.DROP if c.drop_last else LastBatchPolicy.PARTIAL
         batches = DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=policy,

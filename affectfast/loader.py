@@ -199,6 +199,19 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def epoch_shard_order(shards: list, seed: int, epoch: int, shuffle: bool) -> list:
+    """The shards in the order one epoch reads them: a fresh permutation per epoch when shuffling.
+
+    The same on every rank (no rank in the seed), so ranks still split one sequence into disjoint
+    contiguous parts. Readers only shuffle inside a buffer of about a thousand samples; permuting
+    the shards too means a sample does not meet the same neighbours every epoch.
+    """
+    if not shuffle:
+        return list(shards)
+    order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(len(shards))
+    return [shards[i] for i in order]
+
+
 # --- the torchvision twin of the DALI geometry (used by wds and files) -------------------------
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from affectfast.errors import DataError
-from affectfast.loader import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, build_loader
+from affectfast.loader import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, build_loader, epoch_shard_order
 from affectfast.pack import load_manifest
 from affectfast.tasks import LABEL_EXT, TASKS, decode_label
 
@@ -133,6 +133,15 @@ def test_set_epoch_reshuffles_deterministically(packed, synth_tree, kind):
 @pytest.mark.parametrize("kind,dtype", [(kind, dtype) for kind in CPU_KINDS
                                         for dtype in (torch.float32, torch.bfloat16)]
                          + [("dali-cpu", torch.float16)])
+def test_shard_order_is_a_fresh_permutation_per_epoch_when_shuffling():
+    shards = list(range(20))
+    orders = [epoch_shard_order(shards, 7, epoch, shuffle=True) for epoch in range(3)]
+    assert all(sorted(o) == shards for o in orders)
+    assert orders[0] != orders[1] != orders[2] and orders[0] != shards
+    assert epoch_shard_order(shards, 7, 1, shuffle=True) == orders[1]     # a function of (seed, epoch)
+    assert epoch_shard_order(shards, 7, 1, shuffle=False) == shards
+
+
 def test_batch_layout_dtype_and_partial_last_batch(packed, synth_tree, kind, dtype):
     batches = epoch(kind, packed, synth_tree, tasks=("va", "expr"), image_size=32, dtype=dtype,
                     augment=AugmentSpec(interpolation="linear"), drop_last=False, shuffle=False)
