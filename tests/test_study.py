@@ -74,3 +74,13 @@ def test_study_runs_the_matrix_writes_summaries_and_skips_finished_runs(packed, 
     assert len(stamps) == 5
     assert run_study(config) == rows                    # a restart trains nothing again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_cli_study_refuses_bad_inits_with_exit_2(packed, tmp_path):
+    from click.testing import CliRunner
+
+    from affectfast.cli import main
+
+    result = CliRunner().invoke(main, ["study", str(packed), "--out", str(tmp_path / "s"), "--inits", "uni-expr"])
+    assert result.exit_code == 2 and "base initialization" in result.output
+    assert not (tmp_path / "s").exists()
