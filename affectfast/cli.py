@@ -231,7 +231,8 @@ def _eval_options(command):
         click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
         click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path)),
         click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True),
-        click.option("--loader", type=click.Choice(_LOADERS), default="dali-gpu", show_default=True,
+        # No "files": it reads the raw tree, which a checkpoint does not name.
+        click.option("--loader", type=click.Choice(_LOADERS[:3]), default="dali-gpu", show_default=True,
                      help="Without CUDA dali-gpu falls back to dali-cpu."),
         click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
         click.option("--num-threads", type=click.IntRange(min=1), default=2, show_default=True),

@@ -80,7 +80,7 @@ class FilesLoader(EpochLoader):
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=c.batch_size, sampler=self._indices(),
             drop_last=c.drop_last, num_workers=c.num_threads, worker_init_fn=worker_init,
-            collate_fn=self._collate, prefetch_factor=4,
+            collate_fn=self._collate, prefetch_factor=4, pin_memory=c.device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)))
         for _, (keys, images, labels, masks) in zip(range(len(self)), loader):
             yield finish_batch(images, labels, masks, keys if c.with_keys else None, c.device,

@@ -93,7 +93,9 @@ def _read_index(tar: Path, idx: Path) -> Shard:
         lines = idx.read_text().splitlines()
     except OSError as error:
         raise DataError(idx, f"cannot read the shard index: {error.strerror}") from None
-    if not lines or not lines[0].startswith("v1.") or len(lines) - 1 != int(lines[0].split()[1]):
+    header = lines[0].split() if lines else []
+    if (len(header) != 2 or not header[0].startswith("v1.") or not header[1].isdigit()
+            or len(lines) - 1 != int(header[1])):
         raise DataError(idx, "not a complete wds2idx index (header 'v1.2 N' and N sample lines)", 1)
     keys, components, jpeg_bytes, end, first_jpeg = [], [], 0, 0, (0, 0)
     for number, line in enumerate(lines[1:], start=2):
@@ -102,7 +104,11 @@ def _read_index(tar: Path, idx: Path) -> Shard:
             raise DataError(idx, "expected groups of 'ext offset size name'", number)
         groups = [fields[i:i + 4] for i in range(0, len(fields), 4)]
         name = groups[0][3]
-        keys.append(name[:name.index(".", name.rfind("/") + 1)])
+        dot = name.find(".", name.rfind("/") + 1)
+        if dot < 0 or not all(g[1].isdigit() and g[2].isdigit() for g in groups):
+            raise DataError(idx, "expected groups of 'ext offset size name' with integer offset "
+                                 "and size and a name with an extension", number)
+        keys.append(name[:dot])
         components.append(frozenset(g[0] for g in groups))
         for ext, offset, size, _ in groups:
             end = max(end, int(offset) + int(size))

@@ -90,7 +90,13 @@ def read_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill: that epoch is redone on resume
+            continue
+    return records
 
 
 def run_study(config: StudyConfig) -> list[dict]:
@@ -103,10 +109,12 @@ def run_study(config: StudyConfig) -> list[dict]:
             print(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped", file=sys.stderr)
             continue
         print(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}", file=sys.stderr)
-        train_config = dataclasses.replace(config.base, out=run.out, tasks=run.tasks, init=run.init)
+        weights = tuple((t, w) for t, w in config.base.task_weights if t in run.tasks)
+        train_config = dataclasses.replace(config.base, out=run.out, tasks=run.tasks, init=run.init,
+                                           task_weights=weights)
         train(train_config, resume=(run.out / "last.pt").exists())
-        write_summaries(config.out, runs, config.base.epochs)
-    return write_summaries(config.out, runs, config.base.epochs)
+        write_summaries(config.out, runs)  # after every run, so a long study shows progress
+    return write_summaries(config.out, runs)
 
 
 def result_row(run: StudyRun, records: list[dict]) -> dict:
@@ -119,7 +127,7 @@ def result_row(run: StudyRun, records: list[dict]) -> dict:
     return row
 
 
-def write_summaries(out: Path, runs: list[StudyRun], epochs: int) -> list[dict]:
+def write_summaries(out: Path, runs: list[StudyRun]) -> list[dict]:
     """Write results.md, results.csv and curves.png for the runs that have records; return the rows."""
     finished = [(run, read_records(run.out)) for run in runs]
     finished = [(run, records) for run, records in finished if records]

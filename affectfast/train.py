@@ -285,8 +285,18 @@ def _append_metrics(path: Path, record: dict) -> None:
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop metrics.jsonl lines after the checkpoint being resumed (an epoch logged but not saved)."""
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= epochs_done]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) <= epochs_done]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, path)
+
+
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics.jsonl line; infinity for a line cut short by a kill (dropped)."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 # --- the public entry points ---------------------------------------------------------------------
@@ -463,11 +473,16 @@ def predict(config: EvalConfig, out: Path) -> list[Path]:
     thresholds = np.asarray(checkpoint.get("au_thresholds") or [0.5] * len(HEADERS["au"]))
     videos = np.asarray([k.rsplit("/", 1)[0] for k in preds.keys])
     written = []
+    # Keys are sorted, so each video's frames are one contiguous, ordered range.
+    names, starts = np.unique(videos, return_index=True)
+    order = np.argsort(starts)  # key order, which can differ from name order ("v-2/" < "v/")
+    names, starts = names[order], starts[order]
+    ends = np.append(starts[1:], len(videos)).astype(int)
     for task in run.tasks:
         folder = Path(out) / CHALLENGE_DIRS[task][0]
         folder.mkdir(parents=True, exist_ok=True)
-        for video in dict.fromkeys(videos):  # keys are sorted, so frames come in order
-            rows = preds.outputs[task][videos == video]
+        for video, start, end in zip(names, starts, ends):
+            rows = preds.outputs[task][start:end]
             written.append(_write_prediction(folder / f"{video}.txt", task, rows, thresholds))
     return written
 

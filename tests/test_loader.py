@@ -234,3 +234,13 @@ def test_bench_loaders_command_writes_table_csv_and_plot(packed, synth_tree, tmp
     assert [r.split(",")[0] for r in rows[1:]] == ["dali-cpu", "files", "decode-only"]
     assert all(float(r.split(",")[1]) > 0 for r in rows[1:])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("damage", ["v1.2\n", "v1.2 1\njpg x 10 a/00001.jpg\n", "v1.2 1\njpg 512 10 noext\n"])
+def test_damaged_index_is_a_data_error_naming_it(packed, tmp_path, damage):
+    folder = tmp_path / "shards"
+    shutil.copytree(packed, folder)
+    idx = sorted(folder.glob("val-*.idx"))[0]
+    idx.write_text(damage)
+    with pytest.raises(DataError, match=str(idx)):
+        build_loader("wds", folder, "val", TASKS, 8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,12 @@ def test_cli_study_refuses_bad_inits_with_exit_2(packed, tmp_path):
     result = CliRunner().invoke(main, ["study", str(packed), "--out", str(tmp_path / "s"), "--inits", "uni-expr"])
     assert result.exit_code == 2 and "base initialization" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_task_weights_go_only_to_the_runs_that_train_those_tasks(packed, tmp_path):
+    base = TrainConfig(shards=packed, out=tmp_path, task_weights=(("va", 2.0), ("au", 0.5)), **SMALL)
+    config = StudyConfig(out=tmp_path / "study", base=base, inits=("scratch",))
+    rows = run_study(config)
+    assert len(rows) == 4
+    saved = [json.loads((run.out / "config.json").read_text())["task_weights"] for run in plan_runs(config)]
+    assert saved == [[["va", 2.0]], [], [["au", 0.5]], [["va", 2.0], ["au", 0.5]]]

@@ -29,9 +29,12 @@ def main() -> None:
     if os.environ.get("DEMO_FRESH") and DEMO.exists():
         shutil.rmtree(DEMO)
     start = time.perf_counter()
-    if not (TREE / "cropped_aligned").exists():
+    complete = DEMO / ".tree-complete"
+    if not complete.exists():  # no tree yet, or a synth that was killed midway: start over
+        shutil.rmtree(DEMO, ignore_errors=True)
         run("1/5 synthesize an Aff-Wild2-layout tree", "synth", str(TREE), "--videos", "24", "--frames", "160",
             "--seed", "0")
+        complete.touch()
     run("2/5 pack it into shards", "pack", str(TREE), "--out", str(SHARDS), "--shard-size", "1000")
     run("3/5 verify the shards", "verify", str(SHARDS))
     run("4/5 benchmark the loaders", "bench", "loaders", str(SHARDS), "--tree", str(TREE),
