@@ -40,15 +40,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from affectfast.affwild2 import FRAMES_DIR, image_path
 from affectfast.tasks import (
-    AU_IGNORE, CHALLENGE_DIRS, EXPR_IGNORE, HEADERS, NUM_AU, NUM_EXPR, TASKS, VA_IGNORE,
+    AU_IGNORE, CHALLENGE_DIRS, EXPR_IGNORE, HEADERS, NUM_AU, NUM_EXPR, SPLIT_DIRS, TASKS, VA_IGNORE,
 )
 
-FRAMES_DIR = "cropped_aligned"
 ANNOTATIONS_DIR = "annotations"
 # Folder per task: the first (current) challenge name of each task.
 TASK_DIRS: dict[str, str] = {task: names[0] for task, names in CHALLENGE_DIRS.items()}
-SET_DIRS: dict[str, str] = {"train": "Train_Set", "val": "Validation_Set"}
+SET_DIRS: dict[str, str] = {split: folder for folder, split in SPLIT_DIRS.items()}
 JPEG_QUALITY = 90
 
 # --- the pixel encoding (normalized coordinates: the image spans [-1, 1], y grows downwards) ------
@@ -409,7 +409,7 @@ def encode_jpeg(image: np.ndarray) -> bytes:
 
 def frame_path(root: Path, video: str, frame: int) -> Path:
     """The image of 1-based ``frame`` of ``video`` in a tree."""
-    return root / FRAMES_DIR / video / f"{frame:05d}.jpg"
+    return image_path(root / FRAMES_DIR, video, frame)
 
 
 @dataclass(frozen=True)
