@@ -35,7 +35,7 @@ from affectfast.errors import DataError
 from affectfast.loader import (IMAGENET_MEAN, IMAGENET_STD, SHUFFLE_BUFFER, AugmentSpec,
                                EpochLoader, LoaderConfig, Shard, epoch_seed, epoch_shard_order,
                                finish_batch, sample_counts, split_shards)
-from affectfast.tasks import IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, VA_IGNORE
+from affectfast.tasks import IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, VA_IGNORE, split_member
 
 READER = "reader"
 # Sentinels that fn.pad writes where a multi-task sample lacks a label; no valid label equals them.
@@ -170,5 +170,5 @@ def _decode_keys(source_info: torch.Tensor) -> list[str]:
     keys = []
     for row in source_info.cpu().numpy():
         name = bytes(row).rstrip(b"\0").decode().rsplit(":", 1)[1]
-        keys.append(name[:name.index(".", name.rfind("/") + 1)])
+        keys.append(split_member(name)[0])
     return keys

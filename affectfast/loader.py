@@ -29,7 +29,7 @@ import torch
 
 from affectfast.batch import Batch
 from affectfast.errors import DataError
-from affectfast.tasks import IMAGE_EXT, LABEL_EXT, SPLITS, TASKS, parse_tasks
+from affectfast.tasks import IMAGE_EXT, LABEL_EXT, SPLITS, TASKS, parse_tasks, split_member
 
 LOADER_KINDS = ("dali-gpu", "dali-cpu", "wds", "files")
 INTERPOLATIONS = ("nearest", "linear")
@@ -104,11 +104,11 @@ def _read_index(tar: Path, idx: Path) -> Shard:
             raise DataError(idx, "expected groups of 'ext offset size name'", number)
         groups = [fields[i:i + 4] for i in range(0, len(fields), 4)]
         name = groups[0][3]
-        dot = name.find(".", name.rfind("/") + 1)
-        if dot < 0 or not all(g[1].isdigit() and g[2].isdigit() for g in groups):
+        key, ext = split_member(name)
+        if not ext or not all(g[1].isdigit() and g[2].isdigit() for g in groups):
             raise DataError(idx, "expected groups of 'ext offset size name' with integer offset "
                                  "and size and a name with an extension", number)
-        keys.append(name[:dot])
+        keys.append(key)
         components.append(frozenset(g[0] for g in groups))
         for ext, offset, size, _ in groups:
             end = max(end, int(offset) + int(size))

@@ -43,7 +43,7 @@ from affectfast.errors import DataError
 from affectfast.jpeg import CHECKS, JpegError, check_jpeg
 from affectfast.tasks import (
     EXPR_NAMES, IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, NUM_AU, NUM_EXPR, SPLIT_DIRS,
-    SPLITS, TASKS, encode_label, valid_mask,
+    SPLITS, TASKS, encode_label, split_member, valid_mask,
 )
 
 FORMAT_VERSION = 1
@@ -300,8 +300,7 @@ def index_line(components: list[tuple[str, int, int]]) -> str:
     """
     parts = []
     for name, offset, size in components:
-        base = name[name.rfind("/") + 1:]
-        parts.append(f"{base[base.find('.') + 1:]} {offset} {size} {name}")
+        parts.append(f"{split_member(name)[1]} {offset} {size} {name}")
     return " ".join(parts)
 
 

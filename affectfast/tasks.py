@@ -55,6 +55,13 @@ LABEL_DTYPE: dict[str, np.dtype] = {
 LABEL_SIZE: dict[str, int] = {"va": 2, "expr": 1, "au": NUM_AU}
 
 
+def split_member(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member name, split at the first dot of its file name, as DALI and
+    webdataset do: "vid/00001.jpg" -> ("vid/00001", "jpg"); no dot -> (name, "")."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
 def parse_tasks(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Turn "va,expr" (or a sequence) into a validated tuple in canonical order; raise ValueError."""
     names = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text)]

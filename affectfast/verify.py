@@ -22,7 +22,7 @@ from affectfast.errors import DataError
 from affectfast.jpeg import JpegError, check_jpeg
 from affectfast.pack import MANIFEST, index_line, index_text, load_manifest
 from affectfast.tasks import (
-    IMAGE_EXT, LABEL_EXT, NUM_AU, NUM_EXPR, TASKS, decode_label,
+    IMAGE_EXT, LABEL_EXT, NUM_AU, NUM_EXPR, TASKS, decode_label, split_member,
 )
 
 TASK_OF_EXT = {ext: task for task, ext in LABEL_EXT.items()}
@@ -118,15 +118,14 @@ def _read_tar(path: Path, data: bytes, decode: bool, problems: list[str]
             if not member.isreg():
                 problems.append(f"{path}: member {member.name} is not a regular file")
                 continue
-            base = member.name[member.name.rfind("/") + 1:]
-            key = member.name[:len(member.name) - len(base) + base.find(".")]
+            key, ext = split_member(member.name)
             if key != last and sample:
                 lines.append(index_line(sample))
                 sample = []
             last = key
             sample.append((member.name, member.offset_data, member.size))
             payload = data[member.offset_data:member.offset_data + member.size]
-            _count_component(path, member.name, base[base.find(".") + 1:], payload, decode,
+            _count_component(path, member.name, ext, payload, decode,
                              counts, problems)
     if sample:
         lines.append(index_line(sample))
