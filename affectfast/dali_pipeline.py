@@ -11,7 +11,7 @@ The graph, per sample (DESIGN.md §3):
 - Augmentation is ONE resampling pass: scale to ``image_size`` and rotation are one affine matrix
   per sample (``fn.transforms``) applied by one ``fn.warp_affine``; the flip is the ``mirror`` of the
   normalize that runs anyway. Without augmentation and at native size nothing is resampled.
-  (Measured on DALI's CPU backend at 112 px: a separate resize + rotate costs ~4x the decode.)
+  (The issue's prototype on DALI's CPU backend: a separate resize + rotate cost several decodes.)
 - Output is HWC, so ``permute(0, 3, 1, 2)`` gives the NCHW channels_last view without a copy.
 - Epochs: the pipeline is rebuilt for each epoch with a seed from (seed, epoch, rank). That makes an
   epoch's order a function of its number alone (``--resume`` replays it exactly), at the price of a
@@ -115,8 +115,8 @@ def build_pipeline(config: LoaderConfig, shards: list[Shard], epoch: int, *,
                    decode_only: bool = False, prefetch: int = 2):
     """The DALI pipeline of one epoch on this rank (built, ready to run)."""
     gpu = config.kind == "dali-gpu"
-    # fp16 straight out of the normalize on the GPU; on the CPU DALI's fp16 conversion costs ~2.5x
-    # the float32 normalize (measured at 112 px), so the CPU casts in torch (finish_batch) instead.
+    # fp16 straight out of the normalize on the GPU; on the CPU DALI's fp16 conversion was slower
+    # than its float32 normalize, so the CPU casts in torch (finish_batch) instead.
     out_dtype = types.FLOAT16 if gpu and config.dtype == torch.float16 else types.FLOAT
     pipe = affect_pipeline(
         [str(s.tar) for s in shards], [str(s.idx) for s in shards], config.tasks,

@@ -433,7 +433,7 @@ def _draw_chunk(chunk: _Chunk) -> int:
     shape = (chunk.size, chunk.size, 3)
     for frame, va, expr, au in zip(chunk.frames, chunk.va, chunk.expr, chunk.au):
         rng = np.random.default_rng([chunk.seed, 4, chunk.plan.index, int(frame)])
-        # Uniform noise with the style's std: 4x cheaper to draw than Gaussian, looks the same.
+        # Uniform noise with the style's std: cheaper to draw than Gaussian, looks the same.
         amplitude = np.float32(chunk.style.noise * 12 ** 0.5)
         noise = (rng.random(shape, dtype=np.float32) - np.float32(0.5)) * amplitude
         image = draw_frame(masks, chunk.style, va, int(expr), au, noise)
