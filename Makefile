@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -16,12 +16,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
-## test: the fast test tier (what CI runs)
-test: $(STAMP)
+## lint: ruff's checks and formatting (pyproject.toml [tool.ruff]); part of `make test`
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## test: the lint check, then the fast test tier (what CI runs)
+test: lint
 	$(BIN)/python -m pytest -q
 
 ## test-all: every tier, the slow training tests included
-test-all: $(STAMP)
+test-all: lint
 	$(BIN)/python -m pytest -q -m 'slow or not slow'
 
 clean:

@@ -5,5 +5,13 @@ from affectfast.errors import DataError
 from affectfast.synth import SynthConfig, synthesize
 from affectfast.tasks import TASKS
 
-__all__ = ["AnnotationDirs", "VideoLabels", "find_annotation_dirs", "read_tree", "DataError",
-           "SynthConfig", "synthesize", "TASKS"]
+__all__ = [
+    "AnnotationDirs",
+    "VideoLabels",
+    "find_annotation_dirs",
+    "read_tree",
+    "DataError",
+    "SynthConfig",
+    "synthesize",
+    "TASKS",
+]

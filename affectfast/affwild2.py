@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,20 @@ from tqdm import tqdm
 
 from affectfast.errors import DataError
 from affectfast.tasks import (
-    AU_IGNORE, AU_NAMES, CHALLENGE_DIRS, EXPR_IGNORE, HEADERS, LABEL_SIZE, NUM_AU, NUM_EXPR,
-    SPLIT_DIRS, TASKS, VA_IGNORE, VA_NAMES, parse_tasks, valid_mask,
+    AU_IGNORE,
+    AU_NAMES,
+    CHALLENGE_DIRS,
+    EXPR_IGNORE,
+    HEADERS,
+    LABEL_SIZE,
+    NUM_AU,
+    NUM_EXPR,
+    SPLIT_DIRS,
+    TASKS,
+    VA_IGNORE,
+    VA_NAMES,
+    parse_tasks,
+    valid_mask,
 )
 
 FRAMES_DIR = "cropped_aligned"
@@ -42,10 +54,10 @@ FRAME_DIGITS = 5  # frame images are <NNNNN>.jpg, 1-based
 class AnnotationDirs:
     """The challenge folders of a tree, one per task; None where the tree lacks that task."""
 
-    frames: Path                      # the cropped_aligned folder: <frames>/<video>/<NNNNN>.jpg
-    va: Path | None = None            # .../VA_Estimation_Challenge
-    expr: Path | None = None          # .../EXPR_Recognition_Challenge or EXPR_Classification_Challenge
-    au: Path | None = None            # .../AU_Detection_Challenge
+    frames: Path  # the cropped_aligned folder: <frames>/<video>/<NNNNN>.jpg
+    va: Path | None = None  # .../VA_Estimation_Challenge
+    expr: Path | None = None  # .../EXPR_Recognition_Challenge or EXPR_Classification_Challenge
+    au: Path | None = None  # .../AU_Detection_Challenge
 
     def __post_init__(self):
         # Accept str paths from callers; store Path so comparisons and joins behave.
@@ -67,18 +79,19 @@ class VideoLabels:
     Arrays all have length N (number of kept frames), sorted by frame number.
     """
 
-    name: str                 # e.g. "10-60-1280x720_right"; the folder under cropped_aligned
-    split: str                # "train" or "val"
-    frames: np.ndarray        # int32 N, 1-based frame numbers (image = <frames>/<name>/<NNNNN>.jpg)
-    va: np.ndarray            # float32 N×2, NaN where VA is ignored or absent
-    expr: np.ndarray          # int8 N, -1 where ignored or absent
-    au: np.ndarray            # int8 N×12, a row of -1 where ignored or absent
+    name: str  # e.g. "10-60-1280x720_right"; the folder under cropped_aligned
+    split: str  # "train" or "val"
+    frames: np.ndarray  # int32 N, 1-based frame numbers (image = <frames>/<name>/<NNNNN>.jpg)
+    va: np.ndarray  # float32 N×2, NaN where VA is ignored or absent
+    expr: np.ndarray  # int8 N, -1 where ignored or absent
+    au: np.ndarray  # int8 N×12, a row of -1 where ignored or absent
 
     def __len__(self) -> int:
         return len(self.frames)
 
 
 # --- naming ---------------------------------------------------------------------------------------
+
 
 def image_path(frames_dir: str | Path, video: str, frame: int) -> Path:
     """The image of 1-based ``frame`` of ``video``: ``<frames_dir>/<video>/<NNNNN>.jpg``."""
@@ -96,23 +109,34 @@ def sample_key(video: str, frame: int) -> str:
 def _check_video_name(video: str, path: Path) -> None:
     # DALI splits a sample's file name at the first dot to find the extension (DESIGN.md §2).
     if "." in video:
-        raise DataError(path, f"video name {video!r} contains a dot; shard keys must not "
-                              "(DALI splits the extension at the first dot)")
+        raise DataError(
+            path,
+            f"video name {video!r} contains a dot; shard keys must not "
+            "(DALI splits the extension at the first dot)",
+        )
 
 
 # --- finding the folders --------------------------------------------------------------------------
 
-def find_annotation_dirs(root: str | Path | None, *, frames: str | Path | None = None,
-                         va: str | Path | None = None, expr: str | Path | None = None,
-                         au: str | Path | None = None) -> AnnotationDirs:
+
+def find_annotation_dirs(
+    root: str | Path | None,
+    *,
+    frames: str | Path | None = None,
+    va: str | Path | None = None,
+    expr: str | Path | None = None,
+    au: str | Path | None = None,
+) -> AnnotationDirs:
     """Locate ``cropped_aligned`` and the challenge folders under ``root``; explicit ones win.
 
     Searches up to :data:`SEARCH_DEPTH` levels below ``root`` and never walks into a frames or
     challenge folder. A task found nowhere gives None; no frames folder, no task at all, or two
     folders for one task is a DataError.
     """
-    found = {what: _given_dir(what, path)
-             for what, path in {"frames": frames, "va": va, "expr": expr, "au": au}.items()}
+    found = {
+        what: _given_dir(what, path)
+        for what, path in {"frames": frames, "va": va, "expr": expr, "au": au}.items()
+    }
     if root is not None and None in found.values():
         root = Path(root)
         if not root.is_dir():
@@ -120,8 +144,11 @@ def find_annotation_dirs(root: str | Path | None, *, frames: str | Path | None =
         for what, paths in _search(root).items():
             if found[what] is None and paths:
                 if len(paths) > 1:
-                    raise DataError(paths[0], f"two {what} folders: {paths[0]} and {paths[1]}; "
-                                              "pass the one to use explicitly")
+                    raise DataError(
+                        paths[0],
+                        f"two {what} folders: {paths[0]} and {paths[1]}; "
+                        "pass the one to use explicitly",
+                    )
                 found[what] = paths[0]
     _check_found(Path(root) if root is not None else found["frames"] or Path("."), found)
     return AnnotationDirs(**found)
@@ -137,12 +164,18 @@ def _given_dir(what: str, path: str | Path | None) -> Path | None:
 def _check_found(where: Path, found: dict[str, Path | None]) -> None:
     """Refuse a tree without frames, without any task, or with a challenge folder lacking sets."""
     if found["frames"] is None:
-        raise DataError(where, f"no {FRAMES_DIR} folder within {SEARCH_DEPTH} levels; expected "
-                               f"{FRAMES_DIR}/<video>/<NNNNN>.jpg (or pass the frames folder)")
+        raise DataError(
+            where,
+            f"no {FRAMES_DIR} folder within {SEARCH_DEPTH} levels; expected "
+            f"{FRAMES_DIR}/<video>/<NNNNN>.jpg (or pass the frames folder)",
+        )
     if all(found[task] is None for task in TASKS):
         names = ", ".join(name for task in TASKS for name in CHALLENGE_DIRS[task])
-        raise DataError(where, f"no annotation folder within {SEARCH_DEPTH} levels; expected one "
-                               f"of {names} (or pass them explicitly)")
+        raise DataError(
+            where,
+            f"no annotation folder within {SEARCH_DEPTH} levels; expected one "
+            f"of {names} (or pass them explicitly)",
+        )
     for task in TASKS:
         path = found[task]
         if path is not None and not any((path / s).is_dir() for s in SPLIT_DIRS):
@@ -160,8 +193,9 @@ def _search(root: Path) -> dict[str, list[Path]]:
         for folder in level:
             try:
                 with os.scandir(folder) as entries:
-                    subdirs = sorted(e.name for e in entries
-                                     if not e.name.startswith(".") and e.is_dir())
+                    subdirs = sorted(
+                        e.name for e in entries if not e.name.startswith(".") and e.is_dir()
+                    )
             except OSError:  # unreadable folder: nothing of ours can be inside
                 continue
             for name in subdirs:
@@ -175,8 +209,10 @@ def _search(root: Path) -> dict[str, list[Path]]:
 
 # --- reading the tree -----------------------------------------------------------------------------
 
-def read_tree(dirs: AnnotationDirs, tasks: str | tuple[str, ...] = TASKS, *,
-              progress: bool = False) -> list[VideoLabels]:
+
+def read_tree(
+    dirs: AnnotationDirs, tasks: str | tuple[str, ...] = TASKS, *, progress: bool = False
+) -> list[VideoLabels]:
     """Parse and join the annotations of ``tasks``; one VideoLabels per video, sorted by name.
 
     Only the requested tasks are read (the others stay ignored in the arrays). Videos with no
@@ -186,12 +222,14 @@ def read_tree(dirs: AnnotationDirs, tasks: str | tuple[str, ...] = TASKS, *,
     tasks = parse_tasks(tasks)
     present = [t for t in tasks if dirs.task_dir(t) is not None]
     if not present:
-        raise DataError(dirs.frames, f"none of the requested tasks ({','.join(tasks)}) has an "
-                                     "annotation folder")
+        raise DataError(
+            dirs.frames, f"none of the requested tasks ({','.join(tasks)}) has an annotation folder"
+        )
     index = _index_annotations(dirs, present)
     videos = []
-    for video in tqdm(sorted(index), desc="reading annotations", unit="video",
-                      disable=not progress):
+    for video in tqdm(
+        sorted(index), desc="reading annotations", unit="video", disable=not progress
+    ):
         split, files = index[video]
         labels = _read_video(dirs.frames, video, split, files)
         if len(labels):
@@ -199,8 +237,9 @@ def read_tree(dirs: AnnotationDirs, tasks: str | tuple[str, ...] = TASKS, *,
     return videos
 
 
-def _index_annotations(dirs: AnnotationDirs,
-                       tasks: list[str]) -> dict[str, tuple[str, dict[str, Path]]]:
+def _index_annotations(
+    dirs: AnnotationDirs, tasks: list[str]
+) -> dict[str, tuple[str, dict[str, Path]]]:
     """Map video -> (split, {task: annotation file}); refuse leakage, dots and missing frames."""
     where: dict[str, dict[str, tuple[str, Path]]] = {}
     for task in tasks:
@@ -209,27 +248,36 @@ def _index_annotations(dirs: AnnotationDirs,
             if not folder.is_dir():
                 continue
             with os.scandir(folder) as entries:
-                names = sorted(e.name for e in entries
-                               if e.name.endswith(".txt") and not e.name.startswith("."))
+                names = sorted(
+                    e.name
+                    for e in entries
+                    if e.name.endswith(".txt") and not e.name.startswith(".")
+                )
             for name in names:
                 path = folder / name
-                video = name[:-len(".txt")]
+                video = name[: -len(".txt")]
                 _check_video_name(video, path)
                 seen = where.setdefault(video, {})
                 if task in seen:
-                    raise DataError(path, f"video {video} is also annotated in {seen[task][1]}: "
-                                          "train/val leakage")
+                    raise DataError(
+                        path,
+                        f"video {video} is also annotated in {seen[task][1]}: train/val leakage",
+                    )
                 seen[task] = (split, path)
     index = {}
     for video, seen in where.items():
         (split, path), *others = seen.values()
         for other_split, other in others:
             if other_split != split:
-                raise DataError(path, f"video {video} is in {split} here and in {other_split} in "
-                                      f"{other}: train/val leakage")
+                raise DataError(
+                    path,
+                    f"video {video} is in {split} here and in {other_split} in "
+                    f"{other}: train/val leakage",
+                )
         if not (dirs.frames / video).is_dir():
-            raise DataError(path, f"no frames folder {dirs.frames / video} for this "
-                                  "annotation file")
+            raise DataError(
+                path, f"no frames folder {dirs.frames / video} for this annotation file"
+            )
         index[video] = (split, {task: p for task, (_, p) in seen.items()})
     return index
 
@@ -245,23 +293,32 @@ def _read_video(frames_dir: Path, video: str, split: str, files: dict[str, Path]
         labelled = frames <= len(per_line)
         columns[task][labelled] = per_line[frames[labelled] - 1]
         keep |= valid_mask(task, columns[task])
-    return VideoLabels(name=video, split=split, frames=frames[keep],
-                       **{task: column[keep] for task, column in columns.items()})
+    return VideoLabels(
+        name=video,
+        split=split,
+        frames=frames[keep],
+        **{task: column[keep] for task, column in columns.items()},
+    )
 
 
 def _ignored_columns(n: int) -> dict[str, np.ndarray]:
     """Label arrays of ``n`` frames, every label ignored (the in-memory encoding of tasks.py)."""
-    return {"va": np.full((n, 2), np.nan, dtype=np.float32),
-            "expr": np.full(n, EXPR_IGNORE, dtype=np.int8),
-            "au": np.full((n, NUM_AU), AU_IGNORE, dtype=np.int8)}
+    return {
+        "va": np.full((n, 2), np.nan, dtype=np.float32),
+        "expr": np.full(n, EXPR_IGNORE, dtype=np.int8),
+        "au": np.full((n, NUM_AU), AU_IGNORE, dtype=np.int8),
+    }
 
 
 def _list_frames(video_dir: Path) -> np.ndarray:
     """Sorted 1-based frame numbers of the ``<NNNNN>.jpg`` files in a folder (no stat per file)."""
     # os.listdir reads the same directory entries as os.scandir without building a DirEntry per
     # file: markedly faster, and the listing is most of read_tree's time.
-    stems = [name[:FRAME_DIGITS] for name in os.listdir(video_dir)
-             if len(name) == FRAME_DIGITS + 4 and name.endswith(".jpg")]
+    stems = [
+        name[:FRAME_DIGITS]
+        for name in os.listdir(video_dir)
+        if len(name) == FRAME_DIGITS + 4 and name.endswith(".jpg")
+    ]
     numbers = [int(stem) for stem in stems if stem.isascii() and stem.isdigit()]
     frames = np.array(numbers, dtype=np.int32)
     frames.sort()
@@ -269,6 +326,7 @@ def _list_frames(video_dir: Path) -> np.ndarray:
 
 
 # --- parsing one annotation file ------------------------------------------------------------------
+
 
 def _parse_annotation(path: Path, task: str) -> np.ndarray:
     """Labels of every line of a task file in the in-memory encoding; row i is frame i+1."""
@@ -304,7 +362,7 @@ def _parse_numbers(path: Path, body: list[bytes], width: int, integer: bool) -> 
     joined = b",".join(body)
     values = None
     # Integers parse much faster than floats; "1.0" in an integer column still parses as float.
-    for dtype in ((np.int64, np.float64) if integer else (np.float64,)):
+    for dtype in (np.int64, np.float64) if integer else (np.float64,):
         values = _fromstring(joined, dtype)
         if values is not None and values.size == len(body) * width:
             return values.reshape(len(body), width)
@@ -327,8 +385,9 @@ def _fromstring(data: bytes, dtype) -> np.ndarray | None:
             return None
 
 
-def _first_bad(path: Path, body: list[bytes], bad: np.ndarray, names: tuple[str, ...],
-               expected: str) -> None:
+def _first_bad(
+    path: Path, body: list[bytes], bad: np.ndarray, names: tuple[str, ...], expected: str
+) -> None:
     """Raise a DataError naming the first bad (line, field), if any."""
     rows, cols = np.nonzero(bad)
     if rows.size:
@@ -340,8 +399,13 @@ def _first_bad(path: Path, body: list[bytes], bad: np.ndarray, names: tuple[str,
 def _check_va(path: Path, body: list[bytes], values: np.ndarray) -> np.ndarray:
     ignored = values == VA_IGNORE
     in_range = (values >= -1) & (values <= 1)  # NaN fails both comparisons
-    _first_bad(path, body, ~(ignored | in_range), VA_NAMES,
-               f"a value in [-1, 1] or {VA_IGNORE:g} to ignore")
+    _first_bad(
+        path,
+        body,
+        ~(ignored | in_range),
+        VA_NAMES,
+        f"a value in [-1, 1] or {VA_IGNORE:g} to ignore",
+    )
     va = values.astype(np.float32)
     va[ignored.any(axis=1)] = np.nan  # -5 in either value ignores the frame's VA
     return va
@@ -349,8 +413,9 @@ def _check_va(path: Path, body: list[bytes], values: np.ndarray) -> np.ndarray:
 
 def _check_expr(path: Path, body: list[bytes], values: np.ndarray) -> np.ndarray:
     ok = np.isin(values, np.arange(EXPR_IGNORE, NUM_EXPR))
-    _first_bad(path, body, ~ok, ("expression",),
-               f"an integer 0..{NUM_EXPR - 1} or {EXPR_IGNORE} to ignore")
+    _first_bad(
+        path, body, ~ok, ("expression",), f"an integer 0..{NUM_EXPR - 1} or {EXPR_IGNORE} to ignore"
+    )
     return values[:, 0].astype(np.int8)
 
 
@@ -362,6 +427,9 @@ def _check_au(path: Path, body: list[bytes], values: np.ndarray) -> np.ndarray:
     return au
 
 
-_FIELDS = {"va": ",".join(VA_NAMES), "expr": f"expression index 0..{NUM_EXPR - 1}",
-           "au": ",".join(AU_NAMES)}
+_FIELDS = {
+    "va": ",".join(VA_NAMES),
+    "expr": f"expression index 0..{NUM_EXPR - 1}",
+    "au": ",".join(AU_NAMES),
+}
 _CHECKS = {"va": _check_va, "expr": _check_expr, "au": _check_au}

@@ -31,21 +31,23 @@ class BenchConfig:
 
     shards: Path
     loaders: tuple[str, ...] = ("dali-cpu", "wds", "files")
-    tree: Path | None = None          # the raw tree, for "files"
+    tree: Path | None = None  # the raw tree, for "files"
     batch_size: int = 256
     image_size: int = 112
-    seconds: float = 10.0             # timed seconds per loader (after warm-up)
-    warmup: int = 3                   # batches before timing
+    seconds: float = 10.0  # timed seconds per loader (after warm-up)
+    warmup: int = 3  # batches before timing
     augment: AugmentSpec | None = field(default_factory=AugmentSpec)
     tasks: tuple[str, ...] = TASKS
-    num_threads: int = 2              # DALI threads / DataLoader workers
-    device: str = "cpu"               # for dali-gpu: "cuda"
+    num_threads: int = 2  # DALI threads / DataLoader workers
+    device: str = "cpu"  # for dali-gpu: "cuda"
 
     def __post_init__(self):
         object.__setattr__(self, "shards", Path(self.shards))
         unknown = set(self.loaders) - set(LOADER_KINDS)
         if unknown or not self.loaders:
-            raise ValueError(f"loaders must be a non-empty subset of {LOADER_KINDS}, got {self.loaders}")
+            raise ValueError(
+                f"loaders must be a non-empty subset of {LOADER_KINDS}, got {self.loaders}"
+            )
         if "files" in self.loaders and self.tree is None:
             raise ValueError("the files loader reads the raw tree: pass tree (--tree ROOT)")
         if self.batch_size < 1 or self.seconds <= 0 or self.warmup < 0:
@@ -58,10 +60,10 @@ class BenchResult:
 
     loader: str
     images_per_s: float
-    mb_per_s: float                   # JPEG bytes read per second (MB = 1e6 bytes)
-    vs_files: float | None            # images/s ratio to the files loader (None without it)
-    vs_decode: float                  # images/s ratio to the decode-only ceiling
-    batches: int                      # timed batches
+    mb_per_s: float  # JPEG bytes read per second (MB = 1e6 bytes)
+    vs_files: float | None  # images/s ratio to the files loader (None without it)
+    vs_decode: float  # images/s ratio to the decode-only ceiling
+    batches: int  # timed batches
 
 
 def bench_loaders(config: BenchConfig, progress=None) -> list[BenchResult]:
@@ -76,18 +78,37 @@ def bench_loaders(config: BenchConfig, progress=None) -> list[BenchResult]:
     ceiling = _loader(config, "dali-cpu")
     rates[DECODE_ONLY] = _time(_decoded_forever(ceiling), config)
     # Mean JPEG size of the split (every kind reads the same frames, as tar members or files).
-    jpeg_bytes = sum(s.jpeg_bytes for s in ceiling.shards) / sum(len(s.keys) for s in ceiling.shards)
+    jpeg_bytes = sum(s.jpeg_bytes for s in ceiling.shards) / sum(
+        len(s.keys) for s in ceiling.shards
+    )
     files = rates.get("files", (None,))[0]
-    return [BenchResult(kind, rate, rate * jpeg_bytes / 1e6, rate / files if files else None,
-                        rate / rates[DECODE_ONLY][0], count)
-            for kind, (rate, count) in rates.items()]
+    return [
+        BenchResult(
+            kind,
+            rate,
+            rate * jpeg_bytes / 1e6,
+            rate / files if files else None,
+            rate / rates[DECODE_ONLY][0],
+            count,
+        )
+        for kind, (rate, count) in rates.items()
+    ]
 
 
 def _loader(config: BenchConfig, kind: str):
     device = config.device if kind == "dali-gpu" else "cpu"
-    return build_loader(kind, config.shards, "train", config.tasks, config.batch_size,
-                        image_size=config.image_size, augment=config.augment, device=device,
-                        num_threads=config.num_threads, tree=config.tree)
+    return build_loader(
+        kind,
+        config.shards,
+        "train",
+        config.tasks,
+        config.batch_size,
+        image_size=config.image_size,
+        augment=config.augment,
+        device=device,
+        num_threads=config.num_threads,
+        tree=config.tree,
+    )
 
 
 def _batches_forever(loader):
@@ -131,11 +152,15 @@ def _time(batches, config: BenchConfig) -> tuple[float, int]:
 
 def format_table(results: list[BenchResult]) -> str:
     """The printed table."""
-    lines = [f"{'loader':<12} {'images/s':>10} {'MB/s':>8} {'x files':>8} {'x decode':>9} {'batches':>8}"]
+    lines = [
+        f"{'loader':<12} {'images/s':>10} {'MB/s':>8} {'x files':>8} {'x decode':>9} {'batches':>8}"
+    ]
     for r in results:
         vs_files = f"{r.vs_files:.2f}" if r.vs_files is not None else "-"
-        lines.append(f"{r.loader:<12} {r.images_per_s:>10.0f} {r.mb_per_s:>8.1f} {vs_files:>8} "
-                     f"{r.vs_decode:>9.2f} {r.batches:>8}")
+        lines.append(
+            f"{r.loader:<12} {r.images_per_s:>10.0f} {r.mb_per_s:>8.1f} {vs_files:>8} "
+            f"{r.vs_decode:>9.2f} {r.batches:>8}"
+        )
     return "\n".join(lines)
 
 
@@ -145,9 +170,16 @@ def write_csv(results: list[BenchResult], path: str | Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["loader", "images_per_s", "mb_per_s", "vs_files", "vs_decode", "batches"])
         for r in results:
-            writer.writerow([r.loader, f"{r.images_per_s:.1f}", f"{r.mb_per_s:.2f}",
-                             "" if r.vs_files is None else f"{r.vs_files:.3f}",
-                             f"{r.vs_decode:.3f}", r.batches])
+            writer.writerow(
+                [
+                    r.loader,
+                    f"{r.images_per_s:.1f}",
+                    f"{r.mb_per_s:.2f}",
+                    "" if r.vs_files is None else f"{r.vs_files:.3f}",
+                    f"{r.vs_decode:.3f}",
+                    r.batches,
+                ]
+            )
 
 
 def write_plot(results: list[BenchResult], path: str | Path, title: str = "") -> None:

@@ -32,9 +32,20 @@ from PIL import Image
 
 from affectfast.batch import Batch
 from affectfast.errors import DataError
-from affectfast.loader import (IMAGENET_MEAN, IMAGENET_STD, SHUFFLE_BUFFER, AugmentSpec,
-                               EpochLoader, LoaderConfig, Shard, epoch_seed, epoch_shard_order,
-                               finish_batch, sample_counts, split_shards)
+from affectfast.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SHUFFLE_BUFFER,
+    AugmentSpec,
+    EpochLoader,
+    LoaderConfig,
+    Shard,
+    epoch_seed,
+    epoch_shard_order,
+    finish_batch,
+    sample_counts,
+    split_shards,
+)
 from affectfast.tasks import IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, VA_IGNORE, split_member
 
 READER = "reader"
@@ -45,56 +56,101 @@ DALI_INTERP = {"nearest": types.INTERP_NN, "linear": types.INTERP_LINEAR}
 
 
 @pipeline_def
-def affect_pipeline(tars: list[str], idxs: list[str], tasks: tuple[str, ...], image_size: int,
-                    native_size: tuple[int, int], augment: AugmentSpec | None, gpu: bool,
-                    shard_id: int, num_shards: int, shuffle: bool, with_keys: bool,
-                    out_dtype=types.FLOAT, decode_only: bool = False):
+def affect_pipeline(
+    tars: list[str],
+    idxs: list[str],
+    tasks: tuple[str, ...],
+    image_size: int,
+    native_size: tuple[int, int],
+    augment: AugmentSpec | None,
+    gpu: bool,
+    shard_id: int,
+    num_shards: int,
+    shuffle: bool,
+    with_keys: bool,
+    out_dtype=types.FLOAT,
+    decode_only: bool = False,
+):
     """Decode, augment and normalize one batch of frames; outputs (images, *labels[, keys])."""
     exts = [IMAGE_EXT] + [LABEL_EXT[t] for t in tasks]
     jpegs, *labels = fn.readers.webdataset(
-        paths=tars, index_paths=idxs, ext=exts, name=READER,
+        paths=tars,
+        index_paths=idxs,
+        ext=exts,
+        name=READER,
         dtypes=[types.UINT8] + [DALI_LABEL_TYPE[LABEL_DTYPE[t]] for t in tasks],
         missing_component_behavior="skip" if len(tasks) == 1 else "empty",
-        shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
-        random_shuffle=shuffle, initial_fill=SHUFFLE_BUFFER)
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=True,
+        pad_last_batch=True,
+        random_shuffle=shuffle,
+        initial_fill=SHUFFLE_BUFFER,
+    )
     # The GPU-only lines: nvJPEG (hardware decoder where present) and preallocated decode buffers.
-    decode_args = dict(device="mixed", hw_decoder_load=0.65, preallocate_width_hint=native_size[1],
-                       preallocate_height_hint=native_size[0]) if gpu else dict(device="cpu")
+    decode_args = (
+        dict(
+            device="mixed",
+            hw_decoder_load=0.65,
+            preallocate_width_hint=native_size[1],
+            preallocate_height_hint=native_size[0],
+        )
+        if gpu
+        else dict(device="cpu")
+    )
     images = fn.decoders.image(jpegs, output_type=types.RGB, **decode_args)
     if decode_only:
         return (images,)
     images, flip = _augment(images, jpegs, image_size, native_size, augment)
     images = fn.crop_mirror_normalize(
-        images, mirror=flip, dtype=out_dtype, output_layout="HWC",
-        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
-    padded = [fn.pad(label, fill_value=SENTINEL[t], shape=[LABEL_SIZE[t]])
-              for t, label in zip(tasks, labels)]
+        images,
+        mirror=flip,
+        dtype=out_dtype,
+        output_layout="HWC",
+        mean=[255 * m for m in IMAGENET_MEAN],
+        std=[255 * s for s in IMAGENET_STD],
+    )
+    padded = [
+        fn.pad(label, fill_value=SENTINEL[t], shape=[LABEL_SIZE[t]])
+        for t, label in zip(tasks, labels)
+    ]
     if with_keys:
         # "<tar>:<offset>:<key>.jpg" as bytes, zero-padded to the batch's longest.
         padded.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
     return (images, *padded)
 
 
-def _augment(images, jpegs, image_size: int, native_size: tuple[int, int],
-             augment: AugmentSpec | None):
+def _augment(
+    images, jpegs, image_size: int, native_size: tuple[int, int], augment: AugmentSpec | None
+):
     """The geometric part: at most one resampling; returns (images, per-sample flip or 0)."""
     rotate = augment is not None and augment.degrees > 0
     flip = fn.random.coin_flip(probability=0.5) if augment is not None and augment.flip else 0
     if not rotate:
         if native_size != (image_size, image_size):
             # torchvision's Resize (bilinear, antialiased): what wds/files do.
-            images = fn.resize(images, size=[image_size, image_size], antialias=True,
-                               interp_type=types.INTERP_LINEAR)
+            images = fn.resize(
+                images,
+                size=[image_size, image_size],
+                antialias=True,
+                interp_type=types.INTERP_LINEAR,
+            )
         return images, flip
     # Source -> destination: scale to image_size (per sample, from the JPEG header), then rotate
     # about the output centre; warp_affine inverts it (inverse_map=False). Pixel centres sit at
     # +0.5, so [-1 0 W; 0 1 0] is an exact flip and the identity an exact copy (checked in tests).
-    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)   # H, W, C
+    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)  # H, W, C
     scale = fn.transforms.scale(scale=float(image_size) / fn.stack(shape[1], shape[0]))
     angle = fn.random.uniform(range=[-augment.degrees, augment.degrees])
     matrix = fn.transforms.rotation(scale, angle=angle, center=[image_size / 2, image_size / 2])
-    images = fn.warp_affine(images, matrix=matrix, size=[image_size, image_size], inverse_map=False,
-                            fill_value=0, interp_type=DALI_INTERP[augment.interpolation])
+    images = fn.warp_affine(
+        images,
+        matrix=matrix,
+        size=[image_size, image_size],
+        inverse_map=False,
+        fill_value=0,
+        interp_type=DALI_INTERP[augment.interpolation],
+    )
     return images, flip
 
 
@@ -111,20 +167,39 @@ def native_size(shard: Shard) -> tuple[int, int]:
     return height, width
 
 
-def build_pipeline(config: LoaderConfig, shards: list[Shard], epoch: int, *,
-                   decode_only: bool = False, prefetch: int = 2):
+def build_pipeline(
+    config: LoaderConfig,
+    shards: list[Shard],
+    epoch: int,
+    *,
+    decode_only: bool = False,
+    prefetch: int = 2,
+):
     """The DALI pipeline of one epoch on this rank (built, ready to run)."""
     gpu = config.kind == "dali-gpu"
     # fp16 straight out of the normalize on the GPU; on the CPU DALI's fp16 conversion was slower
     # than its float32 normalize, so the CPU casts in torch (finish_batch) instead.
     out_dtype = types.FLOAT16 if gpu and config.dtype == torch.float16 else types.FLOAT
     pipe = affect_pipeline(
-        [str(s.tar) for s in shards], [str(s.idx) for s in shards], config.tasks,
-        config.image_size, native_size(shards[0]), config.augment, gpu, config.rank,
-        config.world_size, config.shuffle, config.with_keys, out_dtype, decode_only,
-        batch_size=config.batch_size, num_threads=config.num_threads,
+        [str(s.tar) for s in shards],
+        [str(s.idx) for s in shards],
+        config.tasks,
+        config.image_size,
+        native_size(shards[0]),
+        config.augment,
+        gpu,
+        config.rank,
+        config.world_size,
+        config.shuffle,
+        config.with_keys,
+        out_dtype,
+        decode_only,
+        batch_size=config.batch_size,
+        num_threads=config.num_threads,
         device_id=(config.device.index or 0) if gpu else None,
-        seed=epoch_seed(config.seed, epoch, config.rank), prefetch_queue_depth=prefetch)
+        seed=epoch_seed(config.seed, epoch, config.rank),
+        prefetch_queue_depth=prefetch,
+    )
     pipe.build()
     return pipe
 
@@ -138,12 +213,14 @@ class DaliLoader(EpochLoader):
 
     def __iter__(self):
         c = self.config
-        pipe = build_pipeline(c, epoch_shard_order(self.shards, c.seed, self.epoch, c.shuffle),
-                              self.epoch)
+        pipe = build_pipeline(
+            c, epoch_shard_order(self.shards, c.seed, self.epoch, c.shuffle), self.epoch
+        )
         names = ["images", *c.tasks] + (["keys"] if c.with_keys else [])
         policy = LastBatchPolicy.DROP if c.drop_last else LastBatchPolicy.PARTIAL
-        batches = DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=policy,
-                                      auto_reset=False)
+        batches = DALIGenericIterator(
+            [pipe], names, reader_name=READER, last_batch_policy=policy, auto_reset=False
+        )
         try:
             # Stop at len(self): with drop_last every rank yields the same count even though the
             # contiguous DALI shards differ by up to one sample.
@@ -161,8 +238,9 @@ class DaliLoader(EpochLoader):
             labels[task] = value[:, 0].long() if task == "expr" else value.float()
             masks[task] = mask
         keys = _decode_keys(out["keys"]) if self.config.with_keys else None
-        return finish_batch(out["images"], labels, masks, keys, self.config.device,
-                            self.config.dtype)
+        return finish_batch(
+            out["images"], labels, masks, keys, self.config.device, self.config.dtype
+        )
 
 
 def _decode_keys(source_info: torch.Tensor) -> list[str]:

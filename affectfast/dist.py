@@ -43,8 +43,11 @@ def setup_distributed(use_cuda: bool) -> DistInfo:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         # Long timeout: rank 0 may spend minutes on a validation pass others wait for.
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30),
-                                device_id=device if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            timeout=timedelta(minutes=30),
+            device_id=device if use_cuda else None,
+        )
     return DistInfo(rank, world_size, device, rank == 0)
 
 

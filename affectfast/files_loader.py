@@ -20,8 +20,16 @@ from PIL import Image
 
 from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree, sample_key
 from affectfast.errors import DataError
-from affectfast.loader import (EpochLoader, LoaderConfig, collate_examples, epoch_seed,
-                               finish_batch, rank_range, torch_transform, worker_init)
+from affectfast.loader import (
+    EpochLoader,
+    LoaderConfig,
+    collate_examples,
+    epoch_seed,
+    finish_batch,
+    rank_range,
+    torch_transform,
+    worker_init,
+)
 from affectfast.tasks import TASKS, valid_mask
 
 
@@ -34,14 +42,19 @@ class FramesDataset(torch.utils.data.Dataset):
         videos = [v for v in read_tree(dirs, TASKS) if v.split == split]
         self.frames_dir, self.tasks, self.transform = dirs.frames, tasks, transform
         self.names = [v.name for v in videos]
-        keep = [valid_mask(tasks[0], getattr(v, tasks[0])) if len(tasks) == 1
-                else np.ones(len(v), dtype=bool) for v in videos]
+        keep = [
+            valid_mask(tasks[0], getattr(v, tasks[0]))
+            if len(tasks) == 1
+            else np.ones(len(v), dtype=bool)
+            for v in videos
+        ]
         if not videos:
             raise DataError(tree, f"no {split} video with annotations in this tree")
         self.video = np.concatenate([np.full(k.sum(), i, np.int32) for i, k in enumerate(keep)])
         self.frame = np.concatenate([v.frames[k] for v, k in zip(videos, keep)])
-        self.labels = {t: np.concatenate([getattr(v, t)[k] for v, k in zip(videos, keep)])
-                       for t in tasks}
+        self.labels = {
+            t: np.concatenate([getattr(v, t)[k] for v, k in zip(videos, keep)]) for t in tasks
+        }
         self.valid = {t: valid_mask(t, column) for t, column in self.labels.items()}
 
     def __len__(self) -> int:
@@ -63,8 +76,12 @@ class FilesLoader(EpochLoader):
     """``files``: iterate once per epoch; see the module docstring."""
 
     def __init__(self, config: LoaderConfig):
-        self.dataset = FramesDataset(config.tree, config.split, config.tasks,
-                                     torch_transform(config.image_size, config.augment))
+        self.dataset = FramesDataset(
+            config.tree,
+            config.split,
+            config.tasks,
+            torch_transform(config.image_size, config.augment),
+        )
         super().__init__(config, len(self.dataset), config.tree)
 
     def _indices(self) -> list[int]:
@@ -78,13 +95,21 @@ class FilesLoader(EpochLoader):
     def __iter__(self):
         c = self.config
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=c.batch_size, sampler=self._indices(),
-            drop_last=c.drop_last, num_workers=c.num_threads, worker_init_fn=worker_init,
-            collate_fn=self._collate, prefetch_factor=4, pin_memory=c.device.type == "cuda",
-            generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)))
+            self.dataset,
+            batch_size=c.batch_size,
+            sampler=self._indices(),
+            drop_last=c.drop_last,
+            num_workers=c.num_threads,
+            worker_init_fn=worker_init,
+            collate_fn=self._collate,
+            prefetch_factor=4,
+            pin_memory=c.device.type == "cuda",
+            generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)),
+        )
         for _, (keys, images, labels, masks) in zip(range(len(self)), loader):
-            yield finish_batch(images, labels, masks, keys if c.with_keys else None, c.device,
-                               c.dtype)
+            yield finish_batch(
+                images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
+            )
 
     def _collate(self, examples: list[tuple]) -> tuple:
         return collate_examples(examples, self.config.tasks)

@@ -61,7 +61,7 @@ def _frame_size(data: bytes) -> tuple[int, int]:
         if data[pos] != 0xFF:
             raise JpegError(f"expected a marker at byte {pos}, found 0x{data[pos]:02x}")
         marker = data[pos + 1]
-        if marker == 0xFF:                     # fill byte before a marker
+        if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
         if marker in STANDALONE_MARKERS:

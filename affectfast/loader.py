@@ -19,10 +19,11 @@ twin of the DALI geometry, the epoch arithmetic); each kind lives in its own mod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -45,13 +46,15 @@ SHUFFLE_BUFFER = 1024
 class AugmentSpec:
     """Training augmentation shared by every loader kind; ``None`` instead of a spec means off."""
 
-    flip: bool = True               # random horizontal flip with p = 0.5
-    degrees: float = 10.0           # random rotation, uniform in [-degrees, +degrees]
+    flip: bool = True  # random horizontal flip with p = 0.5
+    degrees: float = 10.0  # random rotation, uniform in [-degrees, +degrees]
     interpolation: str = "nearest"  # "nearest" (torchvision RandomRotation's default) or "linear"
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+            raise ValueError(
+                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
         if not 0 <= self.degrees <= 180:
             raise ValueError(f"degrees must be in [0, 180], got {self.degrees}")
 
@@ -60,7 +63,7 @@ class Loader(Protocol):
     """What build_loader returns: iterate it once per epoch."""
 
     def __iter__(self) -> Iterator[Batch]: ...
-    def __len__(self) -> int: ...              # batches per epoch on this rank
+    def __len__(self) -> int: ...  # batches per epoch on this rank
     def set_epoch(self, epoch: int) -> None: ...  # reshuffle deterministically from (seed, epoch)
 
 
@@ -73,11 +76,11 @@ class Shard:
 
     tar: Path
     idx: Path
-    keys: tuple[str, ...]               # sample keys in tar order
-    components: tuple[frozenset, ...]   # extensions present per sample ("jpg", "va", ...)
-    jpeg_bytes: int                     # total size of the jpg members
-    end: int                            # byte offset just past the last member's data
-    first_jpeg: tuple[int, int]         # (offset, size) of the first sample's jpg member
+    keys: tuple[str, ...]  # sample keys in tar order
+    components: tuple[frozenset, ...]  # extensions present per sample ("jpg", "va", ...)
+    jpeg_bytes: int  # total size of the jpg members
+    end: int  # byte offset just past the last member's data
+    first_jpeg: tuple[int, int]  # (offset, size) of the first sample's jpg member
 
     def has(self, tasks: tuple[str, ...]) -> np.ndarray:
         """Bool per sample: the sample belongs to a loader of ``tasks`` (see module docstring)."""
@@ -94,20 +97,28 @@ def _read_index(tar: Path, idx: Path) -> Shard:
     except OSError as error:
         raise DataError(idx, f"cannot read the shard index: {error.strerror}") from None
     header = lines[0].split() if lines else []
-    if (len(header) != 2 or not header[0].startswith("v1.") or not header[1].isdigit()
-            or len(lines) - 1 != int(header[1])):
+    if (
+        len(header) != 2
+        or not header[0].startswith("v1.")
+        or not header[1].isdigit()
+        or len(lines) - 1 != int(header[1])
+    ):
         raise DataError(idx, "not a complete wds2idx index (header 'v1.2 N' and N sample lines)", 1)
     keys, components, jpeg_bytes, end, first_jpeg = [], [], 0, 0, (0, 0)
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split()
         if not fields or len(fields) % 4:
             raise DataError(idx, "expected groups of 'ext offset size name'", number)
-        groups = [fields[i:i + 4] for i in range(0, len(fields), 4)]
+        groups = [fields[i : i + 4] for i in range(0, len(fields), 4)]
         name = groups[0][3]
         key, ext = split_member(name)
         if not ext or not all(g[1].isdigit() and g[2].isdigit() for g in groups):
-            raise DataError(idx, "expected groups of 'ext offset size name' with integer offset "
-                                 "and size and a name with an extension", number)
+            raise DataError(
+                idx,
+                "expected groups of 'ext offset size name' with integer offset "
+                "and size and a name with an extension",
+                number,
+            )
         keys.append(key)
         components.append(frozenset(g[0] for g in groups))
         for ext, offset, size, _ in groups:
@@ -148,8 +159,11 @@ def split_shards(shards: str | Path, split: str) -> list[Shard]:
         shard = _cached_index(tar, idx, stamp)
         expected = max(shard.end, listed.get(tar.name) or 0)
         if stamp[0] < expected:
-            raise DataError(tar, f"truncated shard: {stamp[0]} bytes, but its index/manifest need "
-                                 f"at least {expected}; re-run pack or copy it again")
+            raise DataError(
+                tar,
+                f"truncated shard: {stamp[0]} bytes, but its index/manifest need "
+                f"at least {expected}; re-run pack or copy it again",
+            )
         result.append(shard)
     return result
 
@@ -164,8 +178,10 @@ def _manifest_shards(folder: Path, split: str) -> dict[str, int]:
     try:
         return {entry["name"]: int(entry["bytes"]) for entry in manifest["splits"][split]["shards"]}
     except (KeyError, TypeError, ValueError) as error:
-        raise DataError(folder / "manifest.json",
-                        f"no shard list for split {split!r} ({type(error).__name__}: {error})") from None
+        raise DataError(
+            folder / "manifest.json",
+            f"no shard list for split {split!r} ({type(error).__name__}: {error})",
+        ) from None
 
 
 def sample_counts(shards: list[Shard], tasks: tuple[str, ...]) -> np.ndarray:
@@ -176,8 +192,9 @@ def sample_counts(shards: list[Shard], tasks: tuple[str, ...]) -> np.ndarray:
 # --- epoch arithmetic shared by every kind -------------------------------------------------------
 
 
-def batches_per_epoch(samples: int, batch_size: int, rank: int, world_size: int,
-                      drop_last: bool) -> int:
+def batches_per_epoch(
+    samples: int, batch_size: int, rank: int, world_size: int, drop_last: bool
+) -> int:
     """Batches rank ``rank`` yields in one epoch of ``samples`` (see the module docstring).
 
     Every kind gives each rank at least ``samples // world_size`` samples, so with ``drop_last`` the
@@ -235,7 +252,9 @@ def torch_transform(image_size: int, augment: AugmentSpec | None):
             steps.append(v2.RandomHorizontalFlip(0.5))
         if augment.degrees > 0:
             mode = {"nearest": InterpolationMode.NEAREST, "linear": InterpolationMode.BILINEAR}
-            steps.append(v2.RandomRotation(augment.degrees, interpolation=mode[augment.interpolation]))
+            steps.append(
+                v2.RandomRotation(augment.degrees, interpolation=mode[augment.interpolation])
+            )
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(steps)
 
@@ -252,8 +271,10 @@ def collate_examples(examples: list[tuple], tasks: tuple[str, ...]) -> tuple:
     labels, masks = {}, {}
     for task in tasks:
         present = [e[2][task] is not None for e in examples]
-        rows = [np.reshape(e[2][task], LABEL_SIZE[task]) if ok else np.zeros(LABEL_SIZE[task])
-                for e, ok in zip(examples, present)]
+        rows = [
+            np.reshape(e[2][task], LABEL_SIZE[task]) if ok else np.zeros(LABEL_SIZE[task])
+            for e, ok in zip(examples, present)
+        ]
         column = torch.from_numpy(np.stack(rows).astype(np.float32))
         labels[task] = column[:, 0].long() if task == "expr" else column
         masks[task] = torch.tensor(present, dtype=torch.bool)
@@ -272,10 +293,13 @@ class EpochLoader:
     task set keeps and the path to name in errors; they implement ``__iter__``.
     """
 
-    def __init__(self, config: "LoaderConfig", samples: int, source: Path):
+    def __init__(self, config: LoaderConfig, samples: int, source: Path):
         if samples < config.world_size:
-            raise DataError(source, f"{config.split} has {samples} samples with "
-                                    f"{','.join(config.tasks)}: fewer than the ranks")
+            raise DataError(
+                source,
+                f"{config.split} has {samples} samples with "
+                f"{','.join(config.tasks)}: fewer than the ranks",
+            )
         self.config, self.samples, self.epoch = config, samples, 0
 
     def __len__(self) -> int:
@@ -287,8 +311,14 @@ class EpochLoader:
         self.epoch = epoch
 
 
-def finish_batch(images_nhwc: torch.Tensor, labels: dict, masks: dict, keys: list[str] | None,
-                 device: torch.device, dtype: torch.dtype) -> Batch:
+def finish_batch(
+    images_nhwc: torch.Tensor,
+    labels: dict,
+    masks: dict,
+    keys: list[str] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Batch:
     """Move a batch to ``device``/``dtype``; NHWC images become an NCHW channels_last view (no copy)."""
     device = torch.device(device)
     non_blocking = device.type == "cuda"
@@ -344,38 +374,54 @@ class LoaderConfig:
 
 def build_loader(
     kind: str,
-    shards: Path,                   # a pack output folder (manifest.json + tars + idx)
-    split: str,                     # "train" or "val"
-    tasks: tuple[str, ...],         # non-empty subset of TASKS, canonical order
+    shards: Path,  # a pack output folder (manifest.json + tars + idx)
+    split: str,  # "train" or "val"
+    tasks: tuple[str, ...],  # non-empty subset of TASKS, canonical order
     batch_size: int,
     *,
     image_size: int = 112,
     augment: AugmentSpec | None = None,
-    shuffle: bool | None = None,    # default: True for train, False for val
+    shuffle: bool | None = None,  # default: True for train, False for val
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     with_keys: bool = False,
-    drop_last: bool | None = None,  # default: True for train (equal batches on all ranks), False for val
+    drop_last: bool
+    | None = None,  # default: True for train (equal batches on all ranks), False for val
     seed: int = 0,
-    num_threads: int = 2,           # DALI threads / DataLoader workers
-    tree: Path | None = None,       # the raw Aff-Wild2 root, needed by kind="files" only
+    num_threads: int = 2,  # DALI threads / DataLoader workers
+    tree: Path | None = None,  # the raw Aff-Wild2 root, needed by kind="files" only
 ) -> Loader:
     """Build a loader of ``Batch`` for one split and task set."""
     config = LoaderConfig(
-        kind=kind, shards=Path(shards), split=split, tasks=parse_tasks(tasks),
-        batch_size=batch_size, image_size=image_size, augment=augment,
-        shuffle=(split == "train") if shuffle is None else shuffle, rank=rank,
-        world_size=world_size, device=torch.device(device), dtype=dtype, with_keys=with_keys,
-        drop_last=(split == "train") if drop_last is None else drop_last, seed=seed,
-        num_threads=num_threads, tree=None if tree is None else Path(tree))
+        kind=kind,
+        shards=Path(shards),
+        split=split,
+        tasks=parse_tasks(tasks),
+        batch_size=batch_size,
+        image_size=image_size,
+        augment=augment,
+        shuffle=(split == "train") if shuffle is None else shuffle,
+        rank=rank,
+        world_size=world_size,
+        device=torch.device(device),
+        dtype=dtype,
+        with_keys=with_keys,
+        drop_last=(split == "train") if drop_last is None else drop_last,
+        seed=seed,
+        num_threads=num_threads,
+        tree=None if tree is None else Path(tree),
+    )
     # Imported here so a wds user never loads DALI, and a DALI user never forks DataLoader workers.
     if kind in ("dali-gpu", "dali-cpu"):
         from affectfast.dali_pipeline import DaliLoader
+
         return DaliLoader(config)
     if kind == "wds":
         from affectfast.wds_loader import WdsLoader
+
         return WdsLoader(config)
     from affectfast.files_loader import FilesLoader
+
     return FilesLoader(config)

@@ -39,7 +39,9 @@ def au_pos_weight(positive_counts, valid_count: int) -> torch.Tensor:
     """BCE ``pos_weight`` per AU: negatives / positives on the train split (1 where an AU never fires)."""
     positives = torch.as_tensor(positive_counts, dtype=torch.float64)
     if positives.shape != (NUM_AU,):
-        raise ValueError(f"expected {NUM_AU} AU positive counts, got shape {tuple(positives.shape)}")
+        raise ValueError(
+            f"expected {NUM_AU} AU positive counts, got shape {tuple(positives.shape)}"
+        )
     negatives = float(valid_count) - positives
     weights = torch.where(positives > 0, negatives / positives.clamp(min=1), 1.0)
     return weights.float()
@@ -67,19 +69,21 @@ def masked_ccc(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 class TaskLoss:
     """The loss settings for one run: VA flavour, EXPR class weights, AU pos_weight, task weights."""
 
-    va_loss: str = "ccc"                         # "ccc" (1 - CCC) or "mse"
-    expr_weights: torch.Tensor | None = None     # 8 floats, None = unweighted
-    au_pos_weight: torch.Tensor | None = None    # 12 floats, None = 1
+    va_loss: str = "ccc"  # "ccc" (1 - CCC) or "mse"
+    expr_weights: torch.Tensor | None = None  # 8 floats, None = unweighted
+    au_pos_weight: torch.Tensor | None = None  # 12 floats, None = 1
     task_weights: tuple[tuple[str, float], ...] = ()  # (task, weight); a task not listed weighs 1
 
     def __post_init__(self):
         if self.va_loss not in ("ccc", "mse"):
             raise ValueError(f"va_loss must be ccc or mse, got {self.va_loss!r}")
 
-    def to(self, device: torch.device) -> "TaskLoss":
+    def to(self, device: torch.device) -> TaskLoss:
         """The same settings with the weight tensors on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return TaskLoss(self.va_loss, move(self.expr_weights), move(self.au_pos_weight), self.task_weights)
+        return TaskLoss(
+            self.va_loss, move(self.expr_weights), move(self.au_pos_weight), self.task_weights
+        )
 
 
 def va_loss(pred, target, mask, kind: str = "ccc") -> torch.Tensor:
@@ -93,19 +97,27 @@ def va_loss(pred, target, mask, kind: str = "ccc") -> torch.Tensor:
 
 def expr_loss(logits, target, mask, class_weights=None) -> torch.Tensor:
     """Class-weighted cross-entropy summed over valid rows, divided by their count."""
-    target = torch.where(mask, target, 0)  # invalid rows carry arbitrary labels; keep indices in range
+    target = torch.where(
+        mask, target, 0
+    )  # invalid rows carry arbitrary labels; keep indices in range
     per_row = F.cross_entropy(logits, target, weight=class_weights, reduction="none")
     return torch.where(mask, per_row, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def au_loss(logits, target, mask, pos_weight=None) -> torch.Tensor:
     """BCE with logits over the 12 AUs, averaged over AUs, summed over valid rows, divided by their count."""
-    per_row = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none").mean(1)
+    per_row = F.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=pos_weight, reduction="none"
+    ).mean(1)
     return torch.where(mask, per_row, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def multitask_loss(outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
-                   masks: dict[str, torch.Tensor], spec: TaskLoss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def multitask_loss(
+    outputs: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    spec: TaskLoss,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the masked per-task losses over the tasks in ``outputs``; also each task's loss.
 
     Outputs are cast to float32 first: CCC's moments and the BCE are not safe in fp16/bf16.

@@ -36,7 +36,9 @@ def tune_au_thresholds(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Per-AU threshold from :data:`AU_THRESHOLD_GRID` that maximizes that AU's F1 on (probs, targets)."""
     best = np.full(NUM_AU, 0.5)
     for j in range(NUM_AU):
-        scores = [f1_score(targets[:, j], probs[:, j] > t, zero_division=0) for t in AU_THRESHOLD_GRID]
+        scores = [
+            f1_score(targets[:, j], probs[:, j] > t, zero_division=0) for t in AU_THRESHOLD_GRID
+        ]
         best[j] = AU_THRESHOLD_GRID[int(np.argmax(scores))]
     return best
 
@@ -55,23 +57,31 @@ class Predictions:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def concat(cls, parts: list["Predictions"]) -> "Predictions":
+    def concat(cls, parts: list[Predictions]) -> Predictions:
         """Join parts (batches, or ranks' shares) and drop repeated keys (a padded last batch)."""
         parts = [p for p in parts if p.keys]
         if not parts:
             return cls()
         keys = [k for p in parts for k in p.keys]
-        _, first = np.unique(np.asarray(keys), return_index=True)  # also sorts by key = video/frame order
-        join = lambda name: {t: np.concatenate([getattr(p, name)[t] for p in parts])[first]  # noqa: E731
-                             for t in getattr(parts[0], name)}
+        _, first = np.unique(
+            np.asarray(keys), return_index=True
+        )  # also sorts by key = video/frame order
+
+        def join(name: str) -> dict:
+            return {
+                t: np.concatenate([getattr(p, name)[t] for p in parts])[first]
+                for t in getattr(parts[0], name)
+            }
+
         return cls([keys[i] for i in first], join("outputs"), join("labels"), join("masks"))
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def compute_metrics(preds: Predictions, tasks: tuple[str, ...],
-                    au_thresholds: np.ndarray | None = None) -> dict:
+def compute_metrics(
+    preds: Predictions, tasks: tuple[str, ...], au_thresholds: np.ndarray | None = None
+) -> dict:
     """The ABAW metrics for ``tasks`` as a flat dict of floats, plus per-class F1 lists.
 
     Keys: ``ccc_valence``, ``ccc_arousal``, ``ccc_mean``, ``f1_expr``, ``f1_expr_per_class``,
@@ -125,24 +135,47 @@ def _au_f1(probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray, suffi
         per_au = np.zeros(NUM_AU)
     else:
         per_au = f1_score(targets, (probs > thresholds).astype(int), average=None, zero_division=0)
-    return {f"f1_au{suffix}_per_class": [float(v) for v in per_au], f"f1_au{suffix}": float(per_au.mean())}
+    return {
+        f"f1_au{suffix}_per_class": [float(v) for v in per_au],
+        f"f1_au{suffix}": float(per_au.mean()),
+    }
 
 
 def format_tables(metrics: dict) -> str:
     """Human-readable tables: the headline metrics, F1 per expression (Table 1), F1 per AU (Table 2)."""
     lines = []
-    headline = [k for k in ("ccc_valence", "ccc_arousal", "ccc_mean", "f1_expr", "f1_au", "f1_au_tuned", "p_mtl")
-                if k in metrics]
+    headline = [
+        k
+        for k in (
+            "ccc_valence",
+            "ccc_arousal",
+            "ccc_mean",
+            "f1_expr",
+            "f1_au",
+            "f1_au_tuned",
+            "p_mtl",
+        )
+        if k in metrics
+    ]
     lines.append(f"{'metric':<14}{'value':>8}")
     lines += [f"{k:<14}{metrics[k]:>8.4f}" for k in headline]
     if "f1_expr_per_class" in metrics:
-        lines += ["", f"F1 per expression ({metrics['frames_expr']} frames)", f"{'class':<14}{'F1':>8}"]
-        lines += [f"{n:<14}" + (f"{v:>8.4f}" if v is not None else f"{'-':>8}")
-                  for n, v in zip(EXPR_NAMES, metrics["f1_expr_per_class"])]
+        lines += [
+            "",
+            f"F1 per expression ({metrics['frames_expr']} frames)",
+            f"{'class':<14}{'F1':>8}",
+        ]
+        lines += [
+            f"{n:<14}" + (f"{v:>8.4f}" if v is not None else f"{'-':>8}")
+            for n, v in zip(EXPR_NAMES, metrics["f1_expr_per_class"])
+        ]
     if "f1_au_per_class" in metrics:
         tuned = "f1_au_tuned_per_class" in metrics
-        lines += ["", f"F1 per action unit ({metrics['frames_au']} frames)",
-                  f"{'AU':<14}{'F1@0.5':>8}" + (f"{'F1@tuned':>10}{'thresh':>8}" if tuned else "")]
+        lines += [
+            "",
+            f"F1 per action unit ({metrics['frames_au']} frames)",
+            f"{'AU':<14}{'F1@0.5':>8}" + (f"{'F1@tuned':>10}{'thresh':>8}" if tuned else ""),
+        ]
         for j, name in enumerate(AU_NAMES):
             row = f"{name:<14}{metrics['f1_au_per_class'][j]:>8.4f}"
             if tuned:

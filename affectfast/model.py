@@ -74,15 +74,21 @@ def load_imagenet_trunk(model: AffectNet, path: Path | None) -> None:
     """Load torchvision's ResNet-18 ImageNet weights (minus the 1000-class fc) into the trunk."""
     path = path or imagenet_cache_path()
     if not path.is_file():
-        raise DataError(path, (
-            f"ImageNet weights for ResNet-18 not found (affectfast never downloads). Fetch {IMAGENET_URL} "
-            f"on a machine with network and put it at {imagenet_cache_path()}, or pass --init imagenet:PATH"))
+        raise DataError(
+            path,
+            (
+                f"ImageNet weights for ResNet-18 not found (affectfast never downloads). Fetch {IMAGENET_URL} "
+                f"on a machine with network and put it at {imagenet_cache_path()}, or pass --init imagenet:PATH"
+            ),
+        )
     state = _load_state(path, "ImageNet weights")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         model.trunk.load_state_dict(state)
     except RuntimeError as error:  # missing/unexpected keys or wrong shapes
-        raise DataError(path, f"not a ResNet-18 state_dict: {str(error).splitlines()[1].strip()}") from error
+        raise DataError(
+            path, f"not a ResNet-18 state_dict: {str(error).splitlines()[1].strip()}"
+        ) from error
 
 
 def load_checkpoint_trunk(model: AffectNet, path: Path) -> None:
@@ -91,11 +97,13 @@ def load_checkpoint_trunk(model: AffectNet, path: Path) -> None:
     if "model" not in checkpoint:
         raise DataError(path, "not an affectfast checkpoint (no 'model' entry)")
     prefix = "trunk."
-    state = {k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
     try:
         model.trunk.load_state_dict(state)
     except RuntimeError as error:
-        raise DataError(path, f"checkpoint trunk is not a ResNet-18: {str(error).splitlines()[1].strip()}") from error
+        raise DataError(
+            path, f"checkpoint trunk is not a ResNet-18: {str(error).splitlines()[1].strip()}"
+        ) from error
 
 
 def build_model(tasks: tuple[str, ...], init: str = "scratch") -> AffectNet:

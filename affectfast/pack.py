@@ -27,8 +27,8 @@ import multiprocessing
 import os
 import tarfile
 from collections import deque
-from contextlib import closing
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,21 +36,37 @@ import numpy as np
 from tqdm import tqdm
 
 from affectfast.affwild2 import (
-    FRAME_DIGITS, AnnotationDirs, VideoLabels, find_annotation_dirs, image_path, read_tree,
+    FRAME_DIGITS,
+    AnnotationDirs,
+    VideoLabels,
+    find_annotation_dirs,
+    image_path,
+    read_tree,
     sample_key,
 )
 from affectfast.errors import DataError
 from affectfast.jpeg import CHECKS, JpegError, check_jpeg
 from affectfast.tasks import (
-    EXPR_NAMES, IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, NUM_AU, NUM_EXPR, SPLIT_DIRS,
-    SPLITS, TASKS, encode_label, split_member, valid_mask,
+    EXPR_NAMES,
+    IMAGE_EXT,
+    LABEL_DTYPE,
+    LABEL_EXT,
+    LABEL_SIZE,
+    NUM_AU,
+    NUM_EXPR,
+    SPLIT_DIRS,
+    SPLITS,
+    TASKS,
+    encode_label,
+    split_member,
+    valid_mask,
 )
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE = ".pack-state.jsonl"
 TMP_SUFFIX = ".tmp"
-IDX_VERSION = "v1.2"     # the first token of a DALI wds2idx index file
+IDX_VERSION = "v1.2"  # the first token of a DALI wds2idx index file
 # A ustar/GNU header holds names up to 99 bytes in one 512-byte block; longer names would need a
 # GNU long-name entry, which DALI's index offsets do not expect.
 MAX_MEMBER_NAME = 99
@@ -60,14 +76,14 @@ MAX_MEMBER_NAME = 99
 class PackConfig:
     """What to pack and how. Only shard_size, seed, check and skip_bad change the output bytes."""
 
-    root: Path | None                 # the Aff-Wild2 tree; folders are searched below it
-    out: Path                         # output folder for shards, indexes and manifest.json
+    root: Path | None  # the Aff-Wild2 tree; folders are searched below it
+    out: Path  # output folder for shards, indexes and manifest.json
     workers: int = os.cpu_count() or 1
-    shard_size: int = 5000            # samples per shard (the last shard of a split may hold fewer)
-    seed: int = 0                     # seed of the global train shuffle
-    check: str = "full"               # "full": decode every JPEG; "header": markers + end only
-    skip_bad: bool = False            # leave bad JPEGs out (listed in the manifest), don't fail
-    frames: Path | None = None        # explicit folders (override the search under root)
+    shard_size: int = 5000  # samples per shard (the last shard of a split may hold fewer)
+    seed: int = 0  # seed of the global train shuffle
+    check: str = "full"  # "full": decode every JPEG; "header": markers + end only
+    skip_bad: bool = False  # leave bad JPEGs out (listed in the manifest), don't fail
+    frames: Path | None = None  # explicit folders (override the search under root)
     va: Path | None = None
     expr: Path | None = None
     au: Path | None = None
@@ -92,23 +108,28 @@ class PackConfig:
 
     def settings(self) -> dict:
         """The settings that decide the output bytes (recorded in the state file and manifest)."""
-        return {"shard_size": self.shard_size, "seed": self.seed, "check": self.check,
-                "skip_bad": self.skip_bad}
+        return {
+            "shard_size": self.shard_size,
+            "seed": self.seed,
+            "check": self.check,
+            "skip_bad": self.skip_bad,
+        }
 
 
 # --- the global index -----------------------------------------------------------------------------
+
 
 @dataclass
 class SampleIndex:
     """Every sample of the tree as numpy columns, row i one frame; no per-frame Python objects."""
 
-    videos: list[str]          # video names, sorted; ``video`` holds indexes into this list
-    video: np.ndarray          # int32 N
-    frame: np.ndarray          # int32 N, 1-based
-    train: np.ndarray          # bool N, True for split "train"
-    va: np.ndarray             # float32 N×2 (NaN: ignored)
-    expr: np.ndarray           # int8 N (-1: ignored)
-    au: np.ndarray             # int8 N×12 (-1 rows: ignored)
+    videos: list[str]  # video names, sorted; ``video`` holds indexes into this list
+    video: np.ndarray  # int32 N
+    frame: np.ndarray  # int32 N, 1-based
+    train: np.ndarray  # bool N, True for split "train"
+    va: np.ndarray  # float32 N×2 (NaN: ignored)
+    expr: np.ndarray  # int8 N (-1: ignored)
+    au: np.ndarray  # int8 N×12 (-1 rows: ignored)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -144,11 +165,16 @@ def _check_member_names(video: str, frames_dir: Path) -> None:
     """Refuse video names that would break a tar header or a DALI index line."""
     longest = len(sample_key(video, 1).encode()) + 1 + max(len(e) for e in LABEL_EXT.values())
     if not video.isascii() or not video.isprintable() or " " in video:
-        raise DataError(frames_dir / video, "video names must be printable ASCII without spaces "
-                                            "(DALI index lines are space-separated)")
+        raise DataError(
+            frames_dir / video,
+            "video names must be printable ASCII without spaces "
+            "(DALI index lines are space-separated)",
+        )
     if longest > MAX_MEMBER_NAME:
-        raise DataError(frames_dir / video, f"video name too long for a tar header "
-                                            f"(member names up to {MAX_MEMBER_NAME} bytes)")
+        raise DataError(
+            frames_dir / video,
+            f"video name too long for a tar header (member names up to {MAX_MEMBER_NAME} bytes)",
+        )
 
 
 def shuffle_order(index: SampleIndex, split: str, seed: int) -> np.ndarray:
@@ -166,6 +192,7 @@ def shard_name(split: str, number: int) -> str:
 
 # --- the source fingerprint -----------------------------------------------------------------------
 
+
 def fingerprint_source(dirs: AnnotationDirs, videos: list[str]) -> str:
     """sha256 over every annotation file (name and bytes) and the image names of each video."""
     digest = hashlib.sha256()
@@ -181,8 +208,11 @@ def fingerprint_source(dirs: AnnotationDirs, videos: list[str]) -> str:
         for set_dir in SPLIT_DIRS if folder is not None else ():
             if not (folder / set_dir).is_dir():
                 continue
-            for name in sorted(n for n in os.listdir(folder / set_dir)
-                               if n.endswith(".txt") and not n.startswith(".")):
+            for name in sorted(
+                n
+                for n in os.listdir(folder / set_dir)
+                if n.endswith(".txt") and not n.startswith(".")
+            ):
                 add(f"{task}/{set_dir}/{name}", (folder / set_dir / name).read_bytes())
     for video in videos:
         add(video, "\n".join(sorted(os.listdir(dirs.frames / video))).encode())
@@ -190,6 +220,7 @@ def fingerprint_source(dirs: AnnotationDirs, videos: list[str]) -> str:
 
 
 # --- writing one shard (runs in a worker process) -------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ShardJob:
@@ -228,8 +259,8 @@ class ShardResult:
     samples: int = 0
     bytes: int = 0
     sha256: str = ""
-    bad: list[dict] = field(default_factory=list)   # {"row", "key", "path", "error"} per skipped
-    error: dict | None = None                       # {"path", "message"}: a bad image, not skipped
+    bad: list[dict] = field(default_factory=list)  # {"row", "key", "path", "error"} per skipped
+    error: dict | None = None  # {"path", "message"}: a bad image, not skipped
 
 
 class _BadImage(Exception):
@@ -263,7 +294,7 @@ def tarfile_header(name: str, size: int) -> bytes:
 # name, size and checksum fields, so we fill those in, several times cheaper. tests/test_pack.py checks the
 # result equals tarfile_header() for every member of the test shards.
 _TEMPLATE = bytearray(tarfile_header("", 0))
-_TEMPLATE[148:156] = b" " * 8          # the checksum is summed with its own field as 8 spaces
+_TEMPLATE[148:156] = b" " * 8  # the checksum is summed with its own field as 8 spaces
 _NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 155)
 _TEMPLATE_SUM = sum(_TEMPLATE) - sum(_TEMPLATE[_SIZE])
 
@@ -274,7 +305,7 @@ def tar_header(name: str, size: int) -> bytes:
     encoded = name.encode("ascii")
     size_field = b"%011o\0" % size
     header = _TEMPLATE.copy()
-    header[:len(encoded)] = encoded
+    header[: len(encoded)] = encoded
     header[_SIZE] = size_field
     header[_CHKSUM] = b"%06o\0" % (_TEMPLATE_SUM + sum(encoded) + sum(size_field))
     return bytes(header)
@@ -317,7 +348,7 @@ def write_shard(job: ShardJob, context: WriterContext) -> ShardResult:
     except _BadImage as bad:
         tar_tmp.unlink(missing_ok=True)
         return ShardResult(job.name, error={"path": str(bad.path), "message": bad.message})
-    if result.samples == 0:     # every image was bad: write no shard at all
+    if result.samples == 0:  # every image was bad: write no shard at all
         tar_tmp.unlink()
         return result
     idx_tmp.write_text(index_text(lines), encoding="ascii")
@@ -333,9 +364,13 @@ def _write_tar(job: ShardJob, context: WriterContext, path: Path) -> tuple[Shard
     lines = []
     # Keys and image paths as strings built from one per video: pathlib and the name checks cost
     # more than reading a 5 kB file (video names were checked by build_index).
-    prefixes = {v: (sample_key(context.videos[v], 1)[:-FRAME_DIGITS],
-                    os.fspath(image_path(context.frames_dir, context.videos[v], 1))[:-9])
-                for v in np.unique(job.video).tolist()}
+    prefixes = {
+        v: (
+            sample_key(context.videos[v], 1)[:-FRAME_DIGITS],
+            os.fspath(image_path(context.frames_dir, context.videos[v], 1))[:-9],
+        )
+        for v in np.unique(job.video).tolist()
+    }
     with open(path, "wb", buffering=1 << 20) as file:
         sink = _HashingWriter(file)
         for i in range(len(job.rows)):
@@ -346,19 +381,23 @@ def _write_tar(job: ShardJob, context: WriterContext, path: Path) -> tuple[Shard
             if isinstance(data, JpegError | OSError):
                 if not context.skip_bad:
                     raise _BadImage(image, f"bad image: {data}")
-                result.bad.append({"row": int(job.rows[i]), "key": key, "path": image,
-                                   "error": str(data)})
+                result.bad.append(
+                    {"row": int(job.rows[i]), "key": key, "path": image, "error": str(data)}
+                )
                 continue
             components = [(f"{key}.{IMAGE_EXT}", data)]
-            components += [(f"{key}.{LABEL_EXT[task]}", encode_label(task, getattr(job, task)[i]))
-                           for task in TASKS if valid[task][i]]
+            components += [
+                (f"{key}.{LABEL_EXT[task]}", encode_label(task, getattr(job, task)[i]))
+                for task in TASKS
+                if valid[task][i]
+            ]
             entry, offset, listed = [], sink.size, []
             for name, payload in components:
                 member = tar_member(name, payload)
                 listed.append((name, offset + tarfile.BLOCKSIZE, len(payload)))
                 entry.append(member)
                 offset += len(member)
-            sink.write(b"".join(entry))     # one write and one hash update per sample
+            sink.write(b"".join(entry))  # one write and one hash update per sample
             lines.append(index_line(listed))
             result.samples += 1
         sink.write(tar_end(sink.size))
@@ -405,15 +444,16 @@ def _write_in_worker(job: ShardJob) -> ShardResult:
     return write_shard(job, _CONTEXT)
 
 
-def run_jobs(jobs: Iterator[ShardJob], context: WriterContext, workers: int
-             ) -> Iterator[ShardResult]:
+def run_jobs(
+    jobs: Iterator[ShardJob], context: WriterContext, workers: int
+) -> Iterator[ShardResult]:
     """Write shards in ``workers`` processes (or in this one for 1), keeping few jobs in flight so
     the index is never copied whole into the task queue."""
     if workers == 1:
         for job in jobs:
             yield write_shard(job, context)
         return
-    spawn = multiprocessing.get_context("spawn")   # no inherited threads or locks
+    spawn = multiprocessing.get_context("spawn")  # no inherited threads or locks
     with spawn.Pool(workers, initializer=_init_worker, initargs=(context,)) as pool:
         pending = deque()
         for job in jobs:
@@ -425,6 +465,7 @@ def run_jobs(jobs: Iterator[ShardJob], context: WriterContext, workers: int
 
 
 # --- the state file: resume safely ----------------------------------------------------------------
+
 
 class PackState:
     """``.pack-state.jsonl``: line 1 the source fingerprint and settings, then one line per shard
@@ -445,12 +486,16 @@ class PackState:
             self._load(self._initial)
 
     def _refuse_foreign_files(self) -> None:
-        foreign = sorted(p.name for p in self.out.iterdir()
-                         if p.suffix in (".tar", ".idx") or p.name == MANIFEST)
+        foreign = sorted(
+            p.name for p in self.out.iterdir() if p.suffix in (".tar", ".idx") or p.name == MANIFEST
+        )
         if foreign:
-            raise DataError(self.out, f"holds {foreign[0]} but no {STATE}: not written by "
-                                      "`affectfast pack`; remove those files or choose another "
-                                      "--out")
+            raise DataError(
+                self.out,
+                f"holds {foreign[0]} but no {STATE}: not written by "
+                "`affectfast pack`; remove those files or choose another "
+                "--out",
+            )
 
     def _load(self, text: str) -> None:
         lines = text.splitlines()
@@ -463,7 +508,7 @@ class PackState:
         for line in lines[1:]:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:    # a line cut short by a kill: that shard is redone
+            except json.JSONDecodeError:  # a line cut short by a kill: that shard is redone
                 continue
             self.done[record["name"]] = record
 
@@ -507,8 +552,11 @@ def _difference(found: dict | None, wanted: dict) -> str:
         return f"unreadable pack state; {advice}"
     if found.get("fingerprint") != wanted["fingerprint"]:
         return f"holds shards of another source tree (its annotations or images changed); {advice}"
-    changed = [f"{k} {found.get('settings', {}).get(k)!r} -> {v!r}"
-               for k, v in wanted["settings"].items() if found.get("settings", {}).get(k) != v]
+    changed = [
+        f"{k} {found.get('settings', {}).get(k)!r} -> {v!r}"
+        for k, v in wanted["settings"].items()
+        if found.get("settings", {}).get(k) != v
+    ]
     if changed:
         return f"holds shards packed with other settings ({', '.join(changed)}); {advice}"
     return f"holds shards of another format version; {advice}"
@@ -527,6 +575,7 @@ def remove_temporaries(out: Path) -> None:
 
 
 # --- statistics and the manifest ------------------------------------------------------------------
+
 
 def split_stats(index: SampleIndex, rows: np.ndarray) -> dict:
     """Per-task counts of the samples ``rows``: what the trainer needs for weights and checks."""
@@ -547,8 +596,14 @@ def split_stats(index: SampleIndex, rows: np.ndarray) -> dict:
     return stats
 
 
-def build_manifest(config: PackConfig, dirs: AnnotationDirs, fingerprint: str, index: SampleIndex,
-                   plan: dict[str, list[np.ndarray]], records: dict[str, dict]) -> dict:
+def build_manifest(
+    config: PackConfig,
+    dirs: AnnotationDirs,
+    fingerprint: str,
+    index: SampleIndex,
+    plan: dict[str, list[np.ndarray]],
+    records: dict[str, dict],
+) -> dict:
     """The manifest (docs/shard-format.md): source, settings, label layout, per split shards and
     stats of the samples actually written."""
     splits = {}
@@ -561,9 +616,15 @@ def build_manifest(config: PackConfig, dirs: AnnotationDirs, fingerprint: str, i
             kept.append(rows[~np.isin(rows, bad_rows)])
             if record["samples"]:
                 stem = shard_name(split, number)
-                shards.append({"name": f"{stem}.tar", "index": f"{stem}.idx",
-                               "samples": record["samples"], "bytes": record["bytes"],
-                               "sha256": record["sha256"]})
+                shards.append(
+                    {
+                        "name": f"{stem}.tar",
+                        "index": f"{stem}.idx",
+                        "samples": record["samples"],
+                        "bytes": record["bytes"],
+                        "sha256": record["sha256"],
+                    }
+                )
         kept_rows = np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
         splits[split] = {
             "samples": int(len(kept_rows)),
@@ -584,8 +645,14 @@ def build_manifest(config: PackConfig, dirs: AnnotationDirs, fingerprint: str, i
         "config": config.settings(),
         "components": {
             IMAGE_EXT: {"content": "original JPEG bytes"},
-            **{LABEL_EXT[task]: {"task": task, "dtype": LABEL_DTYPE[task].str,
-                                 "size": LABEL_SIZE[task]} for task in TASKS},
+            **{
+                LABEL_EXT[task]: {
+                    "task": task,
+                    "dtype": LABEL_DTYPE[task].str,
+                    "size": LABEL_SIZE[task],
+                }
+                for task in TASKS
+            },
         },
         "expr_names": list(EXPR_NAMES),
         "splits": splits,
@@ -594,45 +661,71 @@ def build_manifest(config: PackConfig, dirs: AnnotationDirs, fingerprint: str, i
 
 # --- the whole pack -------------------------------------------------------------------------------
 
+
 def plan_shards(index: SampleIndex, config: PackConfig) -> dict[str, list[np.ndarray]]:
     """Per split, the global rows of each shard in write order."""
     plan = {}
     for split in SPLITS:
         order = shuffle_order(index, split, config.seed)
-        plan[split] = [order[i:i + config.shard_size]
-                       for i in range(0, len(order), config.shard_size)]
+        plan[split] = [
+            order[i : i + config.shard_size] for i in range(0, len(order), config.shard_size)
+        ]
     return plan
 
 
-def _jobs(index: SampleIndex, plan: dict[str, list[np.ndarray]], todo: list[tuple[str, int]]
-          ) -> Iterator[ShardJob]:
+def _jobs(
+    index: SampleIndex, plan: dict[str, list[np.ndarray]], todo: list[tuple[str, int]]
+) -> Iterator[ShardJob]:
     for split, number in todo:
         rows = plan[split][number]
-        yield ShardJob(split, number, rows, index.video[rows], index.frame[rows],
-                       index.va[rows], index.expr[rows], index.au[rows])
+        yield ShardJob(
+            split,
+            number,
+            rows,
+            index.video[rows],
+            index.frame[rows],
+            index.va[rows],
+            index.expr[rows],
+            index.au[rows],
+        )
 
 
 def pack(config: PackConfig, *, progress: bool = True) -> dict:
     """Pack the tree into ``config.out``; return the manifest (also written as manifest.json)."""
-    dirs = find_annotation_dirs(config.root, frames=config.frames, va=config.va,
-                                expr=config.expr, au=config.au)
+    dirs = find_annotation_dirs(
+        config.root, frames=config.frames, va=config.va, expr=config.expr, au=config.au
+    )
     index = build_index(read_tree(dirs, progress=progress), dirs.frames)
     if len(index) == 0:
-        raise DataError(dirs.frames, "no frame has both an image and a valid label: nothing to "
-                                     "pack")
+        raise DataError(
+            dirs.frames, "no frame has both an image and a valid label: nothing to pack"
+        )
     fingerprint = fingerprint_source(dirs, index.videos)
     plan = plan_shards(index, config)
 
     config.out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(config.out)
-    state = PackState(config.out, {"format_version": FORMAT_VERSION, "fingerprint": fingerprint,
-                                   "settings": config.settings()})
+    state = PackState(
+        config.out,
+        {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "settings": config.settings(),
+        },
+    )
     shards = [(split, n) for split in SPLITS for n in range(len(plan[split]))]
     todo = [s for s in shards if state.finished(shard_name(*s)) is None]
     done = sum(len(plan[s][n]) for s, n in shards) - sum(len(plan[s][n]) for s, n in todo)
     context = WriterContext(config.out, dirs.frames, index.videos, config.check, config.skip_bad)
-    bar = tqdm(total=len(index), initial=done, unit="frame", unit_scale=True, desc="packing",
-               disable=not progress, smoothing=0.1)
+    bar = tqdm(
+        total=len(index),
+        initial=done,
+        unit="frame",
+        unit_scale=True,
+        desc="packing",
+        disable=not progress,
+        smoothing=0.1,
+    )
     try:
         workers = min(config.workers, len(todo) or 1)
         # closing(): the worker pool is shut down before any clean-up below touches files.
@@ -665,6 +758,7 @@ def load_manifest(out: str | Path) -> dict:
     except (OSError, json.JSONDecodeError) as error:
         raise DataError(path, f"unreadable manifest: {error}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(path, f"format_version {manifest.get('format_version')!r}, expected "
-                              f"{FORMAT_VERSION}")
+        raise DataError(
+            path, f"format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     return manifest

@@ -25,10 +25,26 @@ from affectfast.model import parse_init
 from affectfast.tasks import TASKS, parse_tasks
 from affectfast.train import TrainConfig, train
 
-RESULT_COLUMNS = ("run", "init", "ccc_valence", "ccc_arousal", "f1_expr", "f1_au", "p_mtl",
-                  "images_per_s", "wall_s")
-HEADINGS = {"ccc_valence": "CCC-V", "ccc_arousal": "CCC-A", "f1_expr": "F1-EXPR", "f1_au": "F1-AU",
-            "p_mtl": "P_MTL", "images_per_s": "images/s", "wall_s": "wall time (s)"}
+RESULT_COLUMNS = (
+    "run",
+    "init",
+    "ccc_valence",
+    "ccc_arousal",
+    "f1_expr",
+    "f1_au",
+    "p_mtl",
+    "images_per_s",
+    "wall_s",
+)
+HEADINGS = {
+    "ccc_valence": "CCC-V",
+    "ccc_arousal": "CCC-A",
+    "f1_expr": "F1-EXPR",
+    "f1_au": "F1-AU",
+    "p_mtl": "P_MTL",
+    "images_per_s": "images/s",
+    "wall_s": "wall time (s)",
+}
 CURVE_METRICS = ("ccc_mean", "f1_expr", "f1_au", "p_mtl")
 
 
@@ -36,10 +52,10 @@ CURVE_METRICS = ("ccc_mean", "f1_expr", "f1_au", "p_mtl")
 class StudyRun:
     """One cell of the study: a model (task set) trained from one initialization."""
 
-    name: str                 # "uni-va", "uni-expr", "uni-au" or "multi"
-    init_label: str           # the --inits token, e.g. "scratch" or "uni-expr"
+    name: str  # "uni-va", "uni-expr", "uni-au" or "multi"
+    init_label: str  # the --inits token, e.g. "scratch" or "uni-expr"
     tasks: tuple[str, ...]
-    init: str                 # what TrainConfig.init gets
+    init: str  # what TrainConfig.init gets
     out: Path
 
 
@@ -57,11 +73,13 @@ class StudyConfig:
             raise ValueError("inits must name at least one initialization")
         for token in self.inits:
             if token.startswith("uni-"):
-                parse_tasks(token[len("uni-"):])
+                parse_tasks(token[len("uni-") :])
             else:
                 parse_init(token)
         if not any(not t.startswith("uni-") for t in self.inits):
-            raise ValueError("uni-TASK fine-tuning needs a base initialization (scratch, imagenet, ...) first")
+            raise ValueError(
+                "uni-TASK fine-tuning needs a base initialization (scratch, imagenet, ...) first"
+            )
 
 
 def slug(init: str) -> str:
@@ -76,12 +94,22 @@ def plan_runs(config: StudyConfig) -> list[StudyRun]:
     base_inits = [t for t in config.inits if not t.startswith("uni-")]
     for init in base_inits:
         folder = config.out / slug(init)
-        runs += [StudyRun(f"uni-{task}", init, (task,), init, folder / f"uni-{task}") for task in TASKS]
+        runs += [
+            StudyRun(f"uni-{task}", init, (task,), init, folder / f"uni-{task}") for task in TASKS
+        ]
         runs.append(StudyRun("multi", init, TASKS, init, folder / "multi"))
     for token in config.inits:
         if token.startswith("uni-"):
             pretrained = config.out / slug(base_inits[0]) / token / "best.pt"
-            runs.append(StudyRun("multi", token, TASKS, f"ckpt:{pretrained}", config.out / f"from-{token}" / "multi"))
+            runs.append(
+                StudyRun(
+                    "multi",
+                    token,
+                    TASKS,
+                    f"ckpt:{pretrained}",
+                    config.out / f"from-{token}" / "multi",
+                )
+            )
     return runs
 
 
@@ -106,12 +134,19 @@ def run_study(config: StudyConfig) -> list[dict]:
     for index, run in enumerate(runs, 1):
         done = len(read_records(run.out))
         if done >= config.base.epochs:
-            print(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped", file=sys.stderr)
+            print(
+                f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped",
+                file=sys.stderr,
+            )
             continue
-        print(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}", file=sys.stderr)
+        print(
+            f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}",
+            file=sys.stderr,
+        )
         weights = tuple((t, w) for t, w in config.base.task_weights if t in run.tasks)
-        train_config = dataclasses.replace(config.base, out=run.out, tasks=run.tasks, init=run.init,
-                                           task_weights=weights)
+        train_config = dataclasses.replace(
+            config.base, out=run.out, tasks=run.tasks, init=run.init, task_weights=weights
+        )
         train(train_config, resume=(run.out / "last.pt").exists())
         write_summaries(config.out, runs)  # after every run, so a long study shows progress
     return write_summaries(config.out, runs)
@@ -168,14 +203,20 @@ def plot_curves(finished: list[tuple[StudyRun, list[dict]]], path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4 * len(CURVE_METRICS), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(CURVE_METRICS), figsize=(4 * len(CURVE_METRICS), 3.2), squeeze=False
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes[0], CURVE_METRICS):
         for index, (run, records) in enumerate(finished):  # one colour per run in every panel
             points = [(r["epoch"], r[metric]) for r in records if r.get(metric) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", color=colors[index % len(colors)],
-                        label=f"{run.init_label}/{run.name}")
+                ax.plot(
+                    *zip(*points),
+                    marker="o",
+                    color=colors[index % len(colors)],
+                    label=f"{run.init_label}/{run.name}",
+                )
         ax.set_title(f"val {metric}")
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -42,7 +42,15 @@ from tqdm import tqdm
 
 from affectfast.affwild2 import FRAMES_DIR, image_path
 from affectfast.tasks import (
-    AU_IGNORE, CHALLENGE_DIRS, EXPR_IGNORE, HEADERS, NUM_AU, NUM_EXPR, SPLIT_DIRS, TASKS, VA_IGNORE,
+    AU_IGNORE,
+    CHALLENGE_DIRS,
+    EXPR_IGNORE,
+    HEADERS,
+    NUM_AU,
+    NUM_EXPR,
+    SPLIT_DIRS,
+    TASKS,
+    VA_IGNORE,
 )
 
 ANNOTATIONS_DIR = "annotations"
@@ -53,12 +61,22 @@ JPEG_QUALITY = 90
 
 # --- the pixel encoding (normalized coordinates: the image spans [-1, 1], y grows downwards) ------
 # Expression colours: the 8 corners of the RGB cube, as far apart as colours can be.
-EXPR_COLOURS = np.array([
-    (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1), (1, 1, 1), (0, 0, 0),
-], dtype=np.float32)
-FACE_AXES = (0.62, 0.8)        # face ellipse semi-axes (x, y)
-DISC_RADIUS = 0.26             # expression disc
-MARK_RADIUS = 0.1              # AU marks
+EXPR_COLOURS = np.array(
+    [
+        (1, 0, 0),
+        (0, 1, 0),
+        (0, 0, 1),
+        (1, 1, 0),
+        (0, 1, 1),
+        (1, 0, 1),
+        (1, 1, 1),
+        (0, 0, 0),
+    ],
+    dtype=np.float32,
+)
+FACE_AXES = (0.62, 0.8)  # face ellipse semi-axes (x, y)
+DISC_RADIUS = 0.26  # expression disc
+MARK_RADIUS = 0.1  # AU marks
 
 
 def _ring(radius: float, degrees: tuple[float, ...]) -> list[tuple[float, float]]:
@@ -69,14 +87,18 @@ def _ring(radius: float, degrees: tuple[float, ...]) -> list[tuple[float, float]
 # Right-hand member of each AU's mirrored pair (the left one is at -x), in AU_NAMES order.
 # Three rings keep marks >= 0.07 apart and clear of the disc and of the readout patches below.
 AU_POSITIONS: tuple[tuple[float, float], ...] = tuple(
-    _ring(0.45, (30, 70, 110, 150)) + _ring(0.75, (15, 45, 75, 105, 135, 165)) + _ring(0.92, (60, 120))
+    _ring(0.45, (30, 70, 110, 150))
+    + _ring(0.75, (15, 45, 75, 105, 135, 165))
+    + _ring(0.92, (60, 120))
 )
 
 
 def _hue(degrees: float) -> tuple[float, float, float]:
     """A fully saturated colour of the given hue (0 red, 120 green, 240 blue)."""
-    return tuple(float(np.clip(2 - abs((degrees - centre + 180) % 360 - 180) / 60, 0, 1))
-                 for centre in (0, 120, 240))
+    return tuple(
+        float(np.clip(2 - abs((degrees - centre + 180) % 360 - 180) / 60, 0, 1))
+        for centre in (0, 120, 240)
+    )
 
 
 # AU k's marks have their own saturated hue as well as their own position: a network that pools
@@ -102,19 +124,21 @@ def skin_level(arousal):
 class SynthConfig:
     """What to synthesize: ``videos`` frame folders (subjects) of ``frames`` frames each."""
 
-    out: Path                          # tree root; must be missing or empty unless overwrite
-    videos: int = 40                   # frame folders, _left/_right subjects counted separately
-    frames: int = 200                  # frames per video (before gaps)
+    out: Path  # tree root; must be missing or empty unless overwrite
+    videos: int = 40  # frame folders, _left/_right subjects counted separately
+    frames: int = 200  # frames per video (before gaps)
     seed: int = 0
-    image_size: int = 112              # square frames, pixels (the real crops are 112)
+    image_size: int = 112  # square frames, pixels (the real crops are 112)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    overwrite: bool = False            # allow a non-empty OUT (files of an older tree may remain)
+    overwrite: bool = False  # allow a non-empty OUT (files of an older tree may remain)
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
         if self.videos < 4:
-            raise ValueError(f"videos must be >= 4 (room for both splits and a _left/_right pair); "
-                             f"got {self.videos}")
+            raise ValueError(
+                f"videos must be >= 4 (room for both splits and a _left/_right pair); "
+                f"got {self.videos}"
+            )
         if self.frames < 10:
             raise ValueError(f"frames must be >= 10; got {self.frames}")
         if not 32 <= self.image_size <= 1024:
@@ -130,12 +154,12 @@ class SynthConfig:
 class VideoPlan:
     """One subject (one frame folder) of the tree."""
 
-    index: int                         # position in the plan; seeds this video's RNG
-    name: str                          # e.g. "12-24-1920x1080" or "video7_left"
-    split: str                         # "train" or "val", the same for every task
-    tasks: tuple[str, ...]             # tasks that have an annotation file for this video
-    extra_lines: int                   # annotation lines past the last frame slot
-    final_newline: bool                # whether the annotation files end with a newline
+    index: int  # position in the plan; seeds this video's RNG
+    name: str  # e.g. "12-24-1920x1080" or "video7_left"
+    split: str  # "train" or "val", the same for every task
+    tasks: tuple[str, ...]  # tasks that have an annotation file for this video
+    extra_lines: int  # annotation lines past the last frame slot
+    final_newline: bool  # whether the annotation files end with a newline
 
 
 _RESOLUTIONS = ("640x360", "640x480", "1280x720", "1920x1080", "480x360")
@@ -158,13 +182,15 @@ def plan_tree(config: SynthConfig) -> list[VideoPlan]:
     """Decide every video's name, split and tree-level quirks from the seed (cheap, no I/O)."""
     rng = np.random.default_rng([config.seed, 0])
     n = config.videos
-    pairs = max(1, n // 12)                       # base videos split into _left and _right
+    pairs = max(1, n // 12)  # base videos split into _left and _right
     bases = n - pairs
     names = _base_names(rng, bases)
     paired = set(rng.choice(bases, size=pairs, replace=False).tolist())
-    val = set(rng.choice(bases, size=min(bases - 1, max(1, round(0.25 * bases))), replace=False).tolist())
+    val = set(
+        rng.choice(bases, size=min(bases - 1, max(1, round(0.25 * bases))), replace=False).tolist()
+    )
 
-    subjects: list[tuple[str, str]] = []          # (name, split)
+    subjects: list[tuple[str, str]] = []  # (name, split)
     for b, name in enumerate(names):
         split = "val" if b in val else "train"
         suffixes = ("_left", "_right") if b in paired else ("",)
@@ -176,9 +202,14 @@ def plan_tree(config: SynthConfig) -> list[VideoPlan]:
     extra[extra_videos] = rng.integers(1, 6, size=len(extra_videos))
     no_newline = set(rng.choice(n, size=max(1, n // 5), replace=False).tolist())
     return [
-        VideoPlan(index=i, name=name, split=split,
-                  tasks=tuple(t for t in TASKS if t != missing.get(i)),
-                  extra_lines=int(extra[i]), final_newline=i not in no_newline)
+        VideoPlan(
+            index=i,
+            name=name,
+            split=split,
+            tasks=tuple(t for t in TASKS if t != missing.get(i)),
+            extra_lines=int(extra[i]),
+            final_newline=i not in no_newline,
+        )
         for i, (name, split) in enumerate(subjects)
     ]
 
@@ -204,10 +235,10 @@ def _choose_missing_tasks(rng: np.random.Generator, splits: list[str]) -> dict[i
 class VideoLabelsTruth:
     """The underlying labels of every frame slot (1..frames + extra_lines), what the image shows."""
 
-    va: np.ndarray              # float64 L×2 in [-1, 1], rounded to 3 decimals (as written)
-    expr: np.ndarray            # int64 L, 0..7
-    au: np.ndarray              # int64 L×12, 0/1
-    has_image: np.ndarray       # bool L; False for gaps and for lines past the last image
+    va: np.ndarray  # float64 L×2 in [-1, 1], rounded to 3 decimals (as written)
+    expr: np.ndarray  # int64 L, 0..7
+    au: np.ndarray  # int64 L×12, 0/1
+    has_image: np.ndarray  # bool L; False for gaps and for lines past the last image
 
 
 def _smooth_signal(rng: np.random.Generator, length: int) -> np.ndarray:
@@ -215,8 +246,10 @@ def _smooth_signal(rng: np.random.Generator, length: int) -> np.ndarray:
     t = np.arange(length, dtype=np.float64)
     signal = np.full(length, rng.uniform(-0.55, 0.55))
     for _ in range(3):
-        period = rng.uniform(40, 400)             # frames
-        signal += rng.uniform(0.1, 0.35) * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
+        period = rng.uniform(40, 400)  # frames
+        signal += rng.uniform(0.1, 0.35) * np.sin(
+            2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)
+        )
     return np.clip(signal, -1.0, 1.0)
 
 
@@ -236,7 +269,7 @@ def _piecewise_expr(rng: np.random.Generator, length: int) -> np.ndarray:
     previous = -1
     for start, stop in _segments(rng, length, 8, 60):
         value = int(rng.integers(NUM_EXPR - (previous >= 0)))
-        value += previous >= 0 and value >= previous          # skip the previous class
+        value += previous >= 0 and value >= previous  # skip the previous class
         expr[start:stop] = previous = value
     return expr
 
@@ -256,7 +289,7 @@ def _gaps(rng: np.random.Generator, frames: int) -> np.ndarray:
     has_image = np.ones(frames, dtype=bool)
     for _ in range(max(1, round(0.03 * frames / 2.5))):
         start = int(rng.integers(frames))
-        has_image[start:start + int(rng.integers(1, 5))] = False
+        has_image[start : start + int(rng.integers(1, 5))] = False
     return has_image
 
 
@@ -267,8 +300,9 @@ def video_labels(seed: int, plan: VideoPlan, frames: int) -> VideoLabelsTruth:
     va = np.round(np.stack([_smooth_signal(rng, length), _smooth_signal(rng, length)], axis=1), 3)
     has_image = np.zeros(length, dtype=bool)
     has_image[:frames] = _gaps(rng, frames)
-    return VideoLabelsTruth(va=va, expr=_piecewise_expr(rng, length), au=_on_off_au(rng, length),
-                            has_image=has_image)
+    return VideoLabelsTruth(
+        va=va, expr=_piecewise_expr(rng, length), au=_on_off_au(rng, length), has_image=has_image
+    )
 
 
 # --- annotation files ---------------------------------------------------------------------------
@@ -293,8 +327,12 @@ def annotation_lines(seed: int, plan: VideoPlan, truth: VideoLabelsTruth, task: 
             which = (plan.index + r) % 3 if r == 0 else int(rng.integers(3))
             for i in range(start, stop):
                 v, a = rows[i].split(",")
-                rows[i] = ",".join([f"{VA_IGNORE:g}" if which in (0, 1) else v,
-                                    f"{VA_IGNORE:g}" if which in (0, 2) else a])
+                rows[i] = ",".join(
+                    [
+                        f"{VA_IGNORE:g}" if which in (0, 1) else v,
+                        f"{VA_IGNORE:g}" if which in (0, 2) else a,
+                    ]
+                )
     elif task == "expr":
         rows = [str(e) for e in truth.expr]
         for start, stop in _ignore_runs(rng, length):
@@ -324,11 +362,11 @@ def _write_annotations(root: Path, seed: int, plan: VideoPlan, truth: VideoLabel
 class FaceStyle:
     """One video's look: small jitter that a model must see past."""
 
-    centre: tuple[float, float]     # face centre, normalized
-    scale: float                    # face size factor
-    tint: np.ndarray                # float32 3, zero-sum background tint (keeps the grey level)
-    skin: np.ndarray                # float32 3, skin hue with channel mean 1
-    noise: float                    # pixel noise std, in [0, 1] units
+    centre: tuple[float, float]  # face centre, normalized
+    scale: float  # face size factor
+    tint: np.ndarray  # float32 3, zero-sum background tint (keeps the grey level)
+    skin: np.ndarray  # float32 3, skin hue with channel mean 1
+    noise: float  # pixel noise std, in [0, 1] units
 
 
 def video_style(seed: int, plan: VideoPlan) -> FaceStyle:
@@ -336,10 +374,13 @@ def video_style(seed: int, plan: VideoPlan) -> FaceStyle:
     rng = np.random.default_rng([seed, 3, plan.index])
     tint = rng.uniform(-0.04, 0.04, 3)
     skin = np.array([1.25, 0.95, 0.8]) + rng.uniform(-0.06, 0.06, 3)
-    return FaceStyle(centre=tuple(rng.uniform(-0.025, 0.025, 2)), scale=float(rng.uniform(0.96, 1.04)),
-                     tint=(tint - tint.mean()).astype(np.float32),
-                     skin=(skin / skin.mean()).astype(np.float32),
-                     noise=float(rng.uniform(2, 5) / 255))
+    return FaceStyle(
+        centre=tuple(rng.uniform(-0.025, 0.025, 2)),
+        scale=float(rng.uniform(0.96, 1.04)),
+        tint=(tint - tint.mean()).astype(np.float32),
+        skin=(skin / skin.mean()).astype(np.float32),
+        noise=float(rng.uniform(2, 5) / 255),
+    )
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -357,11 +398,11 @@ def _coverage(distance: np.ndarray, size: int) -> np.ndarray:
 class FaceMasks:
     """Coverage masks of one video's shapes, computed once per video and size."""
 
-    face: np.ndarray                # float32 H×W×1
-    disc: np.ndarray                # float32 H×W×1
-    mark_id: np.ndarray             # intp H×W: the AU whose mark covers the pixel, NUM_AU for none
-    mark_cover: np.ndarray          # float32 H×W×1, coverage of that mark
-    mark_rgb: np.ndarray            # float32 H×W×3, its colour premultiplied by the coverage
+    face: np.ndarray  # float32 H×W×1
+    disc: np.ndarray  # float32 H×W×1
+    mark_id: np.ndarray  # intp H×W: the AU whose mark covers the pixel, NUM_AU for none
+    mark_cover: np.ndarray  # float32 H×W×1, coverage of that mark
+    mark_rgb: np.ndarray  # float32 H×W×3, its colour premultiplied by the coverage
 
 
 def face_masks(style: FaceStyle, size: int) -> FaceMasks:
@@ -374,8 +415,9 @@ def face_masks(style: FaceStyle, size: int) -> FaceMasks:
     disc = np.hypot(x - cx, y - cy) - DISC_RADIUS * s
     marks = []
     for px, py in AU_POSITIONS:
-        pair = np.minimum(np.hypot(x - cx - px * s, y - cy - py * s),
-                          np.hypot(x - cx + px * s, y - cy - py * s))
+        pair = np.minimum(
+            np.hypot(x - cx - px * s, y - cy - py * s), np.hypot(x - cx + px * s, y - cy - py * s)
+        )
         marks.append(_coverage(pair - MARK_RADIUS * s, size))
     marks = np.stack(marks)
     # Marks never overlap (not even their anti-aliased edges), so one id per pixel is enough and
@@ -383,18 +425,26 @@ def face_masks(style: FaceStyle, size: int) -> FaceMasks:
     cover = marks.max(axis=0)
     mark_id = np.where(cover > 0, marks.argmax(axis=0), NUM_AU)
     colours = np.concatenate([MARK_COLOURS, np.zeros((1, 3), np.float32)])
-    return FaceMasks(face=_coverage(face, size)[..., None], disc=_coverage(disc, size)[..., None],
-                     mark_id=mark_id, mark_cover=cover[..., None],
-                     mark_rgb=colours[mark_id] * cover[..., None])
+    return FaceMasks(
+        face=_coverage(face, size)[..., None],
+        disc=_coverage(disc, size)[..., None],
+        mark_id=mark_id,
+        mark_cover=cover[..., None],
+        mark_rgb=colours[mark_id] * cover[..., None],
+    )
 
 
-def draw_frame(masks: FaceMasks, style: FaceStyle, va, expr: int, au, noise: np.ndarray) -> np.ndarray:
+def draw_frame(
+    masks: FaceMasks, style: FaceStyle, va, expr: int, au, noise: np.ndarray
+) -> np.ndarray:
     """One frame as uint8 H×W×3: the labels drawn into the face (see the module docstring)."""
     valence, arousal = va
-    image = np.broadcast_to(np.float32(background_level(valence)) + style.tint, masks.face.shape[:2] + (3,))
+    image = np.broadcast_to(
+        np.float32(background_level(valence)) + style.tint, masks.face.shape[:2] + (3,)
+    )
     image = image + (np.float32(skin_level(arousal)) * style.skin - image) * masks.face
     image += (EXPR_COLOURS[expr] - image) * masks.disc
-    on = np.append(np.asarray(au) == 1, False)[masks.mark_id][..., None]    # H×W×1 bool
+    on = np.append(np.asarray(au) == 1, False)[masks.mark_id][..., None]  # H×W×1 bool
     image = np.where(on, image * (1 - masks.mark_cover) + masks.mark_rgb, image)
     image += noise
     return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
@@ -421,7 +471,7 @@ class _Chunk:
     size: int
     plan: VideoPlan
     style: FaceStyle
-    frames: np.ndarray              # 1-based numbers of the frames to draw
+    frames: np.ndarray  # 1-based numbers of the frames to draw
     va: np.ndarray
     expr: np.ndarray
     au: np.ndarray
@@ -434,7 +484,7 @@ def _draw_chunk(chunk: _Chunk) -> int:
     for frame, va, expr, au in zip(chunk.frames, chunk.va, chunk.expr, chunk.au):
         rng = np.random.default_rng([chunk.seed, 4, chunk.plan.index, int(frame)])
         # Uniform noise with the style's std: cheaper to draw than Gaussian, looks the same.
-        amplitude = np.float32(chunk.style.noise * 12 ** 0.5)
+        amplitude = np.float32(chunk.style.noise * 12**0.5)
         noise = (rng.random(shape, dtype=np.float32) - np.float32(0.5)) * amplitude
         image = draw_frame(masks, chunk.style, va, int(expr), au, noise)
         frame_path(chunk.root, chunk.plan.name, int(frame)).write_bytes(encode_jpeg(image))
@@ -446,9 +496,18 @@ def _chunks(config: SynthConfig, plan: VideoPlan, truth: VideoLabelsTruth, per_c
     style = video_style(config.seed, plan)
     slots = np.flatnonzero(truth.has_image)
     for start in range(0, len(slots), per_chunk):
-        idx = slots[start:start + per_chunk]
-        yield _Chunk(root=config.out, seed=config.seed, size=config.image_size, plan=plan, style=style,
-                     frames=idx + 1, va=truth.va[idx], expr=truth.expr[idx], au=truth.au[idx])
+        idx = slots[start : start + per_chunk]
+        yield _Chunk(
+            root=config.out,
+            seed=config.seed,
+            size=config.image_size,
+            plan=plan,
+            style=style,
+            frames=idx + 1,
+            va=truth.va[idx],
+            expr=truth.expr[idx],
+            au=truth.au[idx],
+        )
 
 
 # --- the whole tree -----------------------------------------------------------------------------
@@ -457,7 +516,9 @@ def _check_out(config: SynthConfig) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise FileExistsError(f"{out} is not empty (pass overwrite=True / --overwrite to write into it)")
+        raise FileExistsError(
+            f"{out} is not empty (pass overwrite=True / --overwrite to write into it)"
+        )
 
 
 def synthesize(config: SynthConfig, progress: bool = False) -> Path:
@@ -493,7 +554,7 @@ def _patch_mean(image: np.ndarray, patch: tuple[float, float, float, float]) -> 
     h, w = image.shape[:2]
     x0, x1, y0, y1 = patch
 
-    def pixels(low: float, high: float, n: int) -> slice:      # at least one pixel wide
+    def pixels(low: float, high: float, n: int) -> slice:  # at least one pixel wide
         start = int(round((low + 1) / 2 * n))
         return slice(start, max(start + 1, int(round((high + 1) / 2 * n))))
 

@@ -17,10 +17,28 @@ TASKS: tuple[str, ...] = ("va", "expr", "au")
 
 VA_NAMES: tuple[str, ...] = ("valence", "arousal")
 EXPR_NAMES: tuple[str, ...] = (
-    "Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other",
+    "Neutral",
+    "Anger",
+    "Disgust",
+    "Fear",
+    "Happiness",
+    "Sadness",
+    "Surprise",
+    "Other",
 )
 AU_NAMES: tuple[str, ...] = (
-    "AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26",
+    "AU1",
+    "AU2",
+    "AU4",
+    "AU6",
+    "AU7",
+    "AU10",
+    "AU12",
+    "AU15",
+    "AU23",
+    "AU24",
+    "AU25",
+    "AU26",
 )
 NUM_EXPR = len(EXPR_NAMES)
 NUM_AU = len(AU_NAMES)
@@ -59,7 +77,7 @@ def split_member(name: str) -> tuple[str, str]:
     """(key, extension) of a tar member name, split at the first dot of its file name, as DALI and
     webdataset do: "vid/00001.jpg" -> ("vid/00001", "jpg"); no dot -> (name, "")."""
     dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
 def parse_tasks(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -82,8 +100,10 @@ def decode_label(task: str, data: bytes) -> np.ndarray:
     """Inverse of :func:`encode_label`; raises ValueError on a wrong length."""
     array = np.frombuffer(data, dtype=LABEL_DTYPE[task])
     if array.size != LABEL_SIZE[task]:
-        raise ValueError(f"{task} component has {len(data)} bytes, expected "
-                         f"{LABEL_SIZE[task] * LABEL_DTYPE[task].itemsize}")
+        raise ValueError(
+            f"{task} component has {len(data)} bytes, expected "
+            f"{LABEL_SIZE[task] * LABEL_DTYPE[task].itemsize}"
+        )
     return array
 
 

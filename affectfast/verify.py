@@ -22,7 +22,13 @@ from affectfast.errors import DataError
 from affectfast.jpeg import JpegError, check_jpeg
 from affectfast.pack import MANIFEST, index_line, index_text, load_manifest
 from affectfast.tasks import (
-    IMAGE_EXT, LABEL_EXT, NUM_AU, NUM_EXPR, TASKS, decode_label, split_member,
+    IMAGE_EXT,
+    LABEL_EXT,
+    NUM_AU,
+    NUM_EXPR,
+    TASKS,
+    decode_label,
+    split_member,
 )
 
 TASK_OF_EXT = {ext: task for task, ext in LABEL_EXT.items()}
@@ -51,8 +57,9 @@ class ShardCounts:
         self.va_squares += other.va_squares
 
 
-def verify(out: str | Path, decode: bool = False, *, workers: int = 1,
-           progress: bool = False) -> list[str]:
+def verify(
+    out: str | Path, decode: bool = False, *, workers: int = 1, progress: bool = False
+) -> list[str]:
     """Every problem found in the pack output ``out`` (one line each); empty when all is well."""
     out = Path(out)
     try:
@@ -60,21 +67,32 @@ def verify(out: str | Path, decode: bool = False, *, workers: int = 1,
     except DataError as error:
         return [str(error)]
     problems = []
-    shards = [(split, shard) for split, entry in manifest["splits"].items()
-              for shard in entry["shards"]]
+    shards = [
+        (split, shard) for split, entry in manifest["splits"].items() for shard in entry["shards"]
+    ]
     totals = {split: ShardCounts() for split in manifest["splits"]}
     jobs = [(out, shard, decode) for _, shard in shards]
-    for (split, _), (found, counts) in zip(shards, tqdm(_map(_check_shard, jobs, workers),
-                                                         total=len(jobs), unit="shard",
-                                                         desc="verifying", disable=not progress)):
+    for (split, _), (found, counts) in zip(
+        shards,
+        tqdm(
+            _map(_check_shard, jobs, workers),
+            total=len(jobs),
+            unit="shard",
+            desc="verifying",
+            disable=not progress,
+        ),
+    ):
         problems += found
         if counts is not None:
             totals[split].add(counts)
     for split, entry in manifest["splits"].items():
         problems += _compare_split(out / MANIFEST, split, entry, totals[split])
     listed = {shard[key] for _, shard in shards for key in ("name", "index")}
-    problems += [f"{path}: not listed in the manifest" for path in sorted(out.iterdir())
-                 if path.suffix in (".tar", ".idx") and path.name not in listed]
+    problems += [
+        f"{path}: not listed in the manifest"
+        for path in sorted(out.iterdir())
+        if path.suffix in (".tar", ".idx") and path.name not in listed
+    ]
     return problems
 
 
@@ -109,8 +127,9 @@ def _check_shard(job: tuple[Path, dict, bool]) -> tuple[list[str], ShardCounts |
     return problems, counts
 
 
-def _read_tar(path: Path, data: bytes, decode: bool, problems: list[str]
-              ) -> tuple[list[str], ShardCounts]:
+def _read_tar(
+    path: Path, data: bytes, decode: bool, problems: list[str]
+) -> tuple[list[str], ShardCounts]:
     """Group the members into samples as DALI's wds2idx does; count and check their components."""
     counts, lines, sample, last = ShardCounts(), [], [], None
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -124,17 +143,23 @@ def _read_tar(path: Path, data: bytes, decode: bool, problems: list[str]
                 sample = []
             last = key
             sample.append((member.name, member.offset_data, member.size))
-            payload = data[member.offset_data:member.offset_data + member.size]
-            _count_component(path, member.name, ext, payload, decode,
-                             counts, problems)
+            payload = data[member.offset_data : member.offset_data + member.size]
+            _count_component(path, member.name, ext, payload, decode, counts, problems)
     if sample:
         lines.append(index_line(sample))
     counts.samples = len(lines)
     return lines, counts
 
 
-def _count_component(path: Path, name: str, ext: str, payload: bytes, decode: bool,
-                     counts: ShardCounts, problems: list[str]) -> None:
+def _count_component(
+    path: Path,
+    name: str,
+    ext: str,
+    payload: bytes,
+    decode: bool,
+    counts: ShardCounts,
+    problems: list[str],
+) -> None:
     if ext == IMAGE_EXT:
         if decode:
             try:
@@ -151,8 +176,11 @@ def _count_component(path: Path, name: str, ext: str, payload: bytes, decode: bo
     except ValueError as error:
         problems.append(f"{path}: {name}: {error}")
         return
-    if (task == "expr" and label[0] >= NUM_EXPR) or (task == "au" and label.max() > 1) or (
-            task == "va" and not np.all(np.abs(label) <= 1)):
+    if (
+        (task == "expr" and label[0] >= NUM_EXPR)
+        or (task == "au" and label.max() > 1)
+        or (task == "va" and not np.all(np.abs(label) <= 1))
+    ):
         problems.append(f"{path}: {name}: label {label.tolist()} out of range")
         return
     counts.valid[task] += 1
@@ -176,8 +204,10 @@ def _compare_index(path: Path, expected: str) -> list[str]:
     for number, (a, b) in enumerate(zip(found.splitlines(), expected.splitlines()), start=1):
         if a != b:
             return [f"{path}:{number}: does not match its tar (expected {b[:80]!r})"]
-    return [f"{path}: does not match its tar ({len(found.splitlines())} lines, expected "
-            f"{len(expected.splitlines())})"]
+    return [
+        f"{path}: does not match its tar ({len(found.splitlines())} lines, expected "
+        f"{len(expected.splitlines())})"
+    ]
 
 
 def _compare_split(manifest: Path, split: str, entry: dict, counts: ShardCounts) -> list[str]:
@@ -185,26 +215,35 @@ def _compare_split(manifest: Path, split: str, entry: dict, counts: ShardCounts)
     problems = []
     where = f"{manifest}: {split}"
     if counts.samples != entry["samples"]:
-        problems.append(f"{where}: shards hold {counts.samples} samples, the manifest says "
-                        f"{entry['samples']}")
+        problems.append(
+            f"{where}: shards hold {counts.samples} samples, the manifest says {entry['samples']}"
+        )
     stats = entry["stats"]
     for task in TASKS:
         if counts.valid[task] != stats[task]["valid"]:
-            problems.append(f"{where}: shards hold {counts.valid[task]} valid {task} labels, the "
-                            f"manifest says {stats[task]['valid']}")
+            problems.append(
+                f"{where}: shards hold {counts.valid[task]} valid {task} labels, the "
+                f"manifest says {stats[task]['valid']}"
+            )
     if counts.expr.tolist() != stats["expr"]["class_counts"]:
-        problems.append(f"{where}: expr class counts {counts.expr.tolist()} differ from the "
-                        f"manifest's {stats['expr']['class_counts']}")
+        problems.append(
+            f"{where}: expr class counts {counts.expr.tolist()} differ from the "
+            f"manifest's {stats['expr']['class_counts']}"
+        )
     if counts.au.tolist() != stats["au"]["positive_counts"]:
-        problems.append(f"{where}: AU positive counts {counts.au.tolist()} differ from the "
-                        f"manifest's {stats['au']['positive_counts']}")
+        problems.append(
+            f"{where}: AU positive counts {counts.au.tolist()} differ from the "
+            f"manifest's {stats['au']['positive_counts']}"
+        )
     n = max(counts.valid["va"], 1)
     mean = counts.va_sum / n
     std = np.sqrt(np.maximum(counts.va_squares / n - mean * mean, 0))
     for name, value in (("mean", mean), ("std", std)):
         if not np.allclose(value, stats["va"][name], rtol=0, atol=STATS_TOLERANCE):
-            problems.append(f"{where}: VA {name} {value.tolist()} differs from the manifest's "
-                            f"{stats['va'][name]}")
+            problems.append(
+                f"{where}: VA {name} {value.tolist()} differs from the manifest's "
+                f"{stats['va'][name]}"
+            )
     return problems
 
 

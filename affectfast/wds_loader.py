@@ -26,9 +26,19 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from affectfast.loader import (SHUFFLE_BUFFER, EpochLoader, LoaderConfig, collate_examples,
-                               epoch_seed, finish_batch, rank_range, sample_counts, split_shards,
-                               torch_transform, worker_init)
+from affectfast.loader import (
+    SHUFFLE_BUFFER,
+    EpochLoader,
+    LoaderConfig,
+    collate_examples,
+    epoch_seed,
+    finish_batch,
+    rank_range,
+    sample_counts,
+    split_shards,
+    torch_transform,
+    worker_init,
+)
 from affectfast.tasks import IMAGE_EXT, LABEL_EXT, decode_label
 
 
@@ -42,8 +52,11 @@ class WdsLoader(EpochLoader):
         # Global index (among the samples this task set keeps) of each tar's first sample.
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         lo, hi = rank_range(self.samples, config.rank, config.world_size)
-        self.offsets = {str(s.tar): int(start) for s, start, n in zip(self.shards, starts, counts)
-                        if n and start < hi and start + n > lo}
+        self.offsets = {
+            str(s.tar): int(start)
+            for s, start, n in zip(self.shards, starts, counts)
+            if n and start < hi and start + n > lo
+        }
         self.range = (lo, hi)
 
     def __iter__(self):
@@ -53,12 +66,17 @@ class WdsLoader(EpochLoader):
             random.Random(epoch_seed(c.seed, self.epoch)).shuffle(urls)
         workers = min(c.num_threads, len(urls))
         loader = torch.utils.data.DataLoader(
-            self._dataset(urls), batch_size=None, num_workers=workers, worker_init_fn=worker_init,
+            self._dataset(urls),
+            batch_size=None,
+            num_workers=workers,
+            worker_init_fn=worker_init,
             generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)),
-            prefetch_factor=4 if workers else None)
+            prefetch_factor=4 if workers else None,
+        )
         for keys, images, labels, masks in _rebatch(loader, c.batch_size, len(self)):
-            yield finish_batch(images, labels, masks, keys if c.with_keys else None, c.device,
-                               c.dtype)
+            yield finish_batch(
+                images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
+            )
 
     def _dataset(self, urls: list[str]) -> wds.DataPipeline:
         c = self.config
@@ -98,8 +116,9 @@ class RankPart:
 
 
 def _example(tasks: tuple[str, ...], transform, sample: dict) -> tuple:
-    labels = {t: decode_label(t, sample[LABEL_EXT[t]]) if LABEL_EXT[t] in sample else None
-              for t in tasks}
+    labels = {
+        t: decode_label(t, sample[LABEL_EXT[t]]) if LABEL_EXT[t] in sample else None for t in tasks
+    }
     return sample["__key__"], transform(sample[IMAGE_EXT]), labels
 
 
@@ -145,5 +164,9 @@ def _concat(batches: list[tuple]) -> tuple:
 
 def _slice(batch: tuple, start: int, stop: int | None) -> tuple:
     keys, images, labels, masks = batch
-    return (keys[start:stop], images[start:stop], {t: v[start:stop] for t, v in labels.items()},
-            {t: v[start:stop] for t, v in masks.items()})
+    return (
+        keys[start:stop],
+        images[start:stop],
+        {t: v[start:stop] for t, v in labels.items()},
+        {t: v[start:stop] for t, v in masks.items()},
+    )

@@ -45,14 +45,24 @@ def main() -> None:
         "decode only": (None, True),
         "decode + normalize": (None, False),
         "decode + flip + normalize": (AugmentSpec(degrees=0), False),
-        "full: one warp (scale+rotation) + flip + normalize":
-            (AugmentSpec(interpolation=args.interpolation), False),
+        "full: one warp (scale+rotation) + flip + normalize": (
+            AugmentSpec(interpolation=args.interpolation),
+            False,
+        ),
     }
     print(f"{'stage':52s} images/s   x decode")
     decode = None
     for name, (augment, decode_only) in stages.items():
-        loader = build_loader("dali-cpu", args.shards, "train", TASKS, args.batch_size,
-                              image_size=args.image_size, augment=augment, num_threads=args.threads)
+        loader = build_loader(
+            "dali-cpu",
+            args.shards,
+            "train",
+            TASKS,
+            args.batch_size,
+            image_size=args.image_size,
+            augment=augment,
+            num_threads=args.threads,
+        )
         pipe = build_pipeline(loader.config, loader.shards, 0, decode_only=decode_only)
         rate = images_per_s(pipe, args.batch_size, args.batches)
         decode = decode or rate

@@ -44,8 +44,16 @@ def make_tree(cache: Path, videos: int, frames: int, size: int) -> Path:
     if not (root / ".complete").exists():
         shutil.rmtree(root, ignore_errors=True)
         print(f"generating {root} (once)...", file=sys.stderr)
-        synthesize(SynthConfig(out=root, videos=videos, frames=frames, seed=0, image_size=size,
-                               workers=os.cpu_count() or 1))
+        synthesize(
+            SynthConfig(
+                out=root,
+                videos=videos,
+                frames=frames,
+                seed=0,
+                image_size=size,
+                workers=os.cpu_count() or 1,
+            )
+        )
         (root / ".complete").touch()
     return root
 
@@ -123,8 +131,9 @@ INDEX_MEMORY = textwrap.dedent("""
 
 
 def peak_memory_kib(script: str, *args: str) -> list[int]:
-    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, check=True
+    )
     return [int(x) for x in result.stdout.split()]
 
 
@@ -135,11 +144,17 @@ def make_index_tree(cache: Path, frames: int, per_video: int = 500) -> Path:
     if (root / ".complete").exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
-    heads = {"VA_Estimation_Challenge": ("valence,arousal", "0.5,-0.25"),
-             "EXPR_Recognition_Challenge": ("Neutral,Anger,Disgust,Fear,Happiness,Sadness,"
-                                            "Surprise,Other", "3"),
-             "AU_Detection_Challenge": ("AU1,AU2,AU4,AU6,AU7,AU10,AU12,AU15,AU23,AU24,AU25,AU26",
-                                        "0,1,0,0,1,0,0,0,1,0,0,1")}
+    heads = {
+        "VA_Estimation_Challenge": ("valence,arousal", "0.5,-0.25"),
+        "EXPR_Recognition_Challenge": (
+            "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other",
+            "3",
+        ),
+        "AU_Detection_Challenge": (
+            "AU1,AU2,AU4,AU6,AU7,AU10,AU12,AU15,AU23,AU24,AU25,AU26",
+            "0,1,0,0,1,0,0,0,1,0,0,1",
+        ),
+    }
     for v in range(frames // per_video):
         video = f"video{v}"
         split = "Train_Set" if v % 5 else "Validation_Set"
@@ -157,8 +172,9 @@ def make_index_tree(cache: Path, frames: int, per_video: int = 500) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path,
-                        default=Path(tempfile.gettempdir()) / "affectfast-bench")
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "affectfast-bench"
+    )
     parser.add_argument("--videos", type=int, default=50)
     parser.add_argument("--frames", type=int, default=500)
     parser.add_argument("--size", type=int, default=112)
@@ -166,56 +182,91 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--index-frames", type=int, default=100_000)
     parser.add_argument("--memory-only", action="store_true", help="Skip the throughput runs.")
-    parser.add_argument("--csv", type=Path, default=None,
-                        help="CSV of the results [default: CACHE/bench_pack.csv]")
+    parser.add_argument(
+        "--csv", type=Path, default=None, help="CSV of the results [default: CACHE/bench_pack.csv]"
+    )
     args = parser.parse_args()
 
     args.cache.mkdir(parents=True, exist_ok=True)
     root = make_tree(args.cache, args.videos, args.frames, args.size)
     files = image_files(root)
     megabytes = sum(p.stat().st_size for p in files) / 1e6
-    print(f"{len(files)} frames, {megabytes:.1f} MB of JPEG ({args.size} px), {os.cpu_count()} "
-          f"cores; median of {args.repeats} after a warm-up", file=sys.stderr)
+    print(
+        f"{len(files)} frames, {megabytes:.1f} MB of JPEG ({args.size} px), {os.cpu_count()} "
+        f"cores; median of {args.repeats} after a warm-up",
+        file=sys.stderr,
+    )
 
     rows = []
     with tempfile.TemporaryDirectory(dir=args.cache) as scratch_dir:
         scratch = Path(scratch_dir)
         for workers in [] if args.memory_only else args.workers:
             measured = {
-                "tar cf (floor 1)": lambda: tar_floor(files, scratch, workers),
-                "read+decode (floor 2)": lambda: decode_floor(files, scratch, workers),
-                "pack --check full": lambda: pack_run(root, scratch, workers, "full"),
-                "pack --check header": lambda: pack_run(root, scratch, workers, "header"),
+                "tar cf (floor 1)": lambda w=workers: tar_floor(files, scratch, w),
+                "read+decode (floor 2)": lambda w=workers: decode_floor(files, scratch, w),
+                "pack --check full": lambda w=workers: pack_run(root, scratch, w, "full"),
+                "pack --check header": lambda w=workers: pack_run(root, scratch, w, "header"),
             }
             seconds = {name: timed(run, args.repeats) for name, run in measured.items()}
-            floor = {"pack --check full": "read+decode (floor 2)",
-                     "pack --check header": "tar cf (floor 1)"}
+            floor = {
+                "pack --check full": "read+decode (floor 2)",
+                "pack --check header": "tar cf (floor 1)",
+            }
             for name, secs in seconds.items():
                 ratio = seconds[floor[name]] / secs if name in floor else None
-                rows.append({"method": name, "workers": 1 if name.startswith("tar") else workers,
-                             "seconds": round(secs, 3), "frames_per_s": round(len(files) / secs),
-                             "mb_per_s": round(megabytes / secs, 1),
-                             "ratio_to_floor": round(ratio, 2) if ratio else ""})
-                print(f"{name:24s} workers {rows[-1]['workers']}  {rows[-1]['frames_per_s']:7d} "
-                      f"frames/s  {rows[-1]['mb_per_s']:6.1f} MB/s"
-                      + (f"  {ratio:.2f}x {floor[name]}" if ratio else ""), flush=True)
+                rows.append(
+                    {
+                        "method": name,
+                        "workers": 1 if name.startswith("tar") else workers,
+                        "seconds": round(secs, 3),
+                        "frames_per_s": round(len(files) / secs),
+                        "mb_per_s": round(megabytes / secs, 1),
+                        "ratio_to_floor": round(ratio, 2) if ratio else "",
+                    }
+                )
+                print(
+                    f"{name:24s} workers {rows[-1]['workers']}  {rows[-1]['frames_per_s']:7d} "
+                    f"frames/s  {rows[-1]['mb_per_s']:6.1f} MB/s"
+                    + (f"  {ratio:.2f}x {floor[name]}" if ratio else ""),
+                    flush=True,
+                )
 
-        main_kib, worker_kib = peak_memory_kib(PACK_MEMORY, str(root), str(scratch / "mem"),
-                                               str(max(args.workers)))
+        main_kib, worker_kib = peak_memory_kib(
+            PACK_MEMORY, str(root), str(scratch / "mem"), str(max(args.workers))
+        )
     index_root = make_index_tree(args.cache, args.index_frames)
     frames, before_kib, after_kib = peak_memory_kib(INDEX_MEMORY, str(index_root))
-    per_frame = (after_kib - before_kib) * 1024 / frames    # includes fixed costs: an upper bound
-    print(f"pack peak RSS ({len(files)} frames, {max(args.workers)} workers): main "
-          f"{main_kib / 1024:.0f} MiB, largest worker {worker_kib / 1024:.0f} MiB")
-    print(f"reader+index at {frames} frames: {after_kib / 1024:.0f} MiB peak, "
-          f"{(after_kib - before_kib) / 1024:.1f} MiB over the imports ({per_frame:.0f} B/frame) "
-          f"-> {AFFWILD2_FRAMES / 1e6:.1f}M frames: about "
-          f"{(before_kib * 1024 + per_frame * AFFWILD2_FRAMES) / 2**30:.2f} GiB")
-    rows.append({"method": "pack peak RSS main/worker MiB", "workers": max(args.workers),
-                 "seconds": "", "frames_per_s": "", "mb_per_s": "",
-                 "ratio_to_floor": f"{main_kib / 1024:.0f}/{worker_kib / 1024:.0f}"})
-    rows.append({"method": f"reader+index B/frame at {frames}", "workers": 1, "seconds": "",
-                 "frames_per_s": "", "mb_per_s": "", "ratio_to_floor": f"{per_frame:.0f}"})
+    per_frame = (after_kib - before_kib) * 1024 / frames  # includes fixed costs: an upper bound
+    print(
+        f"pack peak RSS ({len(files)} frames, {max(args.workers)} workers): main "
+        f"{main_kib / 1024:.0f} MiB, largest worker {worker_kib / 1024:.0f} MiB"
+    )
+    print(
+        f"reader+index at {frames} frames: {after_kib / 1024:.0f} MiB peak, "
+        f"{(after_kib - before_kib) / 1024:.1f} MiB over the imports ({per_frame:.0f} B/frame) "
+        f"-> {AFFWILD2_FRAMES / 1e6:.1f}M frames: about "
+        f"{(before_kib * 1024 + per_frame * AFFWILD2_FRAMES) / 2**30:.2f} GiB"
+    )
+    rows.append(
+        {
+            "method": "pack peak RSS main/worker MiB",
+            "workers": max(args.workers),
+            "seconds": "",
+            "frames_per_s": "",
+            "mb_per_s": "",
+            "ratio_to_floor": f"{main_kib / 1024:.0f}/{worker_kib / 1024:.0f}",
+        }
+    )
+    rows.append(
+        {
+            "method": f"reader+index B/frame at {frames}",
+            "workers": 1,
+            "seconds": "",
+            "frames_per_s": "",
+            "mb_per_s": "",
+            "ratio_to_floor": f"{per_frame:.0f}",
+        }
+    )
     args.csv = args.csv or args.cache / "bench_pack.csv"
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as file:

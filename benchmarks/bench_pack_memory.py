@@ -22,7 +22,9 @@ AFFWILD2_FRAMES = 2_800_000
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="an Aff-Wild2-layout tree (e.g. from affectfast synth)")
+    parser.add_argument(
+        "root", type=Path, help="an Aff-Wild2-layout tree (e.g. from affectfast synth)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
@@ -37,10 +39,14 @@ def main() -> None:
         pack(PackConfig(root=args.root, out=Path(out), workers=args.workers), progress=False)
     _, peak = tracemalloc.get_traced_memory()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"frames {frames}: reader+index hold {held / 2**20:.1f} MiB ({held / frames:.0f} B/frame); "
-          f"whole pack peak {peak / 2**20:.1f} MiB ({peak / frames:.0f} B/frame); main ru_maxrss {rss:.0f} MiB")
-    print(f"extrapolated to {AFFWILD2_FRAMES / 1e6:.1f}M frames: index {held / frames * AFFWILD2_FRAMES / 2**30:.2f} GiB, "
-          f"pack peak {peak / frames * AFFWILD2_FRAMES / 2**30:.2f} GiB (Python heap of the main process)")
+    print(
+        f"frames {frames}: reader+index hold {held / 2**20:.1f} MiB ({held / frames:.0f} B/frame); "
+        f"whole pack peak {peak / 2**20:.1f} MiB ({peak / frames:.0f} B/frame); main ru_maxrss {rss:.0f} MiB"
+    )
+    print(
+        f"extrapolated to {AFFWILD2_FRAMES / 1e6:.1f}M frames: index {held / frames * AFFWILD2_FRAMES / 2**30:.2f} GiB, "
+        f"pack peak {peak / frames * AFFWILD2_FRAMES / 2**30:.2f} GiB (Python heap of the main process)"
+    )
 
 
 if __name__ == "__main__":

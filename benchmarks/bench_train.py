@@ -31,8 +31,15 @@ from affectfast.loader import AugmentSpec, build_loader
 from affectfast.model import build_model
 from affectfast.pack import MANIFEST, PackConfig, load_manifest, pack
 from affectfast.synth import SynthConfig, synthesize
-from affectfast.train import (AMP_DTYPES, TrainConfig, build_autocast, build_schedule, build_task_loss,
-                              resolve_device, train_step)
+from affectfast.train import (
+    AMP_DTYPES,
+    TrainConfig,
+    build_autocast,
+    build_schedule,
+    build_task_loss,
+    resolve_device,
+    train_step,
+)
 
 
 def endless(loader):
@@ -64,7 +71,9 @@ def timed(run, device, warmup: int, steps: int, repeats: int, batch_size: int) -
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=Path, help="pack output; default: synthesize and pack a small tree")
+    parser.add_argument(
+        "--shards", type=Path, help="pack output; default: synthesize and pack a small tree"
+    )
     parser.add_argument("--loader", default="dali-gpu", help="falls back to dali-cpu without CUDA")
     parser.add_argument("--tasks", default="va,expr,au")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -74,7 +83,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-threads", type=int, default=2, help="loader threads")
-    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads for the CPU step")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="intra-op threads for the CPU step"
+    )
     parser.add_argument("--csv", type=Path, default=Path("runs/bench_train.csv"))
     args = parser.parse_args(argv)
     if args.torch_threads:
@@ -83,13 +94,25 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if shards is None:
-            tree = synthesize(SynthConfig(out=Path(tmp) / "tree", videos=12, frames=100, seed=0, image_size=64,
-                                          workers=1))
+            tree = synthesize(
+                SynthConfig(
+                    out=Path(tmp) / "tree", videos=12, frames=100, seed=0, image_size=64, workers=1
+                )
+            )
             shards = Path(tmp) / "shards"
             pack(PackConfig(root=tree, out=shards, workers=1, shard_size=500, seed=0))
-        config, _ = resolve_device(TrainConfig(shards=shards, out=Path(tmp) / "run", tasks=args.tasks,
-                                               loader=args.loader, batch_size=args.batch_size,
-                                               image_size=args.image_size, amp=args.amp, num_threads=args.num_threads))
+        config, _ = resolve_device(
+            TrainConfig(
+                shards=shards,
+                out=Path(tmp) / "run",
+                tasks=args.tasks,
+                loader=args.loader,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                amp=args.amp,
+                num_threads=args.num_threads,
+            )
+        )
         rows = run_benchmark(config, args)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as f:
@@ -100,28 +123,47 @@ def main(argv=None) -> None:
     for row in rows:
         print(f"{row['measurement']:<16}{row['images_per_s']:>20.1f}{row['runs']:>30}")
     ratio = rows[2]["images_per_s"] / rows[1]["images_per_s"]
-    print(f"loader overhead (train+memory / train+loader): {ratio:.2f}x   "
-          f"[{config.loader}, amp {config.amp}, batch {config.batch_size}, {config.image_size}px, "
-          f"torch threads {torch.get_num_threads()}]  csv: {args.csv}")
+    print(
+        f"loader overhead (train+memory / train+loader): {ratio:.2f}x   "
+        f"[{config.loader}, amp {config.amp}, batch {config.batch_size}, {config.image_size}px, "
+        f"torch threads {torch.get_num_threads()}]  csv: {args.csv}"
+    )
 
 
 def run_benchmark(config: TrainConfig, args) -> list[dict]:
     """The three measurements as CSV rows."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = build_loader(config.loader, config.shards, "train", config.tasks, config.batch_size,
-                          image_size=config.image_size, augment=AugmentSpec(), device=device,
-                          dtype=AMP_DTYPES.get(config.amp, torch.float32), num_threads=config.num_threads)
+    loader = build_loader(
+        config.loader,
+        config.shards,
+        "train",
+        config.tasks,
+        config.batch_size,
+        image_size=config.image_size,
+        augment=AugmentSpec(),
+        device=device,
+        dtype=AMP_DTYPES.get(config.amp, torch.float32),
+        num_threads=config.num_threads,
+    )
     model = build_model(config.tasks).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    scheduler = build_schedule(optimizer, 10 ** 6)
+    scheduler = build_schedule(optimizer, 10**6)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    loss_spec = build_task_loss(config, load_manifest(config.shards), config.shards / MANIFEST).to(device)
+    loss_spec = build_task_loss(config, load_manifest(config.shards), config.shards / MANIFEST).to(
+        device
+    )
     autocast = build_autocast(device, config.amp)
     step = lambda batch: train_step(model, batch, optimizer, scheduler, scaler, autocast, loss_spec)  # noqa: E731
     stream = endless(loader)
     # The same batches, decoded once; cloned so they stay valid should a loader reuse its buffers.
-    in_memory = [Batch(b.images.clone(), {t: v.clone() for t, v in b.labels.items()},
-                       {t: v.clone() for t, v in b.masks.items()}) for b in islice(stream, args.steps)]
+    in_memory = [
+        Batch(
+            b.images.clone(),
+            {t: v.clone() for t, v in b.labels.items()},
+            {t: v.clone() for t, v in b.masks.items()},
+        )
+        for b in islice(stream, args.steps)
+    ]
 
     def from_loader(n):
         for batch in islice(stream, n):
@@ -136,12 +178,25 @@ def run_benchmark(config: TrainConfig, args) -> list[dict]:
             step(batch)
 
     rows = []
-    for name, run in (("loader", loader_only), ("train+loader", from_loader), ("train+memory", from_memory)):
+    for name, run in (
+        ("loader", loader_only),
+        ("train+loader", from_loader),
+        ("train+memory", from_memory),
+    ):
         rates = timed(run, device, args.warmup, args.steps, args.repeats, config.batch_size)
-        rows.append({"measurement": name, "images_per_s": statistics.median(rates),
-                     "runs": " ".join(f"{r:.1f}" for r in rates), "loader": config.loader, "amp": config.amp,
-                     "batch_size": config.batch_size, "image_size": config.image_size,
-                     "device": device.type, "torch_threads": torch.get_num_threads()})
+        rows.append(
+            {
+                "measurement": name,
+                "images_per_s": statistics.median(rates),
+                "runs": " ".join(f"{r:.1f}" for r in rates),
+                "loader": config.loader,
+                "amp": config.amp,
+                "batch_size": config.batch_size,
+                "image_size": config.image_size,
+                "device": device.type,
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
         print(f"{name}: {statistics.median(rates):.1f} images/s", file=sys.stderr)
     return rows
 

@@ -11,14 +11,21 @@ import pytest
 from PIL import Image
 
 from affectfast.affwild2 import (
-    AnnotationDirs, find_annotation_dirs, image_path, read_tree, sample_key,
+    AnnotationDirs,
+    find_annotation_dirs,
+    image_path,
+    read_tree,
+    sample_key,
 )
 from affectfast.errors import DataError
 from affectfast.tasks import CHALLENGE_DIRS, HEADERS
 
 NAN = np.nan
 VA_DIR, EXPR_DIR, AU_DIR = (
-    "VA_Estimation_Challenge", "EXPR_Recognition_Challenge", "AU_Detection_Challenge")
+    "VA_Estimation_Challenge",
+    "EXPR_Recognition_Challenge",
+    "AU_Detection_Challenge",
+)
 AU0 = "0,0,0,0,0,0,0,0,0,0,0,0"
 AU1 = "1,0,0,0,0,0,0,0,0,0,0,1"
 AU_IGN = [-1] * 12
@@ -40,9 +47,19 @@ def write_frames(root: Path, video: str, frames) -> None:
         (folder / f"{frame:05d}.jpg").write_bytes(JPEG)
 
 
-def write_labels(root: Path, challenge: str, video: str, rows: list[str], *, task: str,
-                 split: str = "Train_Set", header: str | None = None, newline: str = "\n",
-                 final_newline: bool = True, under: str = "") -> Path:
+def write_labels(
+    root: Path,
+    challenge: str,
+    video: str,
+    rows: list[str],
+    *,
+    task: str,
+    split: str = "Train_Set",
+    header: str | None = None,
+    newline: str = "\n",
+    final_newline: bool = True,
+    under: str = "",
+) -> Path:
     """Write ``<root>/<under>/<challenge>/<split>/<video>.txt``: header then one row per frame."""
     path = root / under / challenge / split / f"{video}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,15 +78,22 @@ def read(root: Path, tasks=("va", "expr", "au")):
 
 # --- a full tree and the join ---------------------------------------------------------------------
 
+
 @pytest.fixture
 def tree(tmp_path):
     """One video with all three tasks; frame 3 has no image, frame 6 is past the last image."""
     write_frames(tmp_path, "v1", [1, 2, 4, 5])
-    write_labels(tmp_path, VA_DIR, "v1", ["0.5,-0.25", "-5,0.3", "0.1,0.2", "1,-1", "-5,-5", "0,0"],
-                 task="va")
+    write_labels(
+        tmp_path,
+        VA_DIR,
+        "v1",
+        ["0.5,-0.25", "-5,0.3", "0.1,0.2", "1,-1", "-5,-5", "0,0"],
+        task="va",
+    )
     write_labels(tmp_path, EXPR_DIR, "v1", ["3", "-1", "4", "0", "-1", "7"], task="expr")
-    write_labels(tmp_path, AU_DIR, "v1", [AU1, AU0, AU0, "1,1,1,1,1,1,1,1,1,1,1,-1", AU0, AU0],
-                 task="au")
+    write_labels(
+        tmp_path, AU_DIR, "v1", [AU1, AU0, AU0, "1,1,1,1,1,1,1,1,1,1,1,-1", AU0, AU0], task="au"
+    )
     return tmp_path
 
 
@@ -78,12 +102,15 @@ def test_joins_three_tasks_exactly(tree):
     assert (video.name, video.split) == ("v1", "train")
     np.testing.assert_array_equal(video.frames, [1, 2, 4, 5])  # 3: no image; 6: past last image
     assert video.frames.dtype == np.int32
-    np.testing.assert_array_equal(video.va, np.array(
-        [[0.5, -0.25], [NAN, NAN], [1, -1], [NAN, NAN]], dtype=np.float32))
+    np.testing.assert_array_equal(
+        video.va, np.array([[0.5, -0.25], [NAN, NAN], [1, -1], [NAN, NAN]], dtype=np.float32)
+    )
     assert video.va.dtype == np.float32
     np.testing.assert_array_equal(video.expr, np.array([3, -1, 0, -1], dtype=np.int8))
-    np.testing.assert_array_equal(video.au, np.array(
-        [[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0] * 12, AU_IGN, [0] * 12], dtype=np.int8))
+    np.testing.assert_array_equal(
+        video.au,
+        np.array([[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0] * 12, AU_IGN, [0] * 12], dtype=np.int8),
+    )
     assert video.au.dtype == video.expr.dtype == np.int8
 
 
@@ -148,7 +175,10 @@ def test_left_right_subjects_are_two_videos_and_splits_follow_sets(tmp_path):
     write_labels(tmp_path, VA_DIR, "val_video", ["0,0"], task="va", split="Validation_Set")
     videos = read_tree(find_annotation_dirs(tmp_path))
     assert [(v.name, v.split) for v in videos] == [
-        ("10-60-1280x720_left", "train"), ("10-60-1280x720_right", "train"), ("val_video", "val")]
+        ("10-60-1280x720_left", "train"),
+        ("10-60-1280x720_right", "train"),
+        ("val_video", "val"),
+    ]
     np.testing.assert_array_equal(videos[1].frames, [2])
     np.testing.assert_array_equal(videos[1].expr, [4])
 
@@ -162,6 +192,7 @@ def test_video_with_no_kept_frame_is_left_out(tmp_path):
 
 
 # --- finding the folders --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("expr_dir", CHALLENGE_DIRS["expr"])
 def test_both_expr_folder_names(tmp_path, expr_dir):
@@ -198,8 +229,9 @@ def test_explicit_folders_win(tmp_path):
     frames = tmp_path / "elsewhere" / "cropped_aligned"
     dirs = find_annotation_dirs(tmp_path / "other", frames=frames, va=str(tmp_path / VA_DIR))
     assert dirs.va == tmp_path / VA_DIR and isinstance(dirs.va, Path)
-    dirs = find_annotation_dirs(None, frames=tmp_path / "elsewhere" / "cropped_aligned",
-                                va=tmp_path / "other" / VA_DIR)
+    dirs = find_annotation_dirs(
+        None, frames=tmp_path / "elsewhere" / "cropped_aligned", va=tmp_path / "other" / VA_DIR
+    )
     (video,) = read_tree(dirs)
     np.testing.assert_array_equal(video.frames, [1])
     np.testing.assert_array_equal(video.va, np.array([[0.5, 0.5]], dtype=np.float32))
@@ -238,6 +270,7 @@ def test_challenge_folder_without_sets_is_refused(tmp_path):
 
 # --- bad input: one line naming the file and the line ---------------------------------------------
 
+
 def _bad(tmp_path, task, rows, **kwargs) -> DataError:
     write_frames(tmp_path, "v", [1, 2, 3])
     challenge = {"va": VA_DIR, "expr": EXPR_DIR, "au": AU_DIR}[task]
@@ -250,24 +283,44 @@ def _bad(tmp_path, task, rows, **kwargs) -> DataError:
     return error
 
 
-@pytest.mark.parametrize("task, rows, kwargs, line, message", [
-    ("va", ["0,0"], {"header": "valence;arousal"}, 1, "expected the va header 'valence,arousal'"),
-    ("expr", ["1"], {"header": ""}, 1, "expected the expr header 'Neutral,Anger"),
-    ("au", [AU0, "0,1", AU0], {}, 3, "expected 12 comma-separated values .*got 2"),
-    ("va", ["0,0", "0,0,0"], {"newline": "\r\n"}, 3, "expected 2 comma-separated values"),
-    ("expr", ["1", "1,2"], {}, 3, "expected 1 value .*got 2"),
-    ("va", ["0,0", "", "0,0"], {}, 3, "expected 2 comma-separated values .*got 1"),
-    ("va", ["0,0", "0.1,abc"], {}, 3, "'abc' is not a number"),
-    ("expr", ["1", "2", "", "3"], {}, 4, "'' is not a number"),
-    ("au", [AU0, AU0, "0,0,0,0,0,0,0,0,0,0,0,yes"], {}, 4, "'yes' is not a number"),
-    ("va", ["0,0", "1.7,0.5"], {}, 3,
-     r"valence 1.7 out of range: expected a value in \[-1, 1\] or -5"),
-    ("va", ["0,-1.01"], {}, 2, "arousal -1.01 out of range"),
-    ("va", ["nan,0"], {}, 2, "valence nan out of range"),
-    ("expr", ["1", "9"], {}, 3, "expression 9 out of range: expected an integer 0..7 or -1"),
-    ("expr", ["2.5"], {}, 2, "expression 2.5 out of range"),
-    ("au", [AU0, "0,0,0,2,0,0,0,0,0,0,0,0"], {}, 3, "AU6 2 out of range: expected 0 or 1, or -1"),
-])
+@pytest.mark.parametrize(
+    "task, rows, kwargs, line, message",
+    [
+        (
+            "va",
+            ["0,0"],
+            {"header": "valence;arousal"},
+            1,
+            "expected the va header 'valence,arousal'",
+        ),
+        ("expr", ["1"], {"header": ""}, 1, "expected the expr header 'Neutral,Anger"),
+        ("au", [AU0, "0,1", AU0], {}, 3, "expected 12 comma-separated values .*got 2"),
+        ("va", ["0,0", "0,0,0"], {"newline": "\r\n"}, 3, "expected 2 comma-separated values"),
+        ("expr", ["1", "1,2"], {}, 3, "expected 1 value .*got 2"),
+        ("va", ["0,0", "", "0,0"], {}, 3, "expected 2 comma-separated values .*got 1"),
+        ("va", ["0,0", "0.1,abc"], {}, 3, "'abc' is not a number"),
+        ("expr", ["1", "2", "", "3"], {}, 4, "'' is not a number"),
+        ("au", [AU0, AU0, "0,0,0,0,0,0,0,0,0,0,0,yes"], {}, 4, "'yes' is not a number"),
+        (
+            "va",
+            ["0,0", "1.7,0.5"],
+            {},
+            3,
+            r"valence 1.7 out of range: expected a value in \[-1, 1\] or -5",
+        ),
+        ("va", ["0,-1.01"], {}, 2, "arousal -1.01 out of range"),
+        ("va", ["nan,0"], {}, 2, "valence nan out of range"),
+        ("expr", ["1", "9"], {}, 3, "expression 9 out of range: expected an integer 0..7 or -1"),
+        ("expr", ["2.5"], {}, 2, "expression 2.5 out of range"),
+        (
+            "au",
+            [AU0, "0,0,0,2,0,0,0,0,0,0,0,0"],
+            {},
+            3,
+            "AU6 2 out of range: expected 0 or 1, or -1",
+        ),
+    ],
+)
 def test_bad_input_names_file_and_line(tmp_path, task, rows, kwargs, line, message):
     error = _bad(tmp_path, task, rows, **kwargs)
     assert error.line == line
@@ -320,9 +373,11 @@ def test_annotation_file_without_frames_folder(tmp_path):
 
 # --- naming ---------------------------------------------------------------------------------------
 
+
 def test_image_path_and_sample_key(tmp_path):
     assert image_path(tmp_path, "10-60-1280x720_left", 7) == (
-        tmp_path / "10-60-1280x720_left" / "00007.jpg")
+        tmp_path / "10-60-1280x720_left" / "00007.jpg"
+    )
     assert sample_key("10-60-1280x720_left", 7) == "10-60-1280x720_left/00007"
     assert sample_key("v", 12345) == "v/12345"
     with pytest.raises(ValueError):
@@ -340,6 +395,7 @@ def test_frames_folder_ignores_stray_files(tmp_path):
 
 # --- the synthetic tree ---------------------------------------------------------------------------
 
+
 def _naive_labels(dirs: AnnotationDirs) -> dict[tuple[str, int], dict]:
     """An independent, slow reading of a tree: (video, frame) -> {split, task: label} for every
     frame with an image and at least one valid label."""
@@ -353,8 +409,11 @@ def _naive_labels(dirs: AnnotationDirs) -> dict[tuple[str, int], dict]:
                     if not line.strip() or not image_path(dirs.frames, path.stem, frame).exists():
                         continue
                     values = [float(x) for x in line.split(",")]
-                    valid = {"va": -5 not in values, "expr": values != [-1],
-                             "au": -1 not in values}[task]
+                    valid = {
+                        "va": -5 not in values,
+                        "expr": values != [-1],
+                        "au": -1 not in values,
+                    }[task]
                     if valid:
                         entry = found.setdefault((path.stem, frame), {"split": split})
                         entry[task] = values

@@ -15,13 +15,13 @@ from affectfast.dali_pipeline import SENTINEL, build_pipeline, native_size
 from affectfast.loader import AugmentSpec, LoaderConfig, build_loader, split_shards
 from affectfast.tasks import encode_label
 
-HEIGHT, WIDTH = 48, 64   # not square: the per-sample scale must use both axes
+HEIGHT, WIDTH = 48, 64  # not square: the per-sample scale must use both axes
 
 
 def _frame(i: int) -> bytes:
     """Left half dark, right half bright, brightness depending on i (a sharp vertical edge)."""
     pixels = np.full((HEIGHT, WIDTH, 3), 20 + i, np.uint8)
-    pixels[:, WIDTH // 2:] = 200 + i
+    pixels[:, WIDTH // 2 :] = 200 + i
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, "JPEG", quality=98)
     return out.getvalue()
@@ -50,10 +50,25 @@ def handmade(tmp_path_factory):
 
 
 def _config(folder, tasks=("va", "expr"), batch_size=4, **kw) -> LoaderConfig:
-    base = dict(kind="dali-cpu", shards=folder, split="train", tasks=tasks, batch_size=batch_size,
-                image_size=32, augment=None, shuffle=False, rank=0, world_size=1,
-                device=torch.device("cpu"), dtype=torch.float32, with_keys=True, drop_last=False,
-                seed=0, num_threads=1, tree=None)
+    base = dict(
+        kind="dali-cpu",
+        shards=folder,
+        split="train",
+        tasks=tasks,
+        batch_size=batch_size,
+        image_size=32,
+        augment=None,
+        shuffle=False,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        with_keys=True,
+        drop_last=False,
+        seed=0,
+        num_threads=1,
+        tree=None,
+    )
     return LoaderConfig(**{**base, **kw})
 
 
@@ -65,13 +80,24 @@ def test_reader_skips_or_pads_missing_labels(handmade):
     assert uni.reader_meta("reader")["epoch_size"] == 5
     assert multi.reader_meta("reader")["epoch_size"] == 10
     _, va, expr, _ = (out.as_array() for out in multi.run())
-    assert va[0].tolist() == [SENTINEL["va"]] * 2 and expr[0, 0] == 0       # i = 0: expr only
+    assert va[0].tolist() == [SENTINEL["va"]] * 2 and expr[0, 0] == 0  # i = 0: expr only
     assert expr[1, 0] == SENTINEL["expr"] and va[1] == pytest.approx([0.1, -0.1])
 
 
 def test_keys_masks_and_labels_through_the_loader(handmade):
-    batches = list(build_loader("dali-cpu", handmade, "train", ("va", "expr"), 4, image_size=32,
-                                shuffle=False, drop_last=False, with_keys=True))
+    batches = list(
+        build_loader(
+            "dali-cpu",
+            handmade,
+            "train",
+            ("va", "expr"),
+            4,
+            image_size=32,
+            shuffle=False,
+            drop_last=False,
+            with_keys=True,
+        )
+    )
     assert [len(b) for b in batches] == [4, 4, 2]
     keys = [k for b in batches for k in b.keys]
     assert keys == [f"vid{i % 2}/{i + 1:05d}" for i in range(10)]
@@ -96,13 +122,16 @@ def test_decode_only_gives_native_uint8(handmade):
 def test_one_warp_scales_each_axis_about_the_pixel_centres(handmade, interpolation):
     """A near-zero rotation leaves the pure scale 64x48 -> 32x32: the edge lands at x = 16."""
     spec = AugmentSpec(flip=False, degrees=1e-4, interpolation=interpolation)
-    pipe = build_pipeline(_config(handmade, tasks=("expr",), augment=spec, dtype=torch.float32),
-                          split_shards(handmade, "train"), 0)
-    images = pipe.run()[0].as_array()                   # normalized HWC float
+    pipe = build_pipeline(
+        _config(handmade, tasks=("expr",), augment=spec, dtype=torch.float32),
+        split_shards(handmade, "train"),
+        0,
+    )
+    images = pipe.run()[0].as_array()  # normalized HWC float
     assert images.shape == (4, 32, 32, 3)
     red = images[..., 0]
     assert (red[:, :, :15] < red[:, :, 17:].min(axis=2, keepdims=True)).all()
-    assert np.allclose(red[:, :, :15], red[:, :1, :1], atol=0.1)   # uniform halves, no smear
+    assert np.allclose(red[:, :, :15], red[:, :1, :1], atol=0.1)  # uniform halves, no smear
 
 
 def test_flip_mirrors_the_image(handmade):
@@ -119,13 +148,32 @@ def test_flip_mirrors_the_image(handmade):
 
 @pytest.mark.gpu
 def test_gpu_pipeline_decodes_on_the_device(handmade):
-    config = _config(handmade, kind="dali-gpu", device=torch.device("cuda"),
-                     augment=AugmentSpec(interpolation="linear"))
+    config = _config(
+        handmade,
+        kind="dali-gpu",
+        device=torch.device("cuda"),
+        augment=AugmentSpec(interpolation="linear"),
+    )
     pipe = build_pipeline(config, split_shards(handmade, "train"), 0)
     images, *_ = pipe.run()
     assert type(images).__name__ == "TensorListGPU"
-    batches = list(build_loader("dali-gpu", handmade, "train", ("va", "expr"), 4, image_size=32,
-                                device="cuda", dtype=torch.bfloat16, drop_last=False))
+    batches = list(
+        build_loader(
+            "dali-gpu",
+            handmade,
+            "train",
+            ("va", "expr"),
+            4,
+            image_size=32,
+            device="cuda",
+            dtype=torch.bfloat16,
+            drop_last=False,
+        )
+    )
     assert [len(b) for b in batches] == [4, 4, 2]
-    assert all(b.images.is_cuda and b.images.dtype == torch.bfloat16 and
-               b.images.is_contiguous(memory_format=torch.channels_last) for b in batches)
+    assert all(
+        b.images.is_cuda
+        and b.images.dtype == torch.bfloat16
+        and b.images.is_contiguous(memory_format=torch.channels_last)
+        for b in batches
+    )

@@ -10,12 +10,18 @@ import pytest
 import torch
 
 from affectfast.errors import DataError
-from affectfast.loader import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, build_loader, epoch_shard_order
+from affectfast.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentSpec,
+    build_loader,
+    epoch_shard_order,
+)
 from affectfast.pack import load_manifest
 from affectfast.tasks import LABEL_EXT, TASKS, decode_label
 
 CPU_KINDS = ("dali-cpu", "wds", "files")
-SIZE = 64          # the fixture's native frame size: no resampling with augmentation off
+SIZE = 64  # the fixture's native frame size: no resampling with augmentation off
 BATCH = 16
 
 
@@ -100,14 +106,31 @@ def test_uni_task_counts_equal_the_manifest(packed, synth_tree, task):
 def test_two_ranks_cover_every_sample_once(packed, synth_tree, kind):
     samples = load_manifest(packed)["splits"]["train"]["samples"]
     # Evaluation: every sample exactly once across ranks, no padding duplicate.
-    parts = [epoch(kind, packed, synth_tree, "train", rank=r, world_size=2, shuffle=False,
-                   drop_last=False) for r in range(2)]
+    parts = [
+        epoch(
+            kind, packed, synth_tree, "train", rank=r, world_size=2, shuffle=False, drop_last=False
+        )
+        for r in range(2)
+    ]
     keys = [k for part in parts for b in part for k in b.keys]
     assert len(keys) == len(set(keys)) == samples
     # Training: disjoint, and the same number of full batches on both ranks.
-    loaders = [build_loader(kind, packed, "train", TASKS, BATCH, image_size=SIZE, rank=r,
-                            world_size=2, with_keys=True, num_threads=2, tree=synth_tree)
-               for r in range(2)]
+    loaders = [
+        build_loader(
+            kind,
+            packed,
+            "train",
+            TASKS,
+            BATCH,
+            image_size=SIZE,
+            rank=r,
+            world_size=2,
+            with_keys=True,
+            num_threads=2,
+            tree=synth_tree,
+        )
+        for r in range(2)
+    ]
     parts = [list(loader) for loader in loaders]
     assert [len(p) for p in parts] == [len(loaders[0])] * 2 == [(samples // 2) // BATCH] * 2
     assert all(len(b) == BATCH for p in parts for b in p)
@@ -117,8 +140,17 @@ def test_two_ranks_cover_every_sample_once(packed, synth_tree, kind):
 
 @pytest.mark.parametrize("kind", ("dali-cpu", "wds"))
 def test_set_epoch_reshuffles_deterministically(packed, synth_tree, kind):
-    loader = build_loader(kind, packed, "train", ("va",), BATCH, image_size=SIZE, with_keys=True,
-                          num_threads=1, seed=3)
+    loader = build_loader(
+        kind,
+        packed,
+        "train",
+        ("va",),
+        BATCH,
+        image_size=SIZE,
+        with_keys=True,
+        num_threads=1,
+        seed=3,
+    )
 
     def order(e):
         loader.set_epoch(e)
@@ -134,17 +166,28 @@ def test_shard_order_is_a_fresh_permutation_per_epoch_when_shuffling():
     orders = [epoch_shard_order(shards, 7, epoch, shuffle=True) for epoch in range(3)]
     assert all(sorted(o) == shards for o in orders)
     assert orders[0] != orders[1] != orders[2] and orders[0] != shards
-    assert epoch_shard_order(shards, 7, 1, shuffle=True) == orders[1]     # a function of (seed, epoch)
+    assert epoch_shard_order(shards, 7, 1, shuffle=True) == orders[1]  # a function of (seed, epoch)
     assert epoch_shard_order(shards, 7, 1, shuffle=False) == shards
 
 
 # float16 once (on dali-cpu): the cast is shared by every kind (finish_batch).
-@pytest.mark.parametrize("kind,dtype", [(kind, dtype) for kind in CPU_KINDS
-                                        for dtype in (torch.float32, torch.bfloat16)]
-                         + [("dali-cpu", torch.float16)])
+@pytest.mark.parametrize(
+    "kind,dtype",
+    [(kind, dtype) for kind in CPU_KINDS for dtype in (torch.float32, torch.bfloat16)]
+    + [("dali-cpu", torch.float16)],
+)
 def test_batch_layout_dtype_and_partial_last_batch(packed, synth_tree, kind, dtype):
-    batches = epoch(kind, packed, synth_tree, tasks=("va", "expr"), image_size=32, dtype=dtype,
-                    augment=AugmentSpec(interpolation="linear"), drop_last=False, shuffle=False)
+    batches = epoch(
+        kind,
+        packed,
+        synth_tree,
+        tasks=("va", "expr"),
+        image_size=32,
+        dtype=dtype,
+        augment=AugmentSpec(interpolation="linear"),
+        drop_last=False,
+        shuffle=False,
+    )
     samples = load_manifest(packed)["splits"]["val"]["samples"]
     assert [len(b) for b in batches] == [BATCH] * (samples // BATCH) + [samples % BATCH]
     for b in batches:
@@ -169,8 +212,15 @@ def test_augmentation_changes_pixels_but_not_labels(packed, synth_tree):
 
 def test_no_op_augmentation_is_an_exact_copy(packed, synth_tree):
     plain = by_key(epoch("dali-cpu", packed, synth_tree, tasks=("va",)))
-    still = by_key(epoch("dali-cpu", packed, synth_tree, tasks=("va",),
-                         augment=AugmentSpec(flip=False, degrees=0)))
+    still = by_key(
+        epoch(
+            "dali-cpu",
+            packed,
+            synth_tree,
+            tasks=("va",),
+            augment=AugmentSpec(flip=False, degrees=0),
+        )
+    )
     assert all(torch.equal(still[k][0], plain[k][0]) for k in plain)
 
 
@@ -199,14 +249,19 @@ def test_bad_arguments_are_refused(packed):
 @pytest.mark.gpu
 def test_dali_gpu_yields_what_dali_cpu_yields(packed, synth_tree, val_epochs):
     batches = epoch("dali-gpu", packed, synth_tree, device="cuda", dtype=torch.float16)
-    assert all(b.images.is_cuda and b.images.is_contiguous(memory_format=torch.channels_last)
-               and b.images.dtype == torch.float16 for b in batches)
+    assert all(
+        b.images.is_cuda
+        and b.images.is_contiguous(memory_format=torch.channels_last)
+        and b.images.dtype == torch.float16
+        for b in batches
+    )
     gpu = by_key([_to_cpu(b) for b in batches])
     cpu = val_epochs["dali-cpu"]
     assert gpu.keys() == cpu.keys()
     for key, (image, labels) in gpu.items():
-        assert {t: (v.tolist(), m) for t, (v, m) in labels.items()} == \
-               {t: (v.tolist(), m) for t, (v, m) in cpu[key][1].items()}
+        assert {t: (v.tolist(), m) for t, (v, m) in labels.items()} == {
+            t: (v.tolist(), m) for t, (v, m) in cpu[key][1].items()
+        }
         # nvJPEG vs libjpeg-turbo, plus fp16 rounding.
         assert (image - cpu[key][0]).abs().mean() < 1.5
 
@@ -224,10 +279,30 @@ def test_bench_loaders_command_writes_table_csv_and_plot(packed, synth_tree, tmp
     from affectfast.cli import main
 
     csv_path, png = tmp_path / "bench.csv", tmp_path / "bench.png"
-    result = CliRunner().invoke(main, [
-        "bench", "loaders", str(packed), "--tree", str(synth_tree), "--loaders", "dali-cpu,files",
-        "--batch-size", "16", "--image-size", "32", "--seconds", "0.2", "--threads", "1",
-        "--csv", str(csv_path), "--plot", str(png)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "loaders",
+            str(packed),
+            "--tree",
+            str(synth_tree),
+            "--loaders",
+            "dali-cpu,files",
+            "--batch-size",
+            "16",
+            "--image-size",
+            "32",
+            "--seconds",
+            "0.2",
+            "--threads",
+            "1",
+            "--csv",
+            str(csv_path),
+            "--plot",
+            str(png),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = csv_path.read_text().splitlines()
     assert rows[0].startswith("loader,images_per_s")
@@ -236,7 +311,9 @@ def test_bench_loaders_command_writes_table_csv_and_plot(packed, synth_tree, tmp
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("damage", ["v1.2\n", "v1.2 1\njpg x 10 a/00001.jpg\n", "v1.2 1\njpg 512 10 noext\n"])
+@pytest.mark.parametrize(
+    "damage", ["v1.2\n", "v1.2 1\njpg x 10 a/00001.jpg\n", "v1.2 1\njpg 512 10 noext\n"]
+)
 def test_damaged_index_is_a_data_error_naming_it(packed, tmp_path, damage):
     folder = tmp_path / "shards"
     shutil.copytree(packed, folder)

@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
-from affectfast.losses import (TaskLoss, au_loss, au_pos_weight, expr_class_weights, expr_loss, masked_ccc,
-                               multitask_loss, va_loss)
+from affectfast.losses import (
+    TaskLoss,
+    au_loss,
+    au_pos_weight,
+    expr_class_weights,
+    expr_loss,
+    masked_ccc,
+    multitask_loss,
+    va_loss,
+)
 from affectfast.metrics import Predictions, ccc, compute_metrics, format_tables, tune_au_thresholds
 
 
@@ -33,7 +41,10 @@ def test_ccc_matches_the_textbook_formula_via_pearson():
 
 def test_masked_ccc_ignores_invalid_rows_whatever_they_hold():
     rng = np.random.default_rng(1)
-    pred, target = rng.normal(size=(64, 2)).astype(np.float32), rng.normal(size=(64, 2)).astype(np.float32)
+    pred, target = (
+        rng.normal(size=(64, 2)).astype(np.float32),
+        rng.normal(size=(64, 2)).astype(np.float32),
+    )
     mask = rng.random(64) < 0.6
     garbage = pred.copy()
     garbage[~mask] = 1e3
@@ -70,9 +81,13 @@ def test_expr_loss_is_weighted_ce_over_valid_rows_divided_by_their_count():
     logits, target = torch.randn(32, 8), torch.randint(0, 8, (32,))
     mask = torch.rand(32) < 0.5
     weights = torch.linspace(0.5, 2.0, 8)
-    expected = F.cross_entropy(logits[mask], target[mask], weight=weights, reduction="sum") / mask.sum()
+    expected = (
+        F.cross_entropy(logits[mask], target[mask], weight=weights, reduction="sum") / mask.sum()
+    )
     target_with_garbage = torch.where(mask, target, 0)
-    assert expr_loss(logits, target_with_garbage, mask, weights).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expr_loss(logits, target_with_garbage, mask, weights).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
 
 
 def test_au_loss_is_bce_over_valid_rows_with_pos_weight():
@@ -81,14 +96,20 @@ def test_au_loss_is_bce_over_valid_rows_with_pos_weight():
     mask = torch.rand(32) < 0.5
     pos_weight = torch.linspace(1.0, 5.0, 12)
     expected = F.binary_cross_entropy_with_logits(logits[mask], target[mask], pos_weight=pos_weight)
-    assert au_loss(logits, target, mask, pos_weight).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert au_loss(logits, target, mask, pos_weight).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
 
 
 def test_all_invalid_tasks_add_exactly_zero_and_finite_gradients():
     torch.manual_seed(0)
     outputs = {"va": torch.randn(4, 2), "expr": torch.randn(4, 8), "au": torch.randn(4, 12)}
     outputs = {t: o.requires_grad_() for t, o in outputs.items()}
-    labels = {"va": torch.zeros(4, 2), "expr": torch.zeros(4, dtype=torch.long), "au": torch.zeros(4, 12)}
+    labels = {
+        "va": torch.zeros(4, 2),
+        "expr": torch.zeros(4, dtype=torch.long),
+        "au": torch.zeros(4, 12),
+    }
     masks = {t: torch.zeros(4, dtype=torch.bool) for t in outputs}
     spec = TaskLoss("ccc", torch.ones(8), torch.full((12,), 3.0))
     total, per_task = multitask_loss(outputs, labels, masks, spec)
@@ -104,14 +125,17 @@ def test_multitask_loss_weights_tasks_and_casts_half_outputs():
     masks = {t: torch.ones(8, dtype=torch.bool) for t in outputs}
     total, per_task = multitask_loss(outputs, labels, masks, TaskLoss(task_weights=(("au", 2.0),)))
     assert total.dtype == torch.float32
-    assert total.item() == pytest.approx(per_task["expr"].item() + 2 * per_task["au"].item(), rel=1e-6)
+    assert total.item() == pytest.approx(
+        per_task["expr"].item() + 2 * per_task["au"].item(), rel=1e-6
+    )
 
 
 def test_class_weights_and_pos_weight_from_counts():
     weights = expr_class_weights([100, 50, 0, 25, 100, 50, 25, 50])
     # total 400 over 7 present classes: weight = 400 / (7 * count); an absent class weighs 0
-    assert weights.tolist() == pytest.approx([400 / 700, 400 / 350, 0, 400 / 175, 400 / 700, 400 / 350, 400 / 175,
-                                              400 / 350])
+    assert weights.tolist() == pytest.approx(
+        [400 / 700, 400 / 350, 0, 400 / 175, 400 / 700, 400 / 350, 400 / 175, 400 / 350]
+    )
     assert expr_class_weights([5] * 8).tolist() == pytest.approx([1.0] * 8)
     pos = au_pos_weight([10, 50, 0, 90, 1, 2, 3, 4, 5, 6, 7, 8], valid_count=100)
     assert pos[:4].tolist() == pytest.approx([9.0, 1.0, 1.0, 10 / 90])
@@ -124,25 +148,44 @@ def _predictions(n: int = 200, seed: int = 0) -> Predictions:
     va_label = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
     expr_label = rng.integers(0, 8, n)
     au_label = (rng.random((n, 12)) < 0.4).astype(np.float32)
-    outputs = {"va": va_label + rng.normal(0, 0.3, (n, 2)).astype(np.float32),
-               "expr": np.eye(8, dtype=np.float32)[np.where(rng.random(n) < 0.7, expr_label, rng.integers(0, 8, n))],
-               "au": np.clip(au_label * 0.6 + rng.random((n, 12)) * 0.5, 0, 1).astype(np.float32)}
+    outputs = {
+        "va": va_label + rng.normal(0, 0.3, (n, 2)).astype(np.float32),
+        "expr": np.eye(8, dtype=np.float32)[
+            np.where(rng.random(n) < 0.7, expr_label, rng.integers(0, 8, n))
+        ],
+        "au": np.clip(au_label * 0.6 + rng.random((n, 12)) * 0.5, 0, 1).astype(np.float32),
+    }
     masks = {"va": rng.random(n) < 0.8, "expr": rng.random(n) < 0.7, "au": rng.random(n) < 0.9}
     keys = [f"v{i % 3}/{i:05d}" for i in range(n)]
-    return Predictions(keys, outputs, {"va": va_label, "expr": expr_label.astype(np.float32), "au": au_label}, masks)
+    return Predictions(
+        keys,
+        outputs,
+        {"va": va_label, "expr": expr_label.astype(np.float32), "au": au_label},
+        masks,
+    )
 
 
 def test_compute_metrics_matches_sklearn_and_textbook_ccc_on_valid_frames():
     preds = _predictions()
     m = compute_metrics(preds, ("va", "expr", "au"))
     va, ex, au = (preds.masks[t] for t in ("va", "expr", "au"))
-    assert m["ccc_valence"] == pytest.approx(ccc(preds.outputs["va"][va, 0], preds.labels["va"][va, 0]))
-    assert m["ccc_arousal"] == pytest.approx(ccc(preds.outputs["va"][va, 1], preds.labels["va"][va, 1]))
+    assert m["ccc_valence"] == pytest.approx(
+        ccc(preds.outputs["va"][va, 0], preds.labels["va"][va, 0])
+    )
+    assert m["ccc_arousal"] == pytest.approx(
+        ccc(preds.outputs["va"][va, 1], preds.labels["va"][va, 1])
+    )
     assert m["ccc_mean"] == pytest.approx((m["ccc_valence"] + m["ccc_arousal"]) / 2)
-    expected_expr = f1_score(preds.labels["expr"][ex], preds.outputs["expr"][ex].argmax(1), average="macro")
+    expected_expr = f1_score(
+        preds.labels["expr"][ex], preds.outputs["expr"][ex].argmax(1), average="macro"
+    )
     assert m["f1_expr"] == pytest.approx(expected_expr)
-    per_au = [f1_score(preds.labels["au"][au, j], preds.outputs["au"][au, j] > 0.5) for j in range(12)]
-    assert m["f1_au"] == pytest.approx(np.mean(per_au)) and m["f1_au_per_class"] == pytest.approx(per_au)
+    per_au = [
+        f1_score(preds.labels["au"][au, j], preds.outputs["au"][au, j] > 0.5) for j in range(12)
+    ]
+    assert m["f1_au"] == pytest.approx(np.mean(per_au)) and m["f1_au_per_class"] == pytest.approx(
+        per_au
+    )
     assert m["p_mtl"] == pytest.approx(m["ccc_mean"] + m["f1_expr"] + m["f1_au"])
     assert m["frames_va"] == va.sum() and len(m["f1_expr_per_class"]) == 8
     table = format_tables(m)
@@ -152,8 +195,12 @@ def test_compute_metrics_matches_sklearn_and_textbook_ccc_on_valid_frames():
 def test_expr_macro_f1_skips_classes_absent_from_labels_and_predictions():
     labels = np.array([6, 6, 6, 1, 1, 6], dtype=np.float32)
     logits = np.eye(8, dtype=np.float32)[[6, 6, 1, 1, 1, 6]]
-    preds = Predictions([f"v/{i:05d}" for i in range(6)], {"expr": logits}, {"expr": labels},
-                        {"expr": np.ones(6, dtype=bool)})
+    preds = Predictions(
+        [f"v/{i:05d}" for i in range(6)],
+        {"expr": logits},
+        {"expr": labels},
+        {"expr": np.ones(6, dtype=bool)},
+    )
     m = compute_metrics(preds, ("expr",))
     # class 6: P 1, R 3/4 -> 6/7; class 1: P 2/3, R 1 -> 4/5; the 6 absent classes are not averaged
     assert m["f1_expr"] == pytest.approx((6 / 7 + 4 / 5) / 2)
@@ -178,13 +225,23 @@ def test_tuned_au_thresholds_never_score_below_half():
 
 def test_predictions_concat_sorts_by_key_and_drops_repeats():
     full = _predictions(30)
-    half = lambda idx: Predictions([full.keys[i] for i in idx],  # noqa: E731
-                                   {t: v[idx] for t, v in full.outputs.items()},
-                                   {t: v[idx] for t, v in full.labels.items()},
-                                   {t: v[idx] for t, v in full.masks.items()})
-    a, b = half(np.arange(1, 30, 2)), half(np.r_[np.arange(0, 30, 2), 1, 3])  # 1 and 3 repeated (padding)
+
+    def half(idx):
+        return Predictions(
+            [full.keys[i] for i in idx],
+            {t: v[idx] for t, v in full.outputs.items()},
+            {t: v[idx] for t, v in full.labels.items()},
+            {t: v[idx] for t, v in full.masks.items()},
+        )
+
+    a, b = (
+        half(np.arange(1, 30, 2)),
+        half(np.r_[np.arange(0, 30, 2), 1, 3]),
+    )  # 1 and 3 repeated (padding)
     joined = Predictions.concat([b, a])
     assert joined.keys == sorted(full.keys) and len(joined) == 30
     order = np.argsort(full.keys)
     np.testing.assert_array_equal(joined.outputs["au"], full.outputs["au"][order])
-    assert compute_metrics(joined, ("va", "expr", "au")) == compute_metrics(full, ("va", "expr", "au"))
+    assert compute_metrics(joined, ("va", "expr", "au")) == compute_metrics(
+        full, ("va", "expr", "au")
+    )

@@ -26,7 +26,13 @@ from affectfast.cli import main
 from affectfast.errors import DataError
 from affectfast.jpeg import JpegError, check_jpeg
 from affectfast.pack import (
-    MANIFEST, STATE, PackConfig, pack, tar_end, tar_member, tarfile_header,
+    MANIFEST,
+    STATE,
+    PackConfig,
+    pack,
+    tar_end,
+    tar_member,
+    tarfile_header,
 )
 from affectfast.tasks import LABEL_EXT, TASKS, decode_label, valid_mask
 from affectfast.verify import verify
@@ -35,6 +41,7 @@ SHARD_SIZE = 64  # as the `packed` fixture packs
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
 
 def read_shards(out: Path, split: str | None = None) -> list[tuple[str, str, dict[str, bytes]]]:
     """(shard, key, {ext: bytes}) of every sample, in manifest and tar order (read with tarfile)."""
@@ -59,22 +66,32 @@ def source_samples(root: Path) -> dict[str, tuple[Path, str, dict[str, np.ndarra
     expected = {}
     for video in read_tree(dirs):
         for i, frame in enumerate(video.frames):
-            labels = {task: getattr(video, task)[i] for task in TASKS
-                      if valid_mask(task, getattr(video, task)[i:i + 1])[0]}
+            labels = {
+                task: getattr(video, task)[i]
+                for task in TASKS
+                if valid_mask(task, getattr(video, task)[i : i + 1])[0]
+            }
             expected[sample_key(video.name, int(frame))] = (
-                image_path(dirs.frames, video.name, int(frame)), video.split, labels)
+                image_path(dirs.frames, video.name, int(frame)),
+                video.split,
+                labels,
+            )
     return expected
 
 
 def output_files(out: Path) -> dict[str, bytes]:
     """Every shard, index and the manifest of a pack output, by name."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
-            if p.suffix in (".tar", ".idx") or p.name == MANIFEST}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(out.iterdir())
+        if p.suffix in (".tar", ".idx") or p.name == MANIFEST
+    }
 
 
 def final_names(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir()
-                  if p.suffix in (".tar", ".idx") or p.name == MANIFEST)
+    return sorted(
+        p.name for p in out.iterdir() if p.suffix in (".tar", ".idx") or p.name == MANIFEST
+    )
 
 
 def leftovers(out: Path) -> list[str]:
@@ -100,17 +117,19 @@ def a_val_frame(root: Path) -> Path:
 
 # --- round trip and layout ------------------------------------------------------------------------
 
+
 def test_round_trip_every_sample_bytes_and_labels(synth_tree, packed):
     expected = source_samples(synth_tree)
     samples = read_shards(packed)
-    assert sorted(key for _, key, _ in samples) == sorted(expected)   # every frame exactly once
+    assert sorted(key for _, key, _ in samples) == sorted(expected)  # every frame exactly once
     for _, key, components in samples:
         path, _, labels = expected[key]
-        assert components["jpg"] == path.read_bytes()                 # never re-encoded
+        assert components["jpg"] == path.read_bytes()  # never re-encoded
         assert set(components) == {"jpg", *(LABEL_EXT[t] for t in labels)}
         for task, value in labels.items():
-            np.testing.assert_array_equal(decode_label(task, components[LABEL_EXT[task]]),
-                                          np.asarray(value).reshape(-1))
+            np.testing.assert_array_equal(
+                decode_label(task, components[LABEL_EXT[task]]), np.asarray(value).reshape(-1)
+            )
 
 
 def test_split_order_and_shard_sizes(synth_tree, packed):
@@ -119,11 +138,11 @@ def test_split_order_and_shard_sizes(synth_tree, packed):
     for split in ("train", "val"):
         keys = [key for _, key, _ in read_shards(packed, split)]
         assert {k for k, (_, s, _) in expected.items() if s == split} == set(keys)
-        in_order = sorted(keys)   # video/frame order: the reader's order, keys zero-padded
+        in_order = sorted(keys)  # video/frame order: the reader's order, keys zero-padded
         if split == "val":
             assert keys == in_order
         else:
-            assert keys != in_order                           # globally shuffled
+            assert keys != in_order  # globally shuffled
         sizes = [shard["samples"] for shard in manifest["splits"][split]["shards"]]
         assert sizes[:-1] == [SHARD_SIZE] * (len(sizes) - 1) and 0 < sizes[-1] <= SHARD_SIZE
         assert sum(sizes) == manifest["splits"][split]["samples"] == len(keys)
@@ -151,23 +170,34 @@ def test_manifest_stats_match_the_source(synth_tree, packed):
 def test_tar_metadata_is_fixed_and_gnu_tar_lists_it(packed):
     for tar_path in sorted(packed.glob("*.tar")):
         raw = tar_path.read_bytes()
-        assert raw[257:265] == b"ustar  \0"                  # GNU magic
+        assert raw[257:265] == b"ustar  \0"  # GNU magic
         assert len(raw) % tarfile.RECORDSIZE == 0
         with tarfile.open(tar_path) as tar:
             members = tar.getmembers()
-        assert all(m.isreg() and m.mode == 0o644 and m.mtime == 0 and m.uid == m.gid == 0
-                   and m.uname == m.gname == "" for m in members)
-        for m in members:        # our fast header encoder against tarfile's own, member by member
-            assert raw[m.offset:m.offset_data] == tarfile_header(m.name, m.size)
-        listed = subprocess.run(["tar", "tf", str(tar_path)], capture_output=True, text=True,
-                                check=True).stdout.split()
+        assert all(
+            m.isreg()
+            and m.mode == 0o644
+            and m.mtime == 0
+            and m.uid == m.gid == 0
+            and m.uname == m.gname == ""
+            for m in members
+        )
+        for m in members:  # our fast header encoder against tarfile's own, member by member
+            assert raw[m.offset : m.offset_data] == tarfile_header(m.name, m.size)
+        listed = subprocess.run(
+            ["tar", "tf", str(tar_path)], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert listed == [m.name for m in members]
 
 
 def test_tar_bytes_equal_what_tarfile_writes():
     """Our member/end encoding is exactly tarfile.addfile + close with the same metadata."""
-    members = [("v/00001.jpg", b"\xff\xd8" + bytes(range(256)) * 3), ("v/00001.va", b"12345678"),
-               ("v/00002.jpg", b"x" * 512), ("v/00002.au", b"\x01" * 12)]
+    members = [
+        ("v/00001.jpg", b"\xff\xd8" + bytes(range(256)) * 3),
+        ("v/00001.va", b"12345678"),
+        ("v/00002.jpg", b"x" * 512),
+        ("v/00002.au", b"\x01" * 12),
+    ]
     ours = b"".join(tar_member(name, data) for name, data in members)
     ours += tar_end(len(ours))
     buffer = io.BytesIO()
@@ -194,8 +224,10 @@ def test_webdataset_library_reads_the_shards(packed):
 
     expected = read_shards(packed)
     urls = [str(packed / shard) for shard, *_ in dict.fromkeys((s,) for s, _, _ in expected)]
-    got = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
-           for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    got = [
+        (s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+        for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    ]
     assert got == [(key, components) for _, key, components in expected]
 
 
@@ -209,10 +241,15 @@ def test_dali_webdataset_reader_reads_the_shards(packed):
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None)
     def reader():
-        return tuple(fn.readers.webdataset(
-            paths=[str(packed / s) for s in shards],
-            index_paths=[str(packed / s.replace(".tar", ".idx")) for s in shards],
-            ext=exts, missing_component_behavior="empty", name="reader"))
+        return tuple(
+            fn.readers.webdataset(
+                paths=[str(packed / s) for s in shards],
+                index_paths=[str(packed / s.replace(".tar", ".idx")) for s in shards],
+                ext=exts,
+                missing_component_behavior="empty",
+                name="reader",
+            )
+        )
 
     pipe = reader()
     pipe.build()
@@ -222,18 +259,19 @@ def test_dali_webdataset_reader_reads_the_shards(packed):
         outputs = pipe.run()
         for i in range(batch):
             got.append([np.array(out[i]).tobytes() for out in outputs])
-    for (_, _, components), arrays in zip(expected, got[:len(expected)]):
+    for (_, _, components), arrays in zip(expected, got[: len(expected)]):
         assert arrays == [components.get(ext, b"") for ext in exts]
 
 
 # --- determinism and resume -----------------------------------------------------------------------
+
 
 def test_identical_for_one_and_two_workers_and_reruns(synth_tree, packed, tmp_path):
     reference = output_files(packed)
     pack_quiet(synth_tree, tmp_path / "two", workers=2)
     assert output_files(tmp_path / "two") == reference
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("*.tar")}
-    pack_quiet(synth_tree, tmp_path / "two", workers=2)            # rerun: reuses every shard
+    pack_quiet(synth_tree, tmp_path / "two", workers=2)  # rerun: reuses every shard
     assert output_files(tmp_path / "two") == reference
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("*.tar")} == before
     assert leftovers(tmp_path / "two") == []
@@ -257,11 +295,14 @@ def test_pack_that_fails_midway_resumes_identically(synth_tree, packed, tmp_path
     assert leftovers(out) == []
 
     rewritten = []
-    monkeypatch.setattr(pack_module, "write_shard",
-                        lambda job, context: rewritten.append(job.name) or original(job, context))
+    monkeypatch.setattr(
+        pack_module,
+        "write_shard",
+        lambda job, context: rewritten.append(job.name) or original(job, context),
+    )
     pack_quiet(synth_tree, out)
     assert output_files(out) == output_files(packed)
-    assert not set(rewritten) & set(calls)                         # finished shards were reused
+    assert not set(rewritten) & set(calls)  # finished shards were reused
     assert leftovers(out) == []
 
 
@@ -313,12 +354,16 @@ def test_output_of_other_settings_or_unknown_origin_is_refused(synth_tree, packe
 
 # --- bad JPEGs ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("damage, check", [
-    (lambda data: b"", "header"),
-    (lambda data: data[:len(data) // 2], "header"),
-    (lambda data: data[:len(data) // 2], "full"),
-    (lambda data: b"GIF89a" + data[6:], "full"),
-])
+
+@pytest.mark.parametrize(
+    "damage, check",
+    [
+        (lambda data: b"", "header"),
+        (lambda data: data[: len(data) // 2], "header"),
+        (lambda data: data[: len(data) // 2], "full"),
+        (lambda data: b"GIF89a" + data[6:], "full"),
+    ],
+)
 def test_bad_jpeg_is_an_error_naming_it_and_nothing_is_left(tree_copy, tmp_path, damage, check):
     bad = a_val_frame(tree_copy)
     bad.write_bytes(damage(bad.read_bytes()))
@@ -331,7 +376,7 @@ def test_bad_jpeg_is_an_error_naming_it_and_nothing_is_left(tree_copy, tmp_path,
 
 def test_bad_jpeg_early_with_workers_in_flight_leaves_nothing(tree_copy, packed, tmp_path):
     """Other workers may finish shards after the bad one: those must go too."""
-    first_key = read_shards(packed, "train")[0][1]            # first train sample, any shard size
+    first_key = read_shards(packed, "train")[0][1]  # first train sample, any shard size
     bad = source_samples(tree_copy)[first_key][0]
     bad.write_bytes(bad.read_bytes()[:-10])
     out = tmp_path / "out"
@@ -343,8 +388,19 @@ def test_bad_jpeg_early_with_workers_in_flight_leaves_nothing(tree_copy, packed,
 def test_bad_jpeg_cli_exit_2(tree_copy, tmp_path):
     bad = a_val_frame(tree_copy)
     bad.write_bytes(b"")
-    result = CliRunner().invoke(main, ["pack", str(tree_copy), "--out", str(tmp_path / "out"),
-                                       "--workers", "2", "--shard-size", "16"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "pack",
+            str(tree_copy),
+            "--out",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--shard-size",
+            "16",
+        ],
+    )
     assert result.exit_code == 2
     assert f"error: {bad}: bad image: empty file" in result.output
     assert final_names(tmp_path / "out") == []
@@ -356,13 +412,30 @@ def test_skip_bad_leaves_them_out_and_counts_them(tree_copy, tmp_path):
     for path in bad:
         path.write_bytes(path.read_bytes()[:100])
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["pack", str(tree_copy), "--out", str(out), "--workers", "1",
-                                       "--shard-size", "16", "--check", "header", "--skip-bad"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "pack",
+            str(tree_copy),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--shard-size",
+            "16",
+            "--check",
+            "header",
+            "--skip-bad",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "2 bad images skipped" in result.output
     manifest = json.loads((out / MANIFEST).read_text())
-    listed = [item["path"] for split in ("train", "val")
-              for item in manifest["splits"][split]["bad_files"]]
+    listed = [
+        item["path"]
+        for split in ("train", "val")
+        for item in manifest["splits"][split]["bad_files"]
+    ]
     assert sorted(listed) == sorted(map(str, bad))
     keys = {key for _, key, _ in read_shards(out)}
     assert keys == set(expected) - {key for key, (p, _, _) in expected.items() if p in bad}
@@ -370,15 +443,18 @@ def test_skip_bad_leaves_them_out_and_counts_them(tree_copy, tmp_path):
         labels = [lab for key, (p, s, lab) in expected.items() if s == split and p not in bad]
         assert manifest["splits"][split]["samples"] == len(labels)
         for task in TASKS:
-            assert manifest["splits"][split]["stats"][task]["valid"] == sum(task in lab
-                                                                             for lab in labels)
+            assert manifest["splits"][split]["stats"][task]["valid"] == sum(
+                task in lab for lab in labels
+            )
     assert verify(out) == []
 
 
 # --- config and CLI -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs", [{"workers": 0}, {"shard_size": 0}, {"seed": -1},
-                                    {"check": "quick"}, {"root": None}])
+
+@pytest.mark.parametrize(
+    "kwargs", [{"workers": 0}, {"shard_size": 0}, {"seed": -1}, {"check": "quick"}, {"root": None}]
+)
 def test_pack_config_is_validated(tmp_path, kwargs):
     with pytest.raises(ValueError):
         PackConfig(**{"root": tmp_path, "out": tmp_path / "out", **kwargs})
@@ -386,8 +462,19 @@ def test_pack_config_is_validated(tmp_path, kwargs):
 
 def test_cli_pack_smoke(synth_tree, packed, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["pack", str(synth_tree), "--out", str(out), "--workers", "1",
-                                       "--shard-size", str(SHARD_SIZE)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "pack",
+            str(synth_tree),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--shard-size",
+            str(SHARD_SIZE),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"packed {out}" in result.output
     assert output_files(out) == output_files(packed)
@@ -396,6 +483,7 @@ def test_cli_pack_smoke(synth_tree, packed, tmp_path):
 
 
 # --- JPEG checks ----------------------------------------------------------------------------------
+
 
 def jpeg_bytes(size=(24, 16)) -> bytes:
     buffer = io.BytesIO()
@@ -406,16 +494,22 @@ def jpeg_bytes(size=(24, 16)) -> bytes:
 def test_jpeg_checks_accept_a_good_file_and_report_its_size():
     data = jpeg_bytes()
     assert check_jpeg(data, "header") == check_jpeg(data, "full") == (16, 24)
-    assert check_jpeg(data + b"\0\0", "header") == (16, 24)           # padding after EOI
+    assert check_jpeg(data + b"\0\0", "header") == (16, 24)  # padding after EOI
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty"),
-    (b"hello world", "start-of-image"),
-    (jpeg_bytes()[:-300], "truncated"),
-    (b"\xff\xd8\xff\xd9", "frame header"),
-    (b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x00\x00\x10\x03" + b"\0" * 9 + b"\xff\xd9", "16x0 pixels"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"hello world", "start-of-image"),
+        (jpeg_bytes()[:-300], "truncated"),
+        (b"\xff\xd8\xff\xd9", "frame header"),
+        (
+            b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x00\x00\x10\x03" + b"\0" * 9 + b"\xff\xd9",
+            "16x0 pixels",
+        ),
+    ],
+)
 def test_jpeg_header_check_rejects(data, reason):
     with pytest.raises(JpegError, match=reason):
         check_jpeg(data, "header")
@@ -424,7 +518,7 @@ def test_jpeg_header_check_rejects(data, reason):
 def test_jpeg_full_check_catches_what_the_header_cannot():
     data = bytearray(jpeg_bytes())
     sos = data.index(b"\xff\xda")
-    data[sos + 6] = 0x33                    # first component uses Huffman tables 3, never defined
+    data[sos + 6] = 0x33  # first component uses Huffman tables 3, never defined
     assert check_jpeg(bytes(data), "header") == (16, 24)
     with pytest.raises(JpegError, match="does not decode"):
         check_jpeg(bytes(data), "full")

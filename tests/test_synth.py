@@ -32,21 +32,30 @@ def annotations(root: Path) -> dict[tuple[str, str], tuple[str, list[str], bytes
 
 def images(root: Path) -> dict[str, list[int]]:
     """{video: sorted 1-based frame numbers that have an image}."""
-    return {d.name: sorted(int(f.stem) for f in d.glob("*.jpg"))
-            for d in sorted((root / "cropped_aligned").iterdir())}
+    return {
+        d.name: sorted(int(f.stem) for f in d.glob("*.jpg"))
+        for d in sorted((root / "cropped_aligned").iterdir())
+    }
 
 
 def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under root, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_layout_and_headers(synth_tree):
     assert sorted(p.name for p in synth_tree.iterdir()) == ["annotations", "cropped_aligned"]
-    assert sorted(p.name for p in (synth_tree / "annotations").iterdir()) == sorted(CHALLENGES.values())
+    assert sorted(p.name for p in (synth_tree / "annotations").iterdir()) == sorted(
+        CHALLENGES.values()
+    )
     for challenge in CHALLENGES.values():
-        assert sorted(p.name for p in (synth_tree / "annotations" / challenge).iterdir()) == sorted(SETS)
+        assert sorted(p.name for p in (synth_tree / "annotations" / challenge).iterdir()) == sorted(
+            SETS
+        )
     frames = images(synth_tree)
     assert len(frames) == 8
     for video, numbers in frames.items():
@@ -55,8 +64,11 @@ def test_layout_and_headers(synth_tree):
             assert re.fullmatch(r"\d{5}\.jpg", path.name)
         with Image.open(synth_tree / "cropped_aligned" / video / f"{numbers[0]:05d}.jpg") as image:
             assert image.format == "JPEG" and image.size == (64, 64) and image.mode == "RGB"
-    pattern = {"va": r"-?\d\.\d{3},-?\d\.\d{3}|-5,-?\d\.\d{3}|-?\d\.\d{3},-5|-5,-5",
-               "expr": r"-1|[0-7]", "au": r"(-1(,-1){11})|([01](,[01]){11})"}
+    pattern = {
+        "va": r"-?\d\.\d{3},-?\d\.\d{3}|-5,-?\d\.\d{3}|-?\d\.\d{3},-5|-5,-5",
+        "expr": r"-1|[0-7]",
+        "au": r"(-1(,-1){11})|([01](,[01]){11})",
+    }
     for (task, video), (_, lines, _) in annotations(synth_tree).items():
         assert video in frames
         assert lines[0] == ",".join(HEADERS[task])
@@ -74,7 +86,9 @@ def test_every_quirk_is_present(synth_tree):
     assert any(len(n) < n[-1] for n in frames.values())
     assert any(len(lines) - 1 > frames[video][-1] for (_, video), (_, lines, _) in files.items())
     # Ignore markers: VA -5 in both values, in valence only, in arousal only; EXPR -1; AU rows of -1.
-    va_lines = [line for (task, _), (_, lines, _) in files.items() if task == "va" for line in lines[1:]]
+    va_lines = [
+        line for (task, _), (_, lines, _) in files.items() if task == "va" for line in lines[1:]
+    ]
     assert "-5,-5" in va_lines
     assert any(line.startswith("-5,") and line != "-5,-5" for line in va_lines)
     assert any(line.endswith(",-5") and line != "-5,-5" for line in va_lines)
@@ -110,13 +124,16 @@ def test_every_quirk_is_present(synth_tree):
             expr = np.array(lines[1:], dtype=int)
             expr = expr[expr >= 0]
             changes.append(np.count_nonzero(np.diff(expr)) / len(expr))
-    assert max(changes) > 0 and np.mean(changes) < 0.15       # segments, not noise
+    assert max(changes) > 0 and np.mean(changes) < 0.15  # segments, not noise
 
 
 def test_same_seed_same_bytes_for_any_worker_count_and_other_seed_differs(tmp_path):
     def tree(name, seed, workers):
-        return synthesize(SynthConfig(out=tmp_path / name, videos=5, frames=20, seed=seed,
-                                      image_size=48, workers=workers))
+        return synthesize(
+            SynthConfig(
+                out=tmp_path / name, videos=5, frames=20, seed=seed, image_size=48, workers=workers
+            )
+        )
 
     one, two = tree_digest(tree("w1", 3, 1)), tree_digest(tree("w2", 3, 2))
     assert one == two and len(one) > 80
@@ -195,8 +212,9 @@ def test_reader_reads_the_tree_and_agrees_with_the_pixels(synth_tree):
                 np.testing.assert_array_equal(decoded["au"], labels.au[i])
 
 
-@pytest.mark.parametrize("field, value", [("videos", 3), ("frames", 5), ("image_size", 16),
-                                          ("workers", 0), ("seed", -1)])
+@pytest.mark.parametrize(
+    "field, value", [("videos", 3), ("frames", 5), ("image_size", 16), ("workers", 0), ("seed", -1)]
+)
 def test_config_rejects_bad_values(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         SynthConfig(out=tmp_path / "t", **{field: value})
@@ -213,8 +231,23 @@ def test_refuses_a_non_empty_folder_unless_told(tmp_path):
 
 def test_cli_smoke(tmp_path):
     out = tmp_path / "tree"
-    result = CliRunner().invoke(main, ["synth", str(out), "--videos", "4", "--frames", "10", "--seed", "1",
-                                       "--image-size", "32", "--workers", "1"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "synth",
+            str(out),
+            "--videos",
+            "4",
+            "--frames",
+            "10",
+            "--seed",
+            "1",
+            "--image-size",
+            "32",
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(images(out)) == 4
     again = CliRunner().invoke(main, ["synth", str(out), "--videos", "4", "--frames", "10"])

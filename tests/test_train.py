@@ -25,8 +25,18 @@ from affectfast.cli import main
 from affectfast.errors import DataError
 from affectfast.losses import TaskLoss
 from affectfast.model import build_model
-from affectfast.train import (EvalConfig, TrainConfig, build_autocast, build_schedule, evaluate, load_checkpoint,
-                              predict, resolve_device, train, train_step)
+from affectfast.train import (
+    EvalConfig,
+    TrainConfig,
+    build_autocast,
+    build_schedule,
+    evaluate,
+    load_checkpoint,
+    predict,
+    resolve_device,
+    train,
+    train_step,
+)
 
 TIMING_KEYS = ("images_per_s", "epoch_seconds")
 SMALL = dict(loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off", lr=2e-3)
@@ -58,10 +68,16 @@ def _synthetic_batch(n=16, size=48, seed=0):
     # label-dependent pixels: the expression's index sets the red channel, so the batch is learnable
     images = torch.randn(n, 3, size, size, generator=g) * 0.1
     images[:, 0] += expr[:, None, None].float() / 4
-    labels = {"va": torch.rand(n, 2, generator=g) * 2 - 1, "expr": expr,
-              "au": (torch.rand(n, 12, generator=g) < 0.5).float()}
-    masks = {"va": torch.ones(n, dtype=torch.bool), "expr": torch.rand(n, generator=g) < 0.8,
-             "au": torch.zeros(n, dtype=torch.bool)}  # no valid AU label at all: must add 0, not NaN
+    labels = {
+        "va": torch.rand(n, 2, generator=g) * 2 - 1,
+        "expr": expr,
+        "au": (torch.rand(n, 12, generator=g) < 0.5).float(),
+    }
+    masks = {
+        "va": torch.ones(n, dtype=torch.bool),
+        "expr": torch.rand(n, generator=g) < 0.8,
+        "au": torch.zeros(n, dtype=torch.bool),
+    }  # no valid AU label at all: must add 0, not NaN
     return Batch(images.contiguous(memory_format=torch.channels_last), labels, masks)
 
 
@@ -72,9 +88,21 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(amp):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = build_schedule(optimizer, total_steps=100)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    batch = _synthetic_batch(n=8, size=32)  # small: bf16 convolutions are slow on CPUs without bf16 units
-    losses = [train_step(model, batch, optimizer, scheduler, scaler, build_autocast(torch.device("cpu"), amp),
-                         TaskLoss()).item() for _ in range(4)]
+    batch = _synthetic_batch(
+        n=8, size=32
+    )  # small: bf16 convolutions are slow on CPUs without bf16 units
+    losses = [
+        train_step(
+            model,
+            batch,
+            optimizer,
+            scheduler,
+            scaler,
+            build_autocast(torch.device("cpu"), amp),
+            TaskLoss(),
+        ).item()
+        for _ in range(4)
+    ]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
@@ -82,8 +110,15 @@ def test_config_is_validated_and_round_trips_through_json(tmp_path):
     config = TrainConfig(shards=tmp_path, out=tmp_path / "r", tasks="au,va", task_weights={"va": 2})
     assert config.tasks == ("va", "au") and config.task_weights == (("va", 2.0),)
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    for bad in (dict(loader="gpu"), dict(amp="fp8"), dict(init="imagenet:"), dict(tasks="va,xx"),
-                dict(task_weights={"expr": 1.0}), dict(epochs=0), dict(va_loss="l1")):
+    for bad in (
+        dict(loader="gpu"),
+        dict(amp="fp8"),
+        dict(init="imagenet:"),
+        dict(tasks="va,xx"),
+        dict(task_weights={"expr": 1.0}),
+        dict(epochs=0),
+        dict(va_loss="l1"),
+    ):
         with pytest.raises(ValueError):
             TrainConfig(shards=tmp_path, out=tmp_path, **{"tasks": "va", **bad})
 
@@ -91,20 +126,38 @@ def test_config_is_validated_and_round_trips_through_json(tmp_path):
 def test_without_cuda_the_gpu_defaults_fall_back_in_one_line(tmp_path, capsys):
     config, use_cuda = resolve_device(TrainConfig(shards=tmp_path, out=tmp_path), cuda=False)
     assert (config.loader, config.amp, use_cuda) == ("dali-cpu", "off", False)
-    assert capsys.readouterr().err.strip() == ("affectfast: no CUDA device, falling back to the CPU "
-                                               "(loader dali-cpu, amp off)")
-    kept, _ = resolve_device(TrainConfig(shards=tmp_path, out=tmp_path, loader="wds", amp="bf16"), cuda=False)
+    assert capsys.readouterr().err.strip() == (
+        "affectfast: no CUDA device, falling back to the CPU (loader dali-cpu, amp off)"
+    )
+    kept, _ = resolve_device(
+        TrainConfig(shards=tmp_path, out=tmp_path, loader="wds", amp="bf16"), cuda=False
+    )
     assert (kept.loader, kept.amp) == ("wds", "bf16") and capsys.readouterr().err == ""
 
 
 def test_a_run_folder_holds_config_metrics_events_and_checkpoints(straight_run):
     out, records = straight_run
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pt",
+        "config.json",
+        "last.pt",
+        "metrics.jsonl",
+        "tb",
+    ]
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines == records and [r["epoch"] for r in lines] == [1, 2]
-    for key in ("train_loss", "images_per_s", "epoch_seconds", "ccc_valence", "ccc_arousal", "ccc_mean",
-                "f1_expr", "f1_au", "p_mtl"):
+    for key in (
+        "train_loss",
+        "images_per_s",
+        "epoch_seconds",
+        "ccc_valence",
+        "ccc_arousal",
+        "ccc_mean",
+        "f1_expr",
+        "f1_au",
+        "p_mtl",
+    ):
         assert all(isinstance(r[key], float) for r in lines), key
     saved = json.loads((out / "config.json").read_text())
     assert saved["loader"] == "dali-cpu" and saved["amp"] == "off"
@@ -120,12 +173,22 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(packed, straight_run, tmp
     with pytest.raises(DataError, match="--resume"):
         train(config)  # never silently overwrites a run
     with pytest.raises(DataError, match="lr changed"):
-        train(TrainConfig(shards=packed, out=tmp_path / "resumed", epochs=2, **{**SMALL, "lr": 1e-4}), resume=True)
+        train(
+            TrainConfig(shards=packed, out=tmp_path / "resumed", epochs=2, **{**SMALL, "lr": 1e-4}),
+            resume=True,
+        )
     second = train(config, resume=True)
     straight_out, straight_records = straight_run
     lines = [json.loads(line) for line in (config.out / "metrics.jsonl").read_text().splitlines()]
-    assert _without_timing(lines) == _without_timing(first + second) == _without_timing(straight_records)
-    resumed, reference = load_checkpoint(config.out / "last.pt"), load_checkpoint(straight_out / "last.pt")
+    assert (
+        _without_timing(lines)
+        == _without_timing(first + second)
+        == _without_timing(straight_records)
+    )
+    resumed, reference = (
+        load_checkpoint(config.out / "last.pt"),
+        load_checkpoint(straight_out / "last.pt"),
+    )
     for name, value in reference["model"].items():
         assert torch.equal(resumed["model"][name], value), name
 
@@ -134,21 +197,39 @@ def _val_frames_per_video(shards: Path) -> Counter:
     counts = Counter()
     for tar in sorted(shards.glob("val-*.tar")):
         with tarfile.open(tar) as f:
-            counts.update(m.name.rsplit("/", 1)[0] for m in f.getmembers() if m.name.endswith(".jpg"))
+            counts.update(
+                m.name.rsplit("/", 1)[0] for m in f.getmembers() if m.name.endswith(".jpg")
+            )
     return counts
 
 
-def test_evaluate_reproduces_the_last_epoch_and_predict_writes_abaw_files(packed, straight_run, tmp_path):
+def test_evaluate_reproduces_the_last_epoch_and_predict_writes_abaw_files(
+    packed, straight_run, tmp_path
+):
     out, records = straight_run
-    metrics = evaluate(EvalConfig(out / "last.pt", packed, loader="dali-cpu", batch_size=64, num_threads=1))
+    metrics = evaluate(
+        EvalConfig(out / "last.pt", packed, loader="dali-cpu", batch_size=64, num_threads=1)
+    )
     for key in ("ccc_valence", "ccc_arousal", "f1_expr", "f1_au", "p_mtl"):
         assert metrics[key] == pytest.approx(records[-1][key], abs=1e-6), key
-    tuned = evaluate(EvalConfig(out / "last.pt", packed, loader="dali-cpu", num_threads=1, tune_au_thresholds=True))
-    assert tuned["f1_au_tuned"] >= tuned["f1_au"] == metrics["f1_au"] and len(tuned["au_thresholds"]) == 12
-    written = predict(EvalConfig(out / "last.pt", packed, loader="dali-cpu", num_threads=1), tmp_path / "pred")
+    tuned = evaluate(
+        EvalConfig(
+            out / "last.pt", packed, loader="dali-cpu", num_threads=1, tune_au_thresholds=True
+        )
+    )
+    assert (
+        tuned["f1_au_tuned"] >= tuned["f1_au"] == metrics["f1_au"]
+        and len(tuned["au_thresholds"]) == 12
+    )
+    written = predict(
+        EvalConfig(out / "last.pt", packed, loader="dali-cpu", num_threads=1), tmp_path / "pred"
+    )
     expected = _val_frames_per_video(packed)
-    folders = {"VA_Estimation_Challenge": "valence,arousal", "EXPR_Recognition_Challenge": "Neutral,Anger",
-               "AU_Detection_Challenge": "AU1,AU2,AU4"}
+    folders = {
+        "VA_Estimation_Challenge": "valence,arousal",
+        "EXPR_Recognition_Challenge": "Neutral,Anger",
+        "AU_Detection_Challenge": "AU1,AU2,AU4",
+    }
     assert len(written) == 3 * len(expected)
     for folder, header in folders.items():
         for video, frames in expected.items():
@@ -157,21 +238,50 @@ def test_evaluate_reproduces_the_last_epoch_and_predict_writes_abaw_files(packed
             if folder.startswith("EXPR"):
                 assert all(0 <= int(x) < 8 for x in lines[1:])
             if folder.startswith("AU"):
-                assert all(set(x.split(",")) <= {"0", "1"} and len(x.split(",")) == 12 for x in lines[1:])
+                assert all(
+                    set(x.split(",")) <= {"0", "1"} and len(x.split(",")) == 12 for x in lines[1:]
+                )
 
 
 def test_cli_evaluate_prints_tables_and_missing_imagenet_exits_2(packed, straight_run, tmp_path):
     out, _ = straight_run
     runner = CliRunner()
-    result = runner.invoke(main, ["evaluate", str(out / "best.pt"), str(packed), "--loader", "dali-cpu",
-                                  "--num-threads", "1"])
+    result = runner.invoke(
+        main,
+        [
+            "evaluate",
+            str(out / "best.pt"),
+            str(packed),
+            "--loader",
+            "dali-cpu",
+            "--num-threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert "F1 per expression" in result.output and "AU26" in result.output and "p_mtl" in result.output
+    assert (
+        "F1 per expression" in result.output
+        and "AU26" in result.output
+        and "p_mtl" in result.output
+    )
     previous = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "empty-hub"))
     try:
-        result = runner.invoke(main, ["train", str(packed), "--out", str(tmp_path / "r"), "--init", "imagenet",
-                                      "--loader", "dali-cpu", "--epochs", "1"])
+        result = runner.invoke(
+            main,
+            [
+                "train",
+                str(packed),
+                "--out",
+                str(tmp_path / "r"),
+                "--init",
+                "imagenet",
+                "--loader",
+                "dali-cpu",
+                "--epochs",
+                "1",
+            ],
+        )
     finally:
         torch.hub.set_dir(previous)
     assert result.exit_code == 2
@@ -182,13 +292,36 @@ def test_cli_evaluate_prints_tables_and_missing_imagenet_exits_2(packed, straigh
 def test_ddp_two_gloo_processes_match_a_single_process_evaluation(packed, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "affectfast", "train", str(packed), "--out", str(out), "--epochs", "1",
-               "--batch-size", "16", "--image-size", "48", "--num-threads", "1", "--loader", "dali-cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "affectfast",
+        "train",
+        str(packed),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--image-size",
+        "48",
+        "--num-threads",
+        "1",
+        "--loader",
+        "dali-cpu",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    single = evaluate(EvalConfig(out / "last.pt", packed, loader="dali-cpu", batch_size=64, num_threads=1))
+    single = evaluate(
+        EvalConfig(out / "last.pt", packed, loader="dali-cpu", batch_size=64, num_threads=1)
+    )
     for key in ("ccc_valence", "ccc_arousal", "f1_expr", "f1_au", "p_mtl"):
         assert record[key] == pytest.approx(single[key], abs=1e-5), key
     for task in ("va", "expr", "au"):  # every val frame counted once across the two ranks
@@ -197,9 +330,15 @@ def test_ddp_two_gloo_processes_match_a_single_process_evaluation(packed, tmp_pa
 
 @pytest.mark.gpu
 def test_gpu_defaults_train_with_dali_gpu_mixed_precision_and_channels_last(packed, tmp_path):
-    records = train(TrainConfig(shards=packed, out=tmp_path / "gpu", epochs=1, batch_size=32, image_size=48))
+    records = train(
+        TrainConfig(shards=packed, out=tmp_path / "gpu", epochs=1, batch_size=32, image_size=48)
+    )
     saved = json.loads((tmp_path / "gpu" / "config.json").read_text())
-    assert saved["loader"] == "dali-gpu" and saved["amp"] in ("bf16", "fp16") and saved["channels_last"]
+    assert (
+        saved["loader"] == "dali-gpu"
+        and saved["amp"] in ("bf16", "fp16")
+        and saved["channels_last"]
+    )
     assert all(np.isfinite(records[0][k]) for k in ("train_loss", "ccc_mean", "f1_expr", "f1_au"))
 
 
@@ -212,9 +351,17 @@ def test_multitask_run_learns_the_synthetic_labels(tmp_path):
     from affectfast.pack import PackConfig, pack
     from affectfast.synth import SynthConfig, synthesize
 
-    tree = synthesize(SynthConfig(out=tmp_path / "tree", videos=48, frames=40, seed=1, image_size=64, workers=1))
+    tree = synthesize(
+        SynthConfig(out=tmp_path / "tree", videos=48, frames=40, seed=1, image_size=64, workers=1)
+    )
     pack(PackConfig(root=tree, out=tmp_path / "shards", workers=1, shard_size=500, seed=0))
-    records = train(TrainConfig(shards=tmp_path / "shards", out=tmp_path / "run", epochs=8,
-                                **{**SMALL, "batch_size": 32}))
+    records = train(
+        TrainConfig(
+            shards=tmp_path / "shards",
+            out=tmp_path / "run",
+            epochs=8,
+            **{**SMALL, "batch_size": 32},
+        )
+    )
     last = records[-1]
     assert last["f1_expr"] >= 0.8 and last["f1_au"] >= 0.8 and last["ccc_mean"] >= 0.7, last

@@ -32,7 +32,7 @@ def test_good_pack_verifies_with_and_without_decoding(packed):
 def test_flipped_byte_is_reported(damaged):
     shard = damaged / first_shard(damaged)["name"]
     data = bytearray(shard.read_bytes())
-    data[700] ^= 0xFF                              # inside the first image, the header stays valid
+    data[700] ^= 0xFF  # inside the first image, the header stays valid
     shard.write_bytes(bytes(data))
     problems = verify(damaged)
     assert any(str(shard) in p and "sha256" in p for p in problems)
@@ -43,18 +43,19 @@ def test_missing_shard_is_reported(damaged):
     shard.unlink()
     problems = verify(damaged)
     assert any(str(shard) in p and "missing" in p for p in problems)
-    assert any("samples" in p for p in problems)   # the split's totals no longer add up
+    assert any("samples" in p for p in problems)  # the split's totals no longer add up
 
 
 def test_wrong_index_is_reported(damaged):
     index = damaged / first_shard(damaged)["index"]
     lines = index.read_text().splitlines()
     fields = lines[1].split()
-    fields[1] = str(int(fields[1]) + 512)           # the first image's offset is off by a block
+    fields[1] = str(int(fields[1]) + 512)  # the first image's offset is off by a block
     index.write_text("\n".join([lines[0], " ".join(fields), *lines[2:]]) + "\n")
     problems = verify(damaged)
-    assert problems == [f"{index}:2: does not match its tar (expected "
-                        f"{' '.join(lines[1].split())[:80]!r})"]
+    assert problems == [
+        f"{index}:2: does not match its tar (expected {' '.join(lines[1].split())[:80]!r})"
+    ]
 
 
 def test_manifest_counts_and_stats_are_checked(damaged):
@@ -66,8 +67,10 @@ def test_manifest_counts_and_stats_are_checked(damaged):
     problems = verify(damaged)
     assert any("expr class counts" in p for p in problems)
     assert any("valid au labels" in p for p in problems)
-    assert any(p.endswith(f"samples, the manifest says {first_shard(damaged)['samples']}")
-               for p in problems)
+    assert any(
+        p.endswith(f"samples, the manifest says {first_shard(damaged)['samples']}")
+        for p in problems
+    )
 
 
 def test_decode_finds_a_corrupt_image_and_unlisted_files_are_reported(damaged):
@@ -76,7 +79,7 @@ def test_decode_finds_a_corrupt_image_and_unlisted_files_are_reported(damaged):
         image = next(m for m in tar if m.name.endswith(".jpg"))
     data = bytearray(shard.read_bytes())
     sos = data.index(b"\xff\xda", image.offset_data)
-    data[sos + 6] = 0x33                            # undefined Huffman tables: markers still fine
+    data[sos + 6] = 0x33  # undefined Huffman tables: markers still fine
     shard.write_bytes(bytes(data))
     (damaged / "extra.tar").write_bytes(b"")
     assert not any(image.name in p for p in verify(damaged))

@@ -32,18 +32,61 @@ def main() -> None:
     complete = DEMO / ".tree-complete"
     if not complete.exists():  # no tree yet, or a synth that was killed midway: start over
         shutil.rmtree(DEMO, ignore_errors=True)
-        run("1/5 synthesize an Aff-Wild2-layout tree", "synth", str(TREE), "--videos", "24", "--frames", "160",
-            "--seed", "0")
+        run(
+            "1/5 synthesize an Aff-Wild2-layout tree",
+            "synth",
+            str(TREE),
+            "--videos",
+            "24",
+            "--frames",
+            "160",
+            "--seed",
+            "0",
+        )
         complete.touch()
     run("2/5 pack it into shards", "pack", str(TREE), "--out", str(SHARDS), "--shard-size", "1000")
     run("3/5 verify the shards", "verify", str(SHARDS))
-    run("4/5 benchmark the loaders", "bench", "loaders", str(SHARDS), "--tree", str(TREE),
-        "--loaders", "dali-cpu,wds,files", "--batch-size", "256", "--image-size", "112", "--seconds", "6",
-        "--csv", str(DEMO / "bench_loaders.csv"), "--plot", str(DEMO / "bench_loaders.png"))
-    run("5/5 uni-task vs multi-task study", "study", str(SHARDS), "--out", str(STUDY), "--inits", "scratch",
-        "--epochs", "4", "--batch-size", "64", "--image-size", "48", "--lr", "3e-3")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; results: {STUDY / 'results.md'}, "
-          f"curves: {STUDY / 'curves.png'}, loader benchmark: {DEMO / 'bench_loaders.png'}")
+    run(
+        "4/5 benchmark the loaders",
+        "bench",
+        "loaders",
+        str(SHARDS),
+        "--tree",
+        str(TREE),
+        "--loaders",
+        "dali-cpu,wds,files",
+        "--batch-size",
+        "256",
+        "--image-size",
+        "112",
+        "--seconds",
+        "6",
+        "--csv",
+        str(DEMO / "bench_loaders.csv"),
+        "--plot",
+        str(DEMO / "bench_loaders.png"),
+    )
+    run(
+        "5/5 uni-task vs multi-task study",
+        "study",
+        str(SHARDS),
+        "--out",
+        str(STUDY),
+        "--inits",
+        "scratch",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "64",
+        "--image-size",
+        "48",
+        "--lr",
+        "3e-3",
+    )
+    print(
+        f"\ndemo finished in {time.perf_counter() - start:.0f} s; results: {STUDY / 'results.md'}, "
+        f"curves: {STUDY / 'curves.png'}, loader benchmark: {DEMO / 'bench_loaders.png'}"
+    )
 
 
 if __name__ == "__main__":
