@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 
-from affectfast.loader import LOADER_KINDS, AugmentSpec, build_loader
+from affectfast.config import AugmentSpec
+from affectfast.console import say
+from affectfast.constants import LOADER_KINDS
+from affectfast.loaders import Loader, build_loader
+from affectfast.shards import split_shards
 from affectfast.tasks import TASKS
 
 DECODE_ONLY = "decode-only"
@@ -66,21 +70,19 @@ class BenchResult:
     batches: int  # timed batches
 
 
-def bench_loaders(config: BenchConfig, progress=None) -> list[BenchResult]:
+def bench_loaders(config: BenchConfig, progress: bool = True) -> list[BenchResult]:
     """Time each loader and the decode-only ceiling; returns rows, the ceiling last."""
     rates = {}
     for kind in config.loaders:
         if progress:
-            progress(f"timing {kind} ...")
+            say(f"timing {kind} ...")
         rates[kind] = _time(_batches_forever(_loader(config, kind)), config)
     if progress:
-        progress("timing the decode-only ceiling ...")
-    ceiling = _loader(config, "dali-cpu")
-    rates[DECODE_ONLY] = _time(_decoded_forever(ceiling), config)
+        say("timing the decode-only ceiling ...")
+    rates[DECODE_ONLY] = _time(_decoded_forever(_loader(config, "dali-cpu")), config)
     # Mean JPEG size of the split (every kind reads the same frames, as tar members or files).
-    jpeg_bytes = sum(s.jpeg_bytes for s in ceiling.shards) / sum(
-        len(s.keys) for s in ceiling.shards
-    )
+    shards = split_shards(config.shards, "train")
+    jpeg_bytes = sum(s.jpeg_bytes for s in shards) / sum(len(s.keys) for s in shards)
     files = rates.get("files", (None,))[0]
     return [
         BenchResult(
@@ -95,7 +97,7 @@ def bench_loaders(config: BenchConfig, progress=None) -> list[BenchResult]:
     ]
 
 
-def _loader(config: BenchConfig, kind: str):
+def _loader(config: BenchConfig, kind: str) -> Loader:
     device = config.device if kind == "dali-gpu" else "cpu"
     return build_loader(
         kind,
@@ -125,9 +127,7 @@ def _batches_forever(loader):
 
 def _decoded_forever(loader):
     """Batch sizes of DALI decoding alone (same reader, threads and batch size as dali-cpu)."""
-    from affectfast.dali_pipeline import build_pipeline
-
-    pipe = build_pipeline(loader.config, loader.shards, epoch=0, decode_only=True)
+    pipe = loader.pipeline(decode_only=True)
     while True:
         (images,) = pipe.run()
         yield len(images)

@@ -5,14 +5,73 @@ Bad input (``DataError``) prints one line naming file and line and exits with co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import os
 import sys
 from pathlib import Path
 
 import click
 
+from affectfast.constants import (
+    AMP_CHOICES,
+    INTERPOLATIONS,
+    JPEG_CHECKS,
+    LOADER_KINDS,
+    SHARD_LOADER_KINDS,
+    SPLITS,
+    VA_LOSSES,
+)
 from affectfast.errors import DataError
+
+# The dataclasses whose fields the options fill, as "module:Class": imported only to show --help.
+TRAIN = "affectfast.config:TrainConfig"
+EVAL = "affectfast.config:EvalConfig"
+PACK = "affectfast.pack:PackConfig"
+SYNTH = "affectfast.synth:SynthConfig"
+BENCH = "affectfast.bench:BenchConfig"
+
+
+def field_default(config: str, name: str):
+    """The default of field ``name`` of the dataclass named ``config`` ("module:Class")."""
+    module, _, cls = config.partition(":")
+    field = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}[
+        name
+    ]
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+class ConfigOption(click.Option):
+    """An option whose default is its config field's: the value is None unless given (the
+    dataclass then applies its default), and --help shows that default, looked up only then.
+    """
+
+    def __init__(self, *args, config: str, field: str | None = None, **kwargs):
+        super().__init__(*args, default=None, show_default=False, **kwargs)
+        self.config, self.field = config, field or self.name
+
+    def get_help_record(self, ctx):
+        names, text = super().get_help_record(ctx)
+        default = field_default(self.config, self.field)
+        if isinstance(default, bool) and self.secondary_opts:
+            default = self.opts[0] if default else self.secondary_opts[0]
+        elif isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        shown = "" if default in (None, "", ()) else f"  [default: {default}]"
+        return names, f"{text}{shown}".strip()
+
+
+def config_option(*decls, config: str, **kwargs):
+    """``click.option`` whose default comes from ``config``'s field of the same name."""
+    return click.option(*decls, cls=ConfigOption, config=config, **kwargs)
+
+
+def given(options: dict) -> dict:
+    """The options the user gave (None means: let the config's default apply)."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def exits_2_on_data_error(command):
@@ -42,47 +101,40 @@ def main():
     """
 
 
-# --- commands (each block is owned by one module; keep them thin) -------------------------------
-
-
-# --- synth (owner: affectfast.synth) ------------------------------------------------------------
+# --- synth ----------------------------------------------------------------------------------------
 
 
 @main.command("synth")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
+@config_option(
     "--videos",
+    config=SYNTH,
     type=click.IntRange(min=4),
-    default=40,
-    show_default=True,
     help="Frame folders (a _left/_right pair counts as two).",
 )
-@click.option(
+@config_option(
     "--frames",
+    config=SYNTH,
     type=click.IntRange(min=10),
-    default=200,
-    show_default=True,
     help="Frames per video, before the gaps with no image.",
 )
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option(
+@config_option("--seed", config=SYNTH, type=click.IntRange(min=0))
+@config_option(
     "--image-size",
+    config=SYNTH,
     type=click.IntRange(32, 1024),
-    default=112,
-    show_default=True,
     help="Square frame size in pixels (the real crops are 112).",
 )
-@click.option(
+@config_option(
     "--workers",
+    config=SYNTH,
     type=click.IntRange(min=1),
-    default=os.cpu_count() or 1,
-    show_default=True,
     help="Drawing processes (the tree does not depend on it).",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Write into a non-empty OUT (old files may remain)."
 )
-def synth_command(out, videos, frames, seed, image_size, workers, overwrite):
+def synth_command(out, **options):
     """Write a synthetic Aff-Wild2-layout tree to OUT whose labels are drawn into the pixels.
 
     Valence is the background grey, arousal the face brightness, the expression the colour of the
@@ -92,23 +144,15 @@ def synth_command(out, videos, frames, seed, image_size, workers, overwrite):
     """
     from affectfast.synth import SynthConfig, synthesize
 
-    config = SynthConfig(
-        out=out,
-        videos=videos,
-        frames=frames,
-        seed=seed,
-        image_size=image_size,
-        workers=workers,
-        overwrite=overwrite,
-    )
+    config = SynthConfig(out=out, **given(options))
     try:
         synthesize(config, progress=True)
     except FileExistsError as error:
         raise click.UsageError(str(error)) from None
-    click.echo(f"wrote {out}: {videos} videos x {frames} frames, seed {seed}")
+    click.echo(f"wrote {out}: {config.videos} videos x {config.frames} frames, seed {config.seed}")
 
 
-# --- pack / verify (owner: affectfast.pack, affectfast.verify) -----------------------------------
+# --- pack / verify ---------------------------------------------------------------------------------
 
 
 @main.command("pack")
@@ -119,32 +163,20 @@ def synth_command(out, videos, frames, seed, image_size, workers, overwrite):
     default=None,
     help="Output folder [default: shards/<ROOT name>].",
 )
-@click.option(
+@config_option(
     "--workers",
+    config=PACK,
     type=click.IntRange(min=1),
-    default=os.cpu_count() or 1,
-    show_default=True,
     help="Processes writing shards (the output does not depend on it).",
 )
-@click.option(
-    "--shard-size",
-    type=click.IntRange(min=1),
-    default=5000,
-    show_default=True,
-    help="Samples per shard.",
+@config_option("--shard-size", config=PACK, type=click.IntRange(min=1), help="Samples per shard.")
+@config_option(
+    "--seed", config=PACK, type=click.IntRange(min=0), help="Seed of the global train shuffle."
 )
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Seed of the global train shuffle.",
-)
-@click.option(
+@config_option(
     "--check",
-    type=click.Choice(["full", "header"]),
-    default="full",
-    show_default=True,
+    config=PACK,
+    type=click.Choice(JPEG_CHECKS),
     help="full: decode every JPEG; header: markers, size and end marker only (faster).",
 )
 @click.option(
@@ -177,49 +209,29 @@ def synth_command(out, videos, frames, seed, image_size, workers, overwrite):
     help="The AU_Detection_Challenge folder, if not found under ROOT.",
 )
 @exits_2_on_data_error
-def pack_command(root, out, workers, shard_size, seed, check, skip_bad, frames, va, expr, au):
+def pack_command(root, out, **options):
     """Pack the Aff-Wild2 tree ROOT into WebDataset shards + DALI indexes + manifest.json.
 
     Byte-identical for any --workers; a killed pack run again resumes where it stopped.
     """
     from affectfast.pack import PackConfig, pack
+    from affectfast.shards import manifest_summary
 
     config = PackConfig(
-        root=root,
-        out=out or Path("shards") / root.resolve().name,
-        workers=workers,
-        shard_size=shard_size,
-        seed=seed,
-        check=check,
-        skip_bad=skip_bad,
-        frames=frames,
-        va=va,
-        expr=expr,
-        au=au,
+        root=root, out=out or Path("shards") / root.resolve().name, **given(options)
     )
     manifest = pack(config)
-    splits = manifest["splits"]
-    for entry in splits.values():
+    for entry in manifest["splits"].values():
         for bad in entry["bad_files"]:
             click.echo(f"skipped {bad['path']}: {bad['error']}", err=True)
-    shards = sum(len(entry["shards"]) for entry in splits.values())
-    bad = sum(len(entry["bad_files"]) for entry in splits.values())
-    counts = ", ".join(f"{split} {entry['samples']}" for split, entry in splits.items())
-    click.echo(
-        f"packed {config.out}: {shards} shards, samples {counts}"
-        + (f", {bad} bad images skipped (listed in manifest.json)" if bad else "")
-    )
+    click.echo(f"packed {config.out}: {manifest_summary(manifest)}")
 
 
 @main.command("verify")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--decode", is_flag=True, help="Also decode every image (slower).")
 @click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=os.cpu_count() or 1,
-    show_default=True,
-    help="Processes reading shards.",
+    "--workers", type=click.IntRange(min=1), help="Processes reading shards [default: all cores]."
 )
 def verify_command(out, decode, workers):
     """Check pack output OUT against its manifest: sizes, sha256, .idx files, counts.
@@ -228,7 +240,7 @@ def verify_command(out, decode, workers):
     """
     from affectfast.verify import summary, verify
 
-    problems = verify(out, decode=decode, workers=workers, progress=True)
+    problems = verify(out, decode=decode, workers=workers or os.cpu_count() or 1, progress=True)
     if problems:
         for problem in problems:
             click.echo(problem)
@@ -237,13 +249,15 @@ def verify_command(out, decode, workers):
     click.echo(summary(out))
 
 
-# --- train / evaluate / predict (owner: affectfast.train) ----------------------------------------
+# --- train / evaluate / predict --------------------------------------------------------------------
 
 
 def _task_weights(ctx, param, value):
-    """Parse --task-weights "va=1,expr=0.5" into (task, weight) pairs."""
+    """Parse --task-weights "va=1,expr=0.5" into (task, weight) pairs (None when not given)."""
+    if value is None:
+        return None
     try:
-        pairs = [item.split("=") for item in value.split(",") if item.strip()] if value else []
+        pairs = [item.split("=") for item in value.split(",") if item.strip()]
         return tuple((task.strip(), float(weight)) for task, weight in pairs)
     except ValueError:
         raise click.BadParameter(
@@ -251,88 +265,58 @@ def _task_weights(ctx, param, value):
         ) from None
 
 
-_LOADERS = ("dali-gpu", "dali-cpu", "wds", "files")
-
-
 def _training_options(command):
     """The training settings shared by `train` and `study` (one TrainConfig field each)."""
     for option in reversed(
         [
-            click.option(
+            config_option(
                 "--loader",
-                type=click.Choice(_LOADERS),
-                default="dali-gpu",
-                show_default=True,
+                config=TRAIN,
+                type=click.Choice(LOADER_KINDS),
                 help="Data loader; without CUDA dali-gpu falls back to dali-cpu.",
             ),
-            click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
-            click.option(
-                "--batch-size",
-                type=click.IntRange(min=2),
-                default=256,
-                show_default=True,
-                help="Per process.",
+            config_option("--epochs", config=TRAIN, type=click.IntRange(min=1)),
+            config_option(
+                "--batch-size", config=TRAIN, type=click.IntRange(min=2), help="Per process."
             ),
-            click.option(
+            config_option(
                 "--lr",
+                config=TRAIN,
                 type=click.FloatRange(min=0, min_open=True),
-                default=1e-3,
-                show_default=True,
                 help="AdamW peak learning rate (5% linear warm-up, then cosine to zero).",
             ),
-            click.option(
-                "--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True
+            config_option("--weight-decay", config=TRAIN, type=click.FloatRange(min=0)),
+            config_option(
+                "--image-size", config=TRAIN, type=click.IntRange(min=32), help="Pixels, square."
             ),
-            click.option(
-                "--image-size",
-                type=click.IntRange(min=32),
-                default=112,
-                show_default=True,
-                help="Pixels, square.",
-            ),
-            click.option(
+            config_option(
                 "--amp",
-                type=click.Choice(["auto", "bf16", "fp16", "off"]),
-                default="auto",
-                show_default=True,
-                help="Mixed precision. auto: bf16 (fp16 + grad scaler where bf16 is unsupported) on a GPU, off on the CPU.",
+                config=TRAIN,
+                type=click.Choice(AMP_CHOICES),
+                help="Mixed precision. auto: bf16 (fp16 + grad scaler where bf16 is "
+                "unsupported) on a GPU, off on the CPU.",
             ),
-            click.option("--channels-last/--no-channels-last", default=True, show_default=True),
-            click.option(
-                "--va-loss", type=click.Choice(["ccc", "mse"]), default="ccc", show_default=True
-            ),
-            click.option(
+            config_option("--channels-last/--no-channels-last", config=TRAIN),
+            config_option("--va-loss", config=TRAIN, type=click.Choice(VA_LOSSES)),
+            config_option(
                 "--task-weights",
+                config=TRAIN,
                 callback=_task_weights,
-                default="",
                 help="Loss weight per task, e.g. va=1,expr=0.5 (unlisted tasks weigh 1).",
             ),
-            click.option(
-                "--augment/--no-augment",
-                default=True,
-                show_default=True,
-                help="Random flip and rotation.",
-            ),
-            click.option(
-                "--rotate-degrees", type=click.FloatRange(min=0), default=10.0, show_default=True
-            ),
-            click.option(
-                "--interpolation",
-                type=click.Choice(["nearest", "linear"]),
-                default="nearest",
-                show_default=True,
-            ),
-            click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
-            click.option(
+            config_option("--augment/--no-augment", config=TRAIN, help="Random flip and rotation."),
+            config_option("--rotate-degrees", config=TRAIN, type=click.FloatRange(min=0)),
+            config_option("--interpolation", config=TRAIN, type=click.Choice(INTERPOLATIONS)),
+            config_option("--seed", config=TRAIN, type=click.IntRange(min=0)),
+            config_option(
                 "--num-threads",
+                config=TRAIN,
                 type=click.IntRange(min=1),
-                default=2,
-                show_default=True,
                 help="Loader threads/workers per process.",
             ),
-            click.option(
-                "--tune-au-thresholds",
-                is_flag=True,
+            config_option(
+                "--tune-au-thresholds/--no-tune-au-thresholds",
+                config=TRAIN,
                 help="Also report AU F1 at per-AU thresholds tuned on val.",
             ),
             click.option(
@@ -347,6 +331,16 @@ def _training_options(command):
     return command
 
 
+def _train_config(**options):
+    """A TrainConfig from the options given; a bad combination is a usage error."""
+    from affectfast.config import TrainConfig
+
+    try:
+        return TrainConfig(**given(options))
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
 @main.command("train")
 @click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -355,14 +349,12 @@ def _training_options(command):
     required=True,
     help="Run folder (config.json, metrics.jsonl, tb/, last.pt, best.pt), e.g. runs/NAME.",
 )
-@click.option(
-    "--tasks", default="va,expr,au", show_default=True, help="Comma-separated subset of va,expr,au."
-)
-@click.option(
+@config_option("--tasks", config=TRAIN, help="Comma-separated subset of va,expr,au.")
+@config_option(
     "--init",
-    default="scratch",
-    show_default=True,
-    help="scratch | imagenet (torchvision's cache) | imagenet:PATH | ckpt:PATH (another run's trunk).",
+    config=TRAIN,
+    help="scratch | imagenet (torchvision's cache) | imagenet:PATH | ckpt:PATH (another run's "
+    "trunk).",
 )
 @_training_options
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
@@ -380,27 +372,10 @@ def train_command(shards, out, resume, stop_after, **options):
     Single process:   affectfast train shards/demo --tasks expr --out runs/expr
     Multi-GPU:        torchrun --nproc-per-node 8 -m affectfast train shards/aff --out runs/mtl
     """
-    from affectfast.train import TrainConfig, train
+    from affectfast.train import train
 
-    try:
-        config = TrainConfig(shards=shards, out=out, **options)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
+    config = _train_config(shards=shards, out=out, **options)
     train(config, resume=resume, stop_after=stop_after)
-
-
-def _eval_config(checkpoint, shards, split, loader, batch_size, num_threads, tune_au_thresholds):
-    from affectfast.train import EvalConfig
-
-    return EvalConfig(
-        checkpoint=checkpoint,
-        shards=shards,
-        split=split,
-        loader=loader,
-        batch_size=batch_size,
-        num_threads=num_threads,
-        tune_au_thresholds=tune_au_thresholds,
-    )
 
 
 def _eval_options(command):
@@ -410,25 +385,25 @@ def _eval_options(command):
                 "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path)
             ),
             click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-            click.option(
-                "--split", type=click.Choice(["train", "val"]), default="val", show_default=True
-            ),
-            # No "files": it reads the raw tree, which a checkpoint does not name.
-            click.option(
+            config_option("--split", config=EVAL, type=click.Choice(SPLITS)),
+            config_option(
                 "--loader",
-                type=click.Choice(_LOADERS[:3]),
-                default="dali-gpu",
-                show_default=True,
+                config=EVAL,
+                type=click.Choice(SHARD_LOADER_KINDS),
                 help="Without CUDA dali-gpu falls back to dali-cpu.",
             ),
-            click.option(
-                "--batch-size", type=click.IntRange(min=1), default=256, show_default=True
-            ),
-            click.option("--num-threads", type=click.IntRange(min=1), default=2, show_default=True),
+            config_option("--batch-size", config=EVAL, type=click.IntRange(min=1)),
+            config_option("--num-threads", config=EVAL, type=click.IntRange(min=1)),
         ]
     ):
         command = option(command)
     return command
+
+
+def _eval_config(**options):
+    from affectfast.config import EvalConfig
+
+    return EvalConfig(**given(options))
 
 
 @main.command("evaluate")
@@ -436,6 +411,7 @@ def _eval_options(command):
 @click.option(
     "--tune-au-thresholds",
     is_flag=True,
+    default=None,
     help="Also report AU F1 at per-AU thresholds tuned on SPLIT.",
 )
 @click.option(
@@ -450,7 +426,7 @@ def evaluate_command(as_json, **options):
     import json
 
     from affectfast.metrics import format_tables
-    from affectfast.train import evaluate
+    from affectfast.predict import evaluate
 
     metrics = evaluate(_eval_config(**options))
     click.echo(json.dumps(metrics) if as_json else format_tables(metrics))
@@ -466,14 +442,14 @@ def evaluate_command(as_json, **options):
 )
 @exits_2_on_data_error
 def predict_command(out, **options):
-    """Write CHECKPOINT's predictions on SHARDS in the ABAW submission layout, one file per video and task."""
-    from affectfast.train import predict
+    """Write CHECKPOINT's predictions on SHARDS in the ABAW layout, one file per video and task."""
+    from affectfast.predict import predict
 
-    written = predict(_eval_config(tune_au_thresholds=False, **options), out)
+    written = predict(_eval_config(**options), out)
     click.echo(f"wrote {len(written)} prediction files under {out}")
 
 
-# --- bench loaders (owner: affectfast.bench) ------------------------------------------------------
+# --- bench loaders ---------------------------------------------------------------------------------
 
 
 @main.group("bench")
@@ -490,34 +466,32 @@ def bench_group():
 )
 @click.option(
     "--loaders",
-    default="dali-cpu,wds,files",
-    show_default=True,
-    help="Comma-separated kinds: dali-gpu (needs CUDA), dali-cpu, wds, files.",
+    default=None,
+    help="Comma-separated kinds: dali-gpu (needs CUDA), dali-cpu, wds, files "
+    "[default: dali-cpu,wds,files].",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--image-size", type=click.IntRange(min=8), default=112, show_default=True)
-@click.option(
+@config_option("--batch-size", config=BENCH, type=click.IntRange(min=1))
+@config_option("--image-size", config=BENCH, type=click.IntRange(min=8))
+@config_option(
     "--seconds",
+    config=BENCH,
     type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
     help="Timed seconds per loader, after the warm-up batches.",
 )
 @click.option(
     "--interpolation",
-    type=click.Choice(["nearest", "linear"]),
-    default="nearest",
-    show_default=True,
-    help="Resampling of the rotation (nearest is torchvision's default).",
+    type=click.Choice(INTERPOLATIONS),
+    default=None,
+    help="Resampling of the rotation (nearest, torchvision's default, unless given).",
 )
 @click.option(
     "--no-augment", is_flag=True, help="Time with augmentation off (resize and normalize only)."
 )
-@click.option(
+@config_option(
     "--threads",
+    "num_threads",
+    config=BENCH,
     type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
     help="DALI threads / DataLoader workers.",
 )
 @click.option(
@@ -531,46 +505,35 @@ def bench_group():
 )
 @exits_2_on_data_error
 def bench_loaders_command(
-    shards,
-    tree,
-    loaders,
-    batch_size,
-    image_size,
-    seconds,
-    interpolation,
-    no_augment,
-    threads,
-    csv_path,
-    plot,
+    shards, tree, loaders, interpolation, no_augment, csv_path, plot, **options
 ):
     """Images/s of each loader on SHARDS' train split, with the decode-only ceiling of the same run."""
     from affectfast.bench import BenchConfig, bench_loaders, format_table, write_csv, write_plot
-    from affectfast.loader import AugmentSpec
+    from affectfast.config import AugmentSpec
 
-    kinds = tuple(k.strip() for k in loaders.split(",") if k.strip())
+    options = given(options)
+    if loaders is not None:
+        options["loaders"] = tuple(k.strip() for k in loaders.split(",") if k.strip())
+    if no_augment:
+        options["augment"] = None
+    elif interpolation is not None:
+        options["augment"] = AugmentSpec(interpolation=interpolation)
+    if "dali-gpu" in options.get("loaders", ()):
+        options["device"] = "cuda"
     try:
-        config = BenchConfig(
-            shards=shards,
-            loaders=kinds,
-            tree=tree,
-            batch_size=batch_size,
-            image_size=image_size,
-            seconds=seconds,
-            num_threads=threads,
-            augment=None if no_augment else AugmentSpec(interpolation=interpolation),
-            device="cuda" if "dali-gpu" in kinds else "cpu",
-        )
+        config = BenchConfig(shards=shards, tree=tree, **options)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
-    results = bench_loaders(config, progress=lambda line: click.echo(line, err=True))
+    results = bench_loaders(config)
     click.echo(format_table(results))
     if csv_path:
         write_csv(results, csv_path)
     if plot:
-        write_plot(results, plot, f"batch {batch_size}, {image_size} px, {threads} threads")
+        title = f"batch {config.batch_size}, {config.image_size} px, {config.num_threads} threads"
+        write_plot(results, plot, title)
 
 
-# --- study (owner: affectfast.study) --------------------------------------------------------------
+# --- study -----------------------------------------------------------------------------------------
 
 
 @main.command("study")
@@ -600,10 +563,9 @@ def study_command(shards, out, inits, **options):
     On a GPU node:  affectfast study shards/affwild2 --out runs/study --inits scratch,imagenet,uni-expr
     """
     from affectfast.study import StudyConfig, format_table, run_study
-    from affectfast.train import TrainConfig
 
+    base = _train_config(shards=shards, out=out, **options)
     try:
-        base = TrainConfig(shards=shards, out=out, **options)
         config = StudyConfig(
             out=out, base=base, inits=tuple(t.strip() for t in inits.split(",") if t.strip())
         )

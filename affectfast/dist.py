@@ -28,12 +28,20 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launched_rank() -> int:
+    """This process's global rank as torchrun set it (0 when not launched by torchrun).
+
+    For the few messages printed before the process group forms; after it, use ``DistInfo``.
+    """
+    return int(os.environ.get("RANK", 0))
+
+
 def setup_distributed(use_cuda: bool) -> DistInfo:
     """Join the torchrun process group if launched by torchrun; pick this rank's device.
 
     ``use_cuda``: train on the GPU with index LOCAL_RANK (NCCL) rather than the CPU (gloo).
     """
-    rank = int(os.environ.get("RANK", 0))
+    rank = launched_rank()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:

@@ -14,7 +14,9 @@ import struct
 
 from PIL import Image
 
-CHECKS: tuple[str, ...] = ("full", "header")
+from affectfast.constants import JPEG_CHECKS
+
+CHECKS = JPEG_CHECKS
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"

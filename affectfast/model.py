@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
+from affectfast.config import parse_init
 from affectfast.errors import DataError
 from affectfast.tasks import NUM_AU, NUM_EXPR, TASKS
 
@@ -30,16 +31,6 @@ TRUNK_FEATURES = 512  # ResNet-18's pooled feature width
 def imagenet_cache_path() -> Path:
     """Where torchvision keeps ResNet-18's ImageNet weights once downloaded."""
     return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
-
-
-def parse_init(init: str) -> tuple[str, Path | None]:
-    """Split an init string into (kind, path); raise ValueError on an unknown form."""
-    if init in ("scratch", "imagenet"):
-        return init, None
-    kind, sep, path = init.partition(":")
-    if sep and kind in ("imagenet", "ckpt") and path:
-        return kind, Path(path)
-    raise ValueError(f"init must be scratch, imagenet, imagenet:PATH or ckpt:PATH; got {init!r}")
 
 
 class AffectNet(nn.Module):

@@ -4,7 +4,7 @@
 into one columnar numpy index (about 35 bytes per frame: 100 MB for the 2.8M frames of the real
 dataset), orders it (val in video/frame order, train shuffled globally with the seed), cuts it into
 shards of ``shard_size`` samples and lets worker processes write whole shards. The shard format is
-DESIGN.md §2 and ``docs/shard-format.md``.
+DESIGN.md §2 and ``docs/shard-format.md``; its code (names, tar members, ``.idx``) is ``shards.py``.
 
 Guarantees:
 - The output bytes depend only on the source and (shard_size, seed, check, skip_bad): never on the
@@ -46,6 +46,16 @@ from affectfast.affwild2 import (
 )
 from affectfast.errors import DataError
 from affectfast.jpeg import CHECKS, JpegError, check_jpeg
+from affectfast.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MAX_MEMBER_NAME,
+    index_line,
+    index_text,
+    shard_name,
+    tar_end,
+    tar_member,
+)
 from affectfast.tasks import (
     EXPR_NAMES,
     IMAGE_EXT,
@@ -58,18 +68,11 @@ from affectfast.tasks import (
     SPLITS,
     TASKS,
     encode_label,
-    split_member,
     valid_mask,
 )
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 STATE = ".pack-state.jsonl"
 TMP_SUFFIX = ".tmp"
-IDX_VERSION = "v1.2"  # the first token of a DALI wds2idx index file
-# A ustar/GNU header holds names up to 99 bytes in one 512-byte block; longer names would need a
-# GNU long-name entry, which DALI's index offsets do not expect.
-MAX_MEMBER_NAME = 99
 
 
 @dataclass(frozen=True)
@@ -185,11 +188,6 @@ def shuffle_order(index: SampleIndex, split: str, seed: int) -> np.ndarray:
     return rows
 
 
-def shard_name(split: str, number: int) -> str:
-    """``train-000003``: the stem of a shard's .tar and .idx."""
-    return f"{split}-{number:06d}"
-
-
 # --- the source fingerprint -----------------------------------------------------------------------
 
 
@@ -279,65 +277,6 @@ class _HashingWriter:
         self.file.write(data)
         self.sha256.update(data)
         self.size += len(data)
-
-
-def tarfile_header(name: str, size: int) -> bytes:
-    """The GNU header ``tarfile`` writes for a regular file with our fixed metadata (the reference)."""
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
-    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
-
-
-# tarfile's header encoder (up to 4 members a sample) dominated a header-checked pack's CPU time in
-# profiling. Every header we write differs from tarfile's template for an empty name only in the
-# name, size and checksum fields, so we fill those in, several times cheaper. tests/test_pack.py checks the
-# result equals tarfile_header() for every member of the test shards.
-_TEMPLATE = bytearray(tarfile_header("", 0))
-_TEMPLATE[148:156] = b" " * 8  # the checksum is summed with its own field as 8 spaces
-_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 155)
-_TEMPLATE_SUM = sum(_TEMPLATE) - sum(_TEMPLATE[_SIZE])
-
-
-def tar_header(name: str, size: int) -> bytes:
-    """GNU header of a member: equal to ``tarfile_header(name, size)`` for names of at most 99
-    ASCII bytes and sizes below 8 GiB (both guaranteed by the shard format)."""
-    encoded = name.encode("ascii")
-    size_field = b"%011o\0" % size
-    header = _TEMPLATE.copy()
-    header[: len(encoded)] = encoded
-    header[_SIZE] = size_field
-    header[_CHKSUM] = b"%06o\0" % (_TEMPLATE_SUM + sum(encoded) + sum(size_field))
-    return bytes(header)
-
-
-def tar_member(name: str, data: bytes) -> bytes:
-    """One regular-file entry: header, data, NUL padding to a whole block."""
-    return tar_header(name, len(data)) + data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
-
-
-def tar_end(size: int) -> bytes:
-    """The end of an archive of ``size`` bytes, as ``tarfile.TarFile.close`` writes it: two zero
-    blocks, then zeros up to a whole record."""
-    size += 2 * tarfile.BLOCKSIZE
-    return tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE))
-
-
-def index_line(components: list[tuple[str, int, int]]) -> str:
-    """One sample's line of a DALI index: ``ext offset size name`` per component, in tar order.
-
-    ``components`` holds (member name, data offset, size); the extension is everything after the
-    first dot of the file name, as DALI's ``wds2idx`` splits it.
-    """
-    parts = []
-    for name, offset, size in components:
-        parts.append(f"{split_member(name)[1]} {offset} {size} {name}")
-    return " ".join(parts)
-
-
-def index_text(lines: list[str]) -> str:
-    """A whole DALI index file (the ``v1.2`` format ``wds2idx`` writes) from its sample lines."""
-    return f"{IDX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
 
 
 def write_shard(job: ShardJob, context: WriterContext) -> ShardResult:
@@ -745,20 +684,4 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
     manifest = build_manifest(config, dirs, fingerprint, index, plan, records)
     _write_atomic(config.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
-def load_manifest(out: str | Path) -> dict:
-    """Read ``out/manifest.json``; a missing or unreadable one is a DataError."""
-    path = Path(out) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(path, "no manifest: not a finished `affectfast pack` output") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise DataError(path, f"unreadable manifest: {error}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            path, f"format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
-        )
     return manifest

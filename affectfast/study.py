@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from affectfast.model import parse_init
+from affectfast.config import TrainConfig, parse_init
+from affectfast.console import say
+from affectfast.rundir import RunDir, read_metrics
 from affectfast.tasks import TASKS, parse_tasks
-from affectfast.train import TrainConfig, train
+from affectfast.train import train
 
 RESULT_COLUMNS = (
     "run",
@@ -100,7 +100,7 @@ def plan_runs(config: StudyConfig) -> list[StudyRun]:
         runs.append(StudyRun("multi", init, TASKS, init, folder / "multi"))
     for token in config.inits:
         if token.startswith("uni-"):
-            pretrained = config.out / slug(base_inits[0]) / token / "best.pt"
+            pretrained = RunDir(config.out / slug(base_inits[0]) / token).best
             runs.append(
                 StudyRun(
                     "multi",
@@ -115,16 +115,7 @@ def plan_runs(config: StudyConfig) -> list[StudyRun]:
 
 def read_records(run_dir: Path) -> list[dict]:
     """The per-epoch records of a run (empty if it has not started)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill: that epoch is redone on resume
-            continue
-    return records
+    return read_metrics(RunDir(run_dir).metrics)
 
 
 def run_study(config: StudyConfig) -> list[dict]:
@@ -134,20 +125,14 @@ def run_study(config: StudyConfig) -> list[dict]:
     for index, run in enumerate(runs, 1):
         done = len(read_records(run.out))
         if done >= config.base.epochs:
-            print(
-                f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped",
-                file=sys.stderr,
-            )
+            say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped")
             continue
-        print(
-            f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}",
-            file=sys.stderr,
-        )
+        say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}")
         weights = tuple((t, w) for t, w in config.base.task_weights if t in run.tasks)
         train_config = dataclasses.replace(
             config.base, out=run.out, tasks=run.tasks, init=run.init, task_weights=weights
         )
-        train(train_config, resume=(run.out / "last.pt").exists())
+        train(train_config, resume=RunDir(run.out).last.exists())
         write_summaries(config.out, runs)  # after every run, so a long study shows progress
     return write_summaries(config.out, runs)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from affectfast.constants import SPLITS  # noqa: F401  (split names: a CLI choice list)
+
 TASKS: tuple[str, ...] = ("va", "expr", "au")
 
 VA_NAMES: tuple[str, ...] = ("valence", "arousal")
@@ -54,7 +56,6 @@ CHALLENGE_DIRS: dict[str, tuple[str, ...]] = {
 }
 # Annotation set folder -> split name.
 SPLIT_DIRS: dict[str, str] = {"Train_Set": "train", "Validation_Set": "val"}
-SPLITS: tuple[str, ...] = ("train", "val")
 
 # Ignore markers in annotation files.
 VA_IGNORE = -5.0

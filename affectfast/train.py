@@ -1,9 +1,8 @@
-"""Train, evaluate and predict: uni- and multi-task ResNet-18 on packed shards (DESIGN.md §4).
+"""Train uni- and multi-task ResNet-18 on packed shards (DESIGN.md §4), validating every epoch.
 
-A run is a folder: ``config.json`` (the resolved :class:`TrainConfig`), ``metrics.jsonl`` (one JSON
-object per epoch), TensorBoard events under ``tb/``, ``last.pt`` (written atomically every epoch,
-what ``resume`` continues from) and ``best.pt`` (highest val P_MTL). Every checkpoint holds the
-config too, so ``evaluate``/``predict`` need nothing else.
+``train(TrainConfig)`` fills a run folder (``rundir.py``: config.json, metrics.jsonl, tb/, last.pt,
+best.pt); ``build_run`` builds what a run needs once (also used by benchmarks/bench_train.py);
+``predict_split``/``score`` are the validation pass that ``predict.py`` reuses for evaluate/predict.
 
 Set once, never branched on in the step: the device, channels_last on the model, the autocast
 context and ``GradScaler(enabled=...)``. Launched by ``torchrun`` it runs DDP (see ``dist.py``).
@@ -13,138 +12,48 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
-import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from affectfast.config import TrainConfig
+from affectfast.console import say
 from affectfast.dist import (
     DistInfo,
     all_reduce_mean,
     broadcast_buffers,
     gather_objects,
+    launched_rank,
     setup_distributed,
     teardown_distributed,
 )
 from affectfast.errors import DataError
-from affectfast.loader import LOADER_KINDS, AugmentSpec, build_loader
+from affectfast.loaders import Loader, build_loader
 from affectfast.losses import TaskLoss, au_pos_weight, expr_class_weights, multitask_loss
 from affectfast.metrics import Predictions, compute_metrics, headline, tune_au_thresholds
-from affectfast.model import AffectNet, build_model, parse_init
-from affectfast.pack import MANIFEST, load_manifest
-from affectfast.tasks import CHALLENGE_DIRS, HEADERS, TASKS, parse_tasks
+from affectfast.model import AffectNet, build_model
+from affectfast.rundir import (
+    CHECKPOINT_FORMAT,
+    RunDir,
+    append_metrics,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    truncate_metrics,
+)
+from affectfast.shards import MANIFEST, load_manifest
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WARMUP_FRACTION = 0.05  # of all steps: linear LR warm-up, then cosine decay to zero
-CHECKPOINT_FORMAT = 1
 # Config fields that may change between a run and its --resume without changing its results.
 RESUMABLE_CHANGES = ("num_threads",)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run; saved as config.json and inside every checkpoint.
-
-    Defaults fit a GPU node (DALI on the GPU, mixed precision, channels_last); :func:`resolve_device`
-    turns them into their CPU twins where CUDA is absent.
-    """
-
-    shards: Path  # a pack output folder (manifest.json + train/val shards)
-    out: Path  # the run folder, e.g. runs/NAME
-    tasks: tuple[str, ...] = TASKS
-    loader: str = "dali-gpu"  # one of LOADER_KINDS
-    epochs: int = 10
-    batch_size: int = 256  # per rank
-    lr: float = 1e-3  # AdamW peak learning rate
-    weight_decay: float = 1e-4
-    image_size: int = 112  # px, square
-    amp: str = "auto"  # auto (bf16 where supported, else fp16; off on the CPU) | bf16 | fp16 | off
-    channels_last: bool = True
-    init: str = "scratch"  # scratch | imagenet | imagenet:PATH | ckpt:PATH
-    va_loss: str = "ccc"  # ccc (1 - CCC) | mse
-    task_weights: tuple[tuple[str, float], ...] = ()  # (task, weight) pairs; unlisted tasks weigh 1
-    augment: bool = True  # random flip + rotation on train
-    rotate_degrees: float = 10.0
-    flip: bool = True
-    interpolation: str = "nearest"  # nearest | linear
-    seed: int = 0
-    num_threads: int = 2  # DALI threads / DataLoader workers per rank
-    tune_au_thresholds: bool = False  # also report AU F1 at per-AU thresholds tuned on val
-    tree: Path | None = None  # the raw Aff-Wild2 root, for loader "files" only
-
-    def __post_init__(self):
-        set_ = functools.partial(object.__setattr__, self)
-        set_("shards", Path(self.shards))
-        set_("out", Path(self.out))
-        set_("tree", None if self.tree is None else Path(self.tree))
-        set_("tasks", parse_tasks(self.tasks))
-        set_("task_weights", tuple((str(t), float(w)) for t, w in dict(self.task_weights).items()))
-        parse_init(self.init)
-        checks = [
-            (self.loader in LOADER_KINDS, f"loader must be one of {LOADER_KINDS}"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm and CCC need two frames)"),
-            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0"),
-            (self.image_size >= 32, "image_size must be >= 32 px"),
-            (self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}"),
-            (self.va_loss in ("ccc", "mse"), "va_loss must be ccc or mse"),
-            (
-                all(t in self.tasks and w >= 0 for t, w in self.task_weights),
-                "task_weights must name trained tasks with weights >= 0",
-            ),
-            (
-                self.interpolation in ("nearest", "linear"),
-                "interpolation must be nearest or linear",
-            ),
-            (
-                self.rotate_degrees >= 0 and self.num_threads >= 1,
-                "rotate_degrees >= 0, num_threads >= 1",
-            ),
-            (self.loader != "files" or self.tree is not None, "loader files needs tree"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"{message}; got {self!r}")
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict (paths as strings, tuples as lists)."""
-        d = dataclasses.asdict(self)
-        d.update(
-            shards=str(self.shards),
-            out=str(self.out),
-            tree=None if self.tree is None else str(self.tree),
-            tasks=list(self.tasks),
-            task_weights=[list(p) for p in self.task_weights],
-        )
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            **{
-                **d,
-                "tasks": tuple(d["tasks"]),
-                "task_weights": tuple(map(tuple, d["task_weights"])),
-            }
-        )
-
-    @property
-    def augment_spec(self) -> AugmentSpec | None:
-        return (
-            AugmentSpec(self.flip, self.rotate_degrees, self.interpolation)
-            if self.augment
-            else None
-        )
 
 
 def resolve_device(config: TrainConfig, cuda: bool | None = None):
@@ -163,11 +72,8 @@ def resolve_device(config: TrainConfig, cuda: bool | None = None):
         return dataclasses.replace(config, amp=amp), True
     loader = "dali-cpu" if config.loader == "dali-gpu" else config.loader
     amp = "off" if config.amp == "auto" else config.amp
-    if (loader, amp) != (config.loader, config.amp) and int(os.environ.get("RANK", 0)) == 0:
-        print(
-            f"affectfast: no CUDA device, falling back to the CPU (loader {loader}, amp {amp})",
-            file=sys.stderr,
-        )
+    if (loader, amp) != (config.loader, config.amp) and launched_rank() == 0:
+        say(f"affectfast: no CUDA device, falling back to the CPU (loader {loader}, amp {amp})")
     return dataclasses.replace(config, loader=loader, amp=amp), False
 
 
@@ -322,73 +228,6 @@ def score(preds: Predictions, tasks, tune: bool) -> dict:
     return compute_metrics(preds, tasks, thresholds)
 
 
-# --- checkpoints ---------------------------------------------------------------------------------
-
-
-def rng_state() -> dict:
-    """Every RNG the run touches, as tensors and plain values (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    """Inverse of :func:`rng_state`."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """An affectfast checkpoint (on the CPU); DataError if missing or not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise DataError(path, f"cannot read checkpoint: {error}") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(path, "not an affectfast checkpoint")
-    return checkpoint
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metrics.jsonl lines after the checkpoint being resumed (an epoch logged but not saved)."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) <= epochs_done]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, path)
-
-
-def _epoch_of(line: str) -> float:
-    """The epoch of a metrics.jsonl line; infinity for a line cut short by a kill (dropped)."""
-    try:
-        return json.loads(line)["epoch"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
 # --- the public entry points ---------------------------------------------------------------------
 
 
@@ -407,18 +246,35 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         teardown_distributed()
 
 
-def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None) -> list[dict]:
-    out = config.out
-    if not resume and (out / "last.pt").exists():
-        raise DataError(
-            out,
-            "already holds a run (last.pt); pass --resume to continue it or choose another --out",
-        )
+@dataclass
+class Run:
+    """What one training run builds once: model, loaders, optimizer, schedule, precision, step."""
+
+    model: AffectNet  # the bare model (what checkpoints and evaluation use)
+    ddp: torch.nn.Module  # the model as trained: DistributedDataParallel when distributed
+    train_loader: Loader
+    val_loader: Loader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Callable  # zero-argument factory of the autocast context
+    step: Callable  # step(model, batch) -> detached loss
+
+    def state(self) -> dict:
+        """The objects a checkpoint saves and ``--resume`` restores, by name."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+        }
+
+
+def build_run(config: TrainConfig, info: DistInfo) -> Run:
+    """Build everything a run needs on this rank (config already resolved for the machine)."""
     manifest = load_manifest(config.shards)
     loss_spec = build_task_loss(config, manifest, config.shards / MANIFEST).to(info.device)
-    torch.manual_seed(
-        config.seed
-    )  # the same initial weights on every rank (DDP also broadcasts them)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP broadcasts too)
     model = build_model(config.tasks, config.init)
     model = model.to(
         info.device,
@@ -431,7 +287,6 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
         if info.distributed
         else model
     )
-    dtype = AMP_DTYPES.get(config.amp, torch.float32)
     train_loader = build_loader(
         config.loader,
         config.shards,
@@ -444,7 +299,7 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
         rank=info.rank,
         world_size=info.world_size,
         device=info.device,
-        dtype=dtype,
+        dtype=AMP_DTYPES.get(config.amp, torch.float32),
         drop_last=True,
         seed=config.seed,
         num_threads=config.num_threads,
@@ -470,55 +325,56 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
         autocast=autocast,
         loss_spec=loss_spec,
     )
+    return Run(model, ddp, train_loader, val_loader, optimizer, scheduler, scaler, autocast, step)
 
+
+def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None) -> list[dict]:
+    folder = RunDir(config.out)
+    if not resume and folder.last.exists():
+        raise DataError(
+            config.out,
+            "already holds a run (last.pt); pass --resume to continue it or choose another --out",
+        )
+    run = build_run(config, info)
     start_epoch, best = 0, -math.inf
     if resume:
-        start_epoch, best = _restore(out / "last.pt", config, model, optimizer, scheduler, scaler)
+        start_epoch, best = _restore(folder.last, config, run)
         if info.is_main:
-            _truncate_metrics(out / "metrics.jsonl", start_epoch)
+            truncate_metrics(folder.metrics, start_epoch)
     writer = None
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        folder.write_config(config.to_dict())
         from torch.utils.tensorboard import SummaryWriter  # slow import; only the main rank logs
 
-        writer = SummaryWriter(str(out / "tb"))
+        writer = SummaryWriter(str(folder.tensorboard))
 
     records = []
     end = config.epochs if stop_after is None else min(config.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end):
-        train_loader.set_epoch(epoch)
-        stats = train_one_epoch(ddp, train_loader, step, info, f"epoch {epoch + 1}/{config.epochs}")
-        broadcast_buffers(model, info)
-        metrics = score(
-            predict_split(model, val_loader, autocast, info),
-            config.tasks,
-            config.tune_au_thresholds,
-        )
+        run.train_loader.set_epoch(epoch)
+        desc = f"epoch {epoch + 1}/{config.epochs}"
+        stats = train_one_epoch(run.ddp, run.train_loader, run.step, info, desc)
+        broadcast_buffers(run.model, info)
+        predictions = predict_split(run.model, run.val_loader, run.autocast, info)
+        metrics = score(predictions, config.tasks, config.tune_au_thresholds)
         record = {
             "epoch": epoch + 1,
             **stats,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": run.scheduler.get_last_lr()[0],
             **headline(metrics),
         }
         records.append(record)
         best = max(best, metrics["p_mtl"])
         if info.is_main:
-            _log_epoch(out, writer, record, metrics)
-            state = {
-                "model": model,
-                "optimizer": optimizer,
-                "scheduler": scheduler,
-                "scaler": scaler,
-            }
-            _save_checkpoints(out, config, epoch + 1, state, metrics, best)
+            _log_epoch(folder, writer, record)
+            _save_checkpoints(folder, config, epoch + 1, run.state(), metrics, best)
     if writer is not None:
         writer.close()
     return records
 
 
 def _save_checkpoints(
-    out: Path, config: TrainConfig, epochs_done: int, state: dict, metrics: dict, best: float
+    folder: RunDir, config: TrainConfig, epochs_done: int, state: dict, metrics: dict, best: float
 ) -> None:
     """Write last.pt (always) and best.pt (when this epoch has the best val P_MTL), each atomically."""
     checkpoint = {
@@ -531,14 +387,12 @@ def _save_checkpoints(
         "metrics": headline(metrics),
         "au_thresholds": metrics.get("au_thresholds"),
     }
-    save_atomic(checkpoint, out / "last.pt")
+    save_atomic(checkpoint, folder.last)
     if metrics["p_mtl"] >= best:
-        save_atomic(checkpoint, out / "best.pt")
+        save_atomic(checkpoint, folder.best)
 
 
-def _restore(
-    path: Path, config: TrainConfig, model, optimizer, scheduler, scaler
-) -> tuple[int, float]:
+def _restore(path: Path, config: TrainConfig, run: Run) -> tuple[int, float]:
     """Load last.pt into the run's objects; return (epochs done, best P_MTL so far)."""
     checkpoint = load_checkpoint(path)
     saved = checkpoint["config"]
@@ -549,17 +403,15 @@ def _restore(
         raise DataError(
             path, f"cannot resume with a different config: {', '.join(changed)} changed"
         )
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    for name, obj in run.state().items():
+        obj.load_state_dict(checkpoint[name])
     set_rng_state(checkpoint["rng"])
     return checkpoint["epoch"], checkpoint["best_p_mtl"]
 
 
-def _log_epoch(out: Path, writer, record: dict, metrics: dict) -> None:
+def _log_epoch(folder: RunDir, writer, record: dict) -> None:
     """Append the epoch to metrics.jsonl and TensorBoard, and one summary line to stderr."""
-    _append_metrics(out / "metrics.jsonl", record)
+    append_metrics(folder.metrics, record)
     for key, value in record.items():
         if key != "epoch":
             writer.add_scalar(key, value, record["epoch"])
@@ -569,99 +421,4 @@ def _log_epoch(out: Path, writer, record: dict, metrics: dict) -> None:
         for k in ("train_loss", "ccc_mean", "f1_expr", "f1_au", "p_mtl")
         if k in record
     )
-    print(f"epoch {record['epoch']}: {shown} ({record['images_per_s']:.0f} img/s)", file=sys.stderr)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What evaluate and predict need beyond the checkpoint (which carries tasks, image size, precision)."""
-
-    checkpoint: Path
-    shards: Path
-    split: str = "val"
-    loader: str = "dali-gpu"
-    batch_size: int = 256
-    num_threads: int = 2
-    tune_au_thresholds: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "checkpoint", Path(self.checkpoint))
-        object.__setattr__(self, "shards", Path(self.shards))
-        if self.loader not in LOADER_KINDS or self.batch_size < 1 or self.num_threads < 1:
-            raise ValueError(f"bad evaluation settings: {self!r}")
-
-
-def _load_for_eval(config: EvalConfig):
-    """(model, run config resolved for this machine, dist info, autocast, checkpoint)."""
-    checkpoint = load_checkpoint(config.checkpoint)
-    saved = TrainConfig.from_dict(checkpoint["config"])
-    # The saved precision is concrete (bf16, fp16 or off): evaluate as trained; only the loader follows the machine.
-    run = dataclasses.replace(
-        saved, shards=config.shards, loader=config.loader, num_threads=config.num_threads
-    )
-    run, use_cuda = resolve_device(run)
-    info = setup_distributed(use_cuda)
-    model = AffectNet(run.tasks)
-    model.load_state_dict(checkpoint["model"])
-    model = model.to(
-        info.device,
-        memory_format=torch.channels_last if run.channels_last else torch.preserve_format,
-    )
-    return model, run, info, build_autocast(info.device, run.amp), checkpoint
-
-
-def evaluate(config: EvalConfig) -> dict:
-    """The checkpoint's metrics on ``config.split`` of ``config.shards`` (all ranks gathered)."""
-    model, run, info, autocast, _ = _load_for_eval(config)
-    try:
-        loader = build_eval_loader(run, config.shards, config.split, info, config.batch_size)
-        return score(
-            predict_split(model, loader, autocast, info), run.tasks, config.tune_au_thresholds
-        )
-    finally:
-        teardown_distributed()
-
-
-def predict(config: EvalConfig, out: Path) -> list[Path]:
-    """Write ABAW-layout prediction files: ``out/<Challenge>/<video>.txt`` per trained task and video.
-
-    Each file has the task's annotation header and one line per frame present in the shards, in
-    frame order: VA ``valence,arousal`` clipped to [-1, 1], EXPR the class index, AU twelve 0/1
-    (at the checkpoint's tuned thresholds where it has them, else 0.5).
-    """
-    model, run, info, autocast, checkpoint = _load_for_eval(config)
-    try:
-        loader = build_eval_loader(run, config.shards, config.split, info, config.batch_size)
-        preds = predict_split(model, loader, autocast, info)
-    finally:
-        teardown_distributed()
-    if not info.is_main:
-        return []
-    thresholds = np.asarray(checkpoint.get("au_thresholds") or [0.5] * len(HEADERS["au"]))
-    videos = np.asarray([k.rsplit("/", 1)[0] for k in preds.keys])
-    written = []
-    # Keys are sorted, so each video's frames are one contiguous, ordered range.
-    names, starts = np.unique(videos, return_index=True)
-    order = np.argsort(starts)  # key order, which can differ from name order ("v-2/" < "v/")
-    names, starts = names[order], starts[order]
-    ends = np.append(starts[1:], len(videos)).astype(int)
-    for task in run.tasks:
-        folder = Path(out) / CHALLENGE_DIRS[task][0]
-        folder.mkdir(parents=True, exist_ok=True)
-        for video, start, end in zip(names, starts, ends):
-            rows = preds.outputs[task][start:end]
-            written.append(_write_prediction(folder / f"{video}.txt", task, rows, thresholds))
-    return written
-
-
-def _write_prediction(path: Path, task: str, rows: np.ndarray, thresholds: np.ndarray) -> Path:
-    if task == "va":
-        lines = [f"{v:.6f},{a:.6f}" for v, a in np.clip(rows, -1, 1)]
-    elif task == "expr":
-        lines = [str(int(c)) for c in rows.argmax(1)]
-    else:
-        lines = [",".join(str(int(x)) for x in r) for r in rows > thresholds]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(",".join(HEADERS[task]) + "\n" + "".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-    return path
+    say(f"epoch {record['epoch']}: {shown} ({record['images_per_s']:.0f} img/s)")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from affectfast.errors import DataError
 from affectfast.jpeg import JpegError, check_jpeg
-from affectfast.pack import MANIFEST, index_line, index_text, load_manifest
+from affectfast.shards import MANIFEST, index_line, index_text, load_manifest, manifest_summary
 from affectfast.tasks import (
     IMAGE_EXT,
     LABEL_EXT,
@@ -249,10 +249,4 @@ def _compare_split(manifest: Path, split: str, entry: dict, counts: ShardCounts)
 
 def summary(out: str | Path) -> str:
     """One line describing a verified pack output (from its manifest)."""
-    manifest = load_manifest(out)
-    splits = manifest["splits"]
-    shards = sum(len(entry["shards"]) for entry in splits.values())
-    parts = ", ".join(f"{split} {entry['samples']}" for split, entry in splits.items())
-    bad = sum(len(entry["bad_files"]) for entry in splits.values())
-    skipped = f"; {bad} bad images were skipped at pack time" if bad else ""
-    return f"{out}: ok, {shards} shards, samples {parts}{skipped}"
+    return f"{out}: ok, {manifest_summary(load_manifest(out))}"

@@ -14,8 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
-from affectfast.dali_pipeline import build_pipeline
-from affectfast.loader import AugmentSpec, build_loader
+from affectfast.config import AugmentSpec
+from affectfast.loaders import build_loader
 from affectfast.tasks import TASKS
 
 
@@ -63,7 +63,7 @@ def main() -> None:
             augment=augment,
             num_threads=args.threads,
         )
-        pipe = build_pipeline(loader.config, loader.shards, 0, decode_only=decode_only)
+        pipe = loader.pipeline(decode_only=decode_only)
         rate = images_per_s(pipe, args.batch_size, args.batches)
         decode = decode or rate
         print(f"{name:52s} {rate:8.0f}   {rate / decode:.2f}")

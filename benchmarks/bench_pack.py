@@ -1,6 +1,6 @@
 """Pack throughput against two floors measured in the same run on the same files, and peak memory.
 
-Floors (issue 2, item 7): ``tar cf`` of the image files (floor 1) and a plain loop that reads and
+Floors: ``tar cf`` of the image files (floor 1) and a plain loop that reads and
 fully decodes each JPEG with the same number of processes (floor 2). Goals: ``pack --check full``
 >= 0.8x floor 2; ``pack --check header`` >= 0.5x floor 1. Each measurement is the median of
 ``--repeats`` runs after one warm-up run (which also fills the page cache).

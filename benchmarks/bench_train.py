@@ -27,19 +27,11 @@ from pathlib import Path
 import torch
 
 from affectfast.batch import Batch
-from affectfast.loader import AugmentSpec, build_loader
-from affectfast.model import build_model
-from affectfast.pack import MANIFEST, PackConfig, load_manifest, pack
+from affectfast.config import TrainConfig
+from affectfast.dist import DistInfo
+from affectfast.pack import PackConfig, pack
 from affectfast.synth import SynthConfig, synthesize
-from affectfast.train import (
-    AMP_DTYPES,
-    TrainConfig,
-    build_autocast,
-    build_schedule,
-    build_task_loss,
-    resolve_device,
-    train_step,
-)
+from affectfast.train import build_run, resolve_device
 
 
 def endless(loader):
@@ -133,27 +125,13 @@ def main(argv=None) -> None:
 def run_benchmark(config: TrainConfig, args) -> list[dict]:
     """The three measurements as CSV rows."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = build_loader(
-        config.loader,
-        config.shards,
-        "train",
-        config.tasks,
-        config.batch_size,
-        image_size=config.image_size,
-        augment=AugmentSpec(),
-        device=device,
-        dtype=AMP_DTYPES.get(config.amp, torch.float32),
-        num_threads=config.num_threads,
-    )
-    model = build_model(config.tasks).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    scheduler = build_schedule(optimizer, 10**6)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    loss_spec = build_task_loss(config, load_manifest(config.shards), config.shards / MANIFEST).to(
-        device
-    )
-    autocast = build_autocast(device, config.amp)
-    step = lambda batch: train_step(model, batch, optimizer, scheduler, scaler, autocast, loss_spec)  # noqa: E731
+    # The run exactly as `affectfast train` builds it (model, loader, optimizer, precision, step).
+    run = build_run(config, DistInfo(device=device))
+
+    def step(batch):
+        return run.step(run.model, batch)
+
+    loader = run.train_loader
     stream = endless(loader)
     # The same batches, decoded once; cloned so they stay valid should a loader reuse its buffers.
     in_memory = [

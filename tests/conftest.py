@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def synth_tree(tmp_path_factory):
-    """A small synthetic Aff-Wild2-layout tree (owner: affectfast.synth)."""
+    """A small synthetic Aff-Wild2-layout tree."""
     from affectfast.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("tree")
@@ -27,7 +27,7 @@ def synth_tree(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def packed(tmp_path_factory, synth_tree):
-    """The synthetic tree packed into shards (owner: affectfast.pack)."""
+    """The synthetic tree packed into shards."""
     from affectfast.pack import PackConfig, pack
 
     out = tmp_path_factory.mktemp("shards")

@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 from wds2idx import IndexCreator
 
-from affectfast.dali_pipeline import SENTINEL, build_pipeline, native_size
-from affectfast.loader import AugmentSpec, LoaderConfig, build_loader, split_shards
+from affectfast.config import AugmentSpec
+from affectfast.loaders import LoaderConfig, build_loader
+from affectfast.loaders.dali import SENTINEL, build_pipeline, native_size
+from affectfast.shards import split_shards
 from affectfast.tasks import encode_label
 
 HEIGHT, WIDTH = 48, 64  # not square: the per-sample scale must use both axes

@@ -9,15 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from affectfast.config import AugmentSpec
 from affectfast.errors import DataError
-from affectfast.loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    AugmentSpec,
-    build_loader,
-    epoch_shard_order,
-)
-from affectfast.pack import load_manifest
+from affectfast.loaders import build_loader
+from affectfast.loaders.base import IMAGENET_MEAN, IMAGENET_STD, epoch_shard_order
+from affectfast.shards import load_manifest
 from affectfast.tasks import LABEL_EXT, TASKS, decode_label
 
 CPU_KINDS = ("dali-cpu", "wds", "files")

@@ -25,15 +25,8 @@ from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree, sam
 from affectfast.cli import main
 from affectfast.errors import DataError
 from affectfast.jpeg import JpegError, check_jpeg
-from affectfast.pack import (
-    MANIFEST,
-    STATE,
-    PackConfig,
-    pack,
-    tar_end,
-    tar_member,
-    tarfile_header,
-)
+from affectfast.pack import STATE, PackConfig, pack
+from affectfast.shards import MANIFEST, tar_end, tar_member, tarfile_header
 from affectfast.tasks import LABEL_EXT, TASKS, decode_label, valid_mask
 from affectfast.verify import verify
 

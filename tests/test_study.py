@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from affectfast.config import TrainConfig
 from affectfast.study import StudyConfig, format_table, plan_runs, read_records, run_study
-from affectfast.train import TrainConfig
 
 SMALL = dict(loader="dali-cpu", epochs=1, batch_size=32, image_size=32, num_threads=1, amp="off")
 

@@ -22,17 +22,15 @@ from click.testing import CliRunner
 
 from affectfast.batch import Batch
 from affectfast.cli import main
+from affectfast.config import EvalConfig, TrainConfig
 from affectfast.errors import DataError
 from affectfast.losses import TaskLoss
 from affectfast.model import build_model
+from affectfast.predict import evaluate, predict
+from affectfast.rundir import load_checkpoint
 from affectfast.train import (
-    EvalConfig,
-    TrainConfig,
     build_autocast,
     build_schedule,
-    evaluate,
-    load_checkpoint,
-    predict,
     resolve_device,
     train,
     train_step,
@@ -344,7 +342,7 @@ def test_gpu_defaults_train_with_dali_gpu_mixed_precision_and_channels_last(pack
 
 @pytest.mark.slow
 def test_multitask_run_learns_the_synthetic_labels(tmp_path):
-    """Evidence (issue 4, item 8): frames and labels stay aligned through synth -> pack -> DALI -> train.
+    """Frames and labels stay aligned through synth -> pack -> DALI -> train.
 
     48 videos x 40 frames at 48 px, 8 epochs on the CPU: about 3-4 minutes on 2 shared cores.
     """

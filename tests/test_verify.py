@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from affectfast.cli import main
-from affectfast.pack import MANIFEST
+from affectfast.shards import MANIFEST
 from affectfast.verify import verify
 
 

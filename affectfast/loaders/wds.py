@@ -1,7 +1,7 @@
 """The ``wds`` loader: webdataset + torch DataLoader + torchvision v2 transforms.
 
 What a user would write without DALI: PIL decoding and torchvision transforms in DataLoader worker
-processes. It follows the same epoch rules as the DALI loaders (see ``affectfast.loader``):
+processes. It follows the same epoch rules as the DALI loaders (see ``affectfast.loaders.base``):
 
 - Ranks split by *samples*, contiguously, exactly as DALI's ``shard_id``/``num_shards`` do: rank r
   keeps the filtered samples with global index in ``rank_range(N, r, world)``, and only opens the
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from affectfast.loader import (
+from affectfast.loaders.base import (
     SHUFFLE_BUFFER,
     EpochLoader,
     LoaderConfig,
@@ -34,11 +34,10 @@ from affectfast.loader import (
     epoch_seed,
     finish_batch,
     rank_range,
-    sample_counts,
-    split_shards,
     torch_transform,
     worker_init,
 )
+from affectfast.shards import sample_counts, split_shards
 from affectfast.tasks import IMAGE_EXT, LABEL_EXT, decode_label
 
 

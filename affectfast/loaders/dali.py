@@ -11,7 +11,6 @@ The graph, per sample (DESIGN.md §3):
 - Augmentation is ONE resampling pass: scale to ``image_size`` and rotation are one affine matrix
   per sample (``fn.transforms``) applied by one ``fn.warp_affine``; the flip is the ``mirror`` of the
   normalize that runs anyway. Without augmentation and at native size nothing is resampled.
-  (The issue's prototype on DALI's CPU backend: a separate resize + rotate cost several decodes.)
 - Output is HWC, so ``permute(0, 3, 1, 2)`` gives the NCHW channels_last view without a copy.
 - Epochs: the pipeline is rebuilt for each epoch with a seed from (seed, epoch, rank). That makes an
   epoch's order a function of its number alone (``--resume`` replays it exactly), at the price of a
@@ -31,21 +30,20 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from PIL import Image
 
 from affectfast.batch import Batch
+from affectfast.config import AugmentSpec
 from affectfast.errors import DataError
-from affectfast.loader import (
+from affectfast.loaders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SHUFFLE_BUFFER,
-    AugmentSpec,
     EpochLoader,
     LoaderConfig,
-    Shard,
+    batch_labels,
     epoch_seed,
     epoch_shard_order,
     finish_batch,
-    sample_counts,
-    split_shards,
 )
+from affectfast.shards import Shard, sample_counts, split_shards
 from affectfast.tasks import IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, VA_IGNORE, split_member
 
 READER = "reader"
@@ -211,6 +209,15 @@ class DaliLoader(EpochLoader):
         self.shards = split_shards(config.shards, config.split)
         super().__init__(config, int(sample_counts(self.shards, config.tasks).sum()), config.shards)
 
+    def pipeline(self, epoch: int = 0, *, decode_only: bool = False):
+        """This loader's DALI pipeline of one epoch, built; benchmarks ``run()`` it bare.
+
+        ``decode_only``: reader + decoder alone, same threads and batch size (the decode ceiling).
+        """
+        c = self.config
+        order = epoch_shard_order(self.shards, c.seed, epoch, c.shuffle)
+        return build_pipeline(c, order, epoch, decode_only=decode_only)
+
     def __iter__(self):
         c = self.config
         pipe = build_pipeline(
@@ -235,7 +242,7 @@ class DaliLoader(EpochLoader):
             value = out[task]
             mask = value[:, 0] != SENTINEL[task]
             value = torch.where(mask[:, None], value, torch.zeros_like(value))
-            labels[task] = value[:, 0].long() if task == "expr" else value.float()
+            labels[task] = batch_labels(task, value)
             masks[task] = mask
         keys = _decode_keys(out["keys"]) if self.config.with_keys else None
         return finish_batch(

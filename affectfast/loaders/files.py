@@ -4,7 +4,7 @@ Annotations are parsed at start (``affwild2.read_tree``), then a torch ``Dataset
 file per sample with PIL and applies the torchvision transforms that ``wds`` uses, behind a
 ``DataLoader``. One Dataset serves every split and task set (the seed had one copy per task).
 
-Same epoch rules as the other kinds (``affectfast.loader``): the same samples (uni-task: frames with
+Same epoch rules as the other kinds (``affectfast.loaders.base``): the same samples (uni-task: frames with
 that label; multi-task: every frame with any label, masks per task), ranks take contiguous disjoint
 parts of an order that training draws from (seed, epoch) on every rank alike (so the ranks' parts
 change each epoch but never overlap), training yields ``len(loader)`` full batches on every rank.
@@ -20,7 +20,7 @@ from PIL import Image
 
 from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree, sample_key
 from affectfast.errors import DataError
-from affectfast.loader import (
+from affectfast.loaders.base import (
     EpochLoader,
     LoaderConfig,
     collate_examples,

@@ -1,0 +1,223 @@
+"""What the loader kinds share: their settings, epoch rules and arithmetic, the torchvision twin.
+
+Every kind yields :class:`affectfast.batch.Batch` and follows the same epoch rules, so swapping the
+kind never changes what the trainer sees (only how fast it comes):
+
+- The samples of an epoch: uni-task loaders keep only frames that carry that task's label (and never
+  decode the others); multi-task loaders keep every frame of the split, with a mask per task.
+- Ranks: each of ``world_size`` ranks reads a disjoint part; together they cover every sample once.
+- Training (``drop_last=True``): every rank yields exactly ``(N // world_size) // batch_size`` full
+  batches, so DDP ranks never wait on each other at the end of an epoch.
+- Evaluation (``drop_last=False``): every sample exactly once across ranks, the last batch partial,
+  never a padding duplicate.
+- ``set_epoch(e)`` reshuffles deterministically from ``(seed, e)`` (the train shards are already
+  shuffled globally at pack time, so a ~1000-sample buffer shuffle is enough).
+
+The shard index is ``affectfast.shards``, the augmentation spec ``affectfast.config.AugmentSpec``;
+each kind lives in its own module beside this one, and ``build_loader`` in the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from affectfast.batch import Batch
+from affectfast.config import AugmentSpec
+from affectfast.constants import LOADER_KINDS
+from affectfast.errors import DataError
+from affectfast.tasks import LABEL_SIZE, SPLITS, TASKS
+
+# ImageNet statistics (0..1 scale): the trunk may start from ImageNet weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Reader shuffle buffer (samples); DALI's default initial_fill, used by every kind alike.
+SHUFFLE_BUFFER = 1024
+
+
+# --- epoch arithmetic shared by every kind -------------------------------------------------------
+
+
+def batches_per_epoch(
+    samples: int, batch_size: int, rank: int, world_size: int, drop_last: bool
+) -> int:
+    """Batches rank ``rank`` yields in one epoch of ``samples`` (see the module docstring).
+
+    Every kind gives each rank at least ``samples // world_size`` samples, so with ``drop_last`` the
+    same count holds on all ranks; without it each rank yields its own share, the last batch partial.
+    """
+    if drop_last:
+        return (samples // world_size) // batch_size
+    share = rank_share(samples, rank, world_size)
+    return -(-share // batch_size)
+
+
+def rank_range(samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of rank ``rank``'s contiguous part of an epoch: DALI's shard_id split, used by all."""
+    return samples * rank // world_size, samples * (rank + 1) // world_size
+
+
+def rank_share(samples: int, rank: int, world_size: int) -> int:
+    """Number of samples rank ``rank`` reads per epoch (``samples // world_size`` or one more)."""
+    lo, hi = rank_range(samples, rank, world_size)
+    return hi - lo
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 31-bit seed for one (seed, epoch, rank): DALI takes int32 seeds."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def epoch_shard_order(shards: list, seed: int, epoch: int, shuffle: bool) -> list:
+    """The shards in the order one epoch reads them: a fresh permutation per epoch when shuffling.
+
+    The same on every rank (no rank in the seed), so ranks still split one sequence into disjoint
+    contiguous parts. Readers only shuffle inside a buffer of about a thousand samples; permuting
+    the shards too means a sample does not meet the same neighbours every epoch.
+    """
+    if not shuffle:
+        return list(shards)
+    order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(len(shards))
+    return [shards[i] for i in order]
+
+
+# --- the torchvision twin of the DALI geometry (used by wds and files) -------------------------
+
+
+def torch_transform(image_size: int, augment: AugmentSpec | None):
+    """torchvision v2 transforms from a PIL image to a normalized float32 CHW tensor.
+
+    The same geometry as the DALI pipeline: resize to ``image_size`` (antialiased bilinear), random
+    horizontal flip, random rotation about the centre with black corners, ImageNet normalize.
+    """
+    from torchvision.transforms import InterpolationMode, v2
+
+    steps = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
+    if augment is not None:
+        if augment.flip:
+            steps.append(v2.RandomHorizontalFlip(0.5))
+        if augment.degrees > 0:
+            mode = {"nearest": InterpolationMode.NEAREST, "linear": InterpolationMode.BILINEAR}
+            steps.append(
+                v2.RandomRotation(augment.degrees, interpolation=mode[augment.interpolation])
+            )
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+def batch_labels(task: str, rows: torch.Tensor) -> torch.Tensor:
+    """A batch's ``task`` labels in Batch's types from N×size rows: EXPR int64 N, else float32."""
+    return rows[:, 0].long() if task == "expr" else rows.float()
+
+
+def collate_examples(examples: list[tuple], tasks: tuple[str, ...]) -> tuple:
+    """(keys, images N×H×W×3, labels, masks) from ``(key, image CHW, {task: label or None})``.
+
+    Images are stacked as HWC so the batch is NHWC-contiguous: its NCHW view is channels_last.
+    """
+    keys = [e[0] for e in examples]
+    images = torch.stack([e[1].permute(1, 2, 0) for e in examples])
+    labels, masks = {}, {}
+    for task in tasks:
+        present = [e[2][task] is not None for e in examples]
+        rows = [
+            np.reshape(e[2][task], LABEL_SIZE[task]) if ok else np.zeros(LABEL_SIZE[task])
+            for e, ok in zip(examples, present)
+        ]
+        labels[task] = batch_labels(task, torch.from_numpy(np.stack(rows).astype(np.float32)))
+        masks[task] = torch.tensor(present, dtype=torch.bool)
+    return keys, images, labels, masks
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers: one intra-op thread each (the workers are the parallelism)."""
+    torch.set_num_threads(1)
+
+
+class EpochLoader:
+    """What every kind shares: the per-rank sample check, batches per epoch and the epoch number.
+
+    Subclasses set up their source, then call ``super().__init__`` with the number of samples the
+    task set keeps and the path to name in errors; they implement ``__iter__``.
+    """
+
+    def __init__(self, config: LoaderConfig, samples: int, source: Path):
+        if samples < config.world_size:
+            raise DataError(
+                source,
+                f"{config.split} has {samples} samples with "
+                f"{','.join(config.tasks)}: fewer than the ranks",
+            )
+        self.config, self.samples, self.epoch = config, samples, 0
+
+    def __len__(self) -> int:
+        c = self.config
+        return batches_per_epoch(self.samples, c.batch_size, c.rank, c.world_size, c.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle deterministically from (seed, epoch) at the next iteration."""
+        self.epoch = epoch
+
+
+def finish_batch(
+    images_nhwc: torch.Tensor,
+    labels: dict,
+    masks: dict,
+    keys: list[str] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Batch:
+    """Move a batch to ``device``/``dtype``; NHWC images become an NCHW channels_last view (no copy)."""
+    device = torch.device(device)
+    non_blocking = device.type == "cuda"
+    images = images_nhwc.to(device, dtype, non_blocking=non_blocking).permute(0, 3, 1, 2)
+    labels = {t: v.to(device, non_blocking=non_blocking) for t, v in labels.items()}
+    masks = {t: v.to(device, non_blocking=non_blocking) for t, v in masks.items()}
+    return Batch(images=images, labels=labels, masks=masks, keys=keys)
+
+
+# --- the settings every kind reads --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Everything a loader kind needs, validated once (build_loader's arguments, defaults resolved)."""
+
+    kind: str
+    shards: Path
+    split: str
+    tasks: tuple[str, ...]
+    batch_size: int
+    image_size: int
+    augment: AugmentSpec | None
+    shuffle: bool
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    with_keys: bool
+    drop_last: bool
+    seed: int
+    num_threads: int
+    tree: Path | None
+
+    def __post_init__(self):
+        if self.kind not in LOADER_KINDS:
+            raise ValueError(f"kind must be one of {LOADER_KINDS}, got {self.kind!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if not self.tasks or set(self.tasks) - set(TASKS):
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks!r}")
+        if self.batch_size < 1 or self.image_size < 8 or self.num_threads < 1:
+            raise ValueError("batch_size and num_threads must be >= 1, image_size >= 8")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside [0, world_size={self.world_size})")
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if self.kind == "files" and self.tree is None:
+            raise ValueError("kind='files' reads the raw Aff-Wild2 tree: pass tree=ROOT")
+        if self.kind == "dali-gpu" and self.device.type != "cuda":
+            raise ValueError("kind='dali-gpu' decodes on the GPU: pass a cuda device")
