@@ -24,8 +24,14 @@ videos that lack one task's file, ``_left``/``_right`` subjects, a Train_Set / V
 by video, annotation lines past the last image, some files without a final newline, and labels that
 change smoothly along a video.
 
+``noisy_frames`` makes a harder tree (at its default 0.0 the tree is byte-identical to one made
+without it): that fraction of frames has its cues corrupted (an occlusion, an exposure jump or a
+blur, see :func:`corrupt_frame`) while the labels stay smooth along the video, so a per-frame reader
+errs on those frames and temporal smoothing helps (``affectfast.temporal``).
+
 Determinism: the tree plan comes from ``seed`` alone and each video's labels from ``(seed, video)``,
-each frame's noise from ``(seed, video, frame)``, so the tree is byte-identical for any worker count.
+each frame's noise and corruption from ``(seed, video, frame)``, so the tree is byte-identical for
+any worker count.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from affectfast.affwild2 import FRAMES_DIR, image_path
@@ -131,6 +137,9 @@ class SynthConfig:
     image_size: int = 112  # square frames, pixels (the real crops are 112)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overwrite: bool = False  # allow a non-empty OUT (files of an older tree may remain)
+    # Fraction of frames whose cues are corrupted (occlusion, exposure jump or blur) while their
+    # labels stay as smooth as ever: per-frame predictions get noisy, temporal smoothing helps.
+    noisy_frames: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -147,6 +156,8 @@ class SynthConfig:
             raise ValueError(f"workers must be >= 1; got {self.workers}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0; got {self.seed}")
+        if not 0.0 <= self.noisy_frames <= 1.0:
+            raise ValueError(f"noisy_frames must be in [0, 1]; got {self.noisy_frames}")
 
 
 # --- the tree plan: names, splits, pairs and tree-level quirks, from the seed alone --------------
@@ -450,6 +461,53 @@ def draw_frame(
     return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 
+# --- corrupted frames (noisy_frames): cues hidden or distorted, labels untouched -----------------
+CORRUPTIONS = ("occlusion", "exposure", "blur")
+
+
+def _corruption_draw(
+    seed: int, index: int, frame: int, fraction: float
+) -> tuple[str | None, np.random.Generator]:
+    """Whether and how a frame is corrupted, and the generator that then draws the details."""
+    # A stream of its own per (seed, video, frame): independent of chunking and of the pixel noise.
+    rng = np.random.default_rng([seed, 5, index, frame])
+    if rng.random() >= fraction:
+        return None, rng
+    return CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))], rng
+
+
+def frame_corruption(seed: int, plan: VideoPlan, frame: int, fraction: float) -> str | None:
+    """The corruption (one of :data:`CORRUPTIONS`) that 1-based ``frame`` of ``plan`` gets, or None."""
+    return _corruption_draw(seed, plan.index, frame, fraction)[0]
+
+
+def corrupt_frame(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A uint8 H×W×3 frame with its cues hidden or distorted in a way that ignores its labels.
+
+    - occlusion: an opaque rectangle of random colour over part of the face, as a hand or an
+      object in front of it (hides the disc, marks or a readout patch);
+    - exposure: a strong brightness jump and contrast change of the whole frame (shifts the grey
+      levels that carry valence and arousal, and the colours of the disc and marks);
+    - blur: a Gaussian blur of 2-5% of the frame size (washes out the marks).
+    """
+    size = image.shape[0]
+    if kind == "occlusion":
+        width, height = rng.uniform(0.5, 1.1, 2)  # normalized units: the frame spans 2
+        cx, cy = rng.uniform(-0.45, 0.45, 2)
+        x0, x1 = (np.clip([cx - width / 2, cx + width / 2], -1, 1) + 1) / 2 * size
+        y0, y1 = (np.clip([cy - height / 2, cy + height / 2], -1, 1) + 1) / 2 * size
+        image = image.copy()
+        image[round(y0) : round(y1), round(x0) : round(x1)] = rng.integers(0, 256, 3)
+        return image
+    if kind == "exposure":
+        offset = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.4)  # in [0, 1] units
+        gain = rng.uniform(0.7, 1.3)
+        levels = (image / 255.0 - 0.5) * gain + 0.5 + offset
+        return (np.clip(levels, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    radius = rng.uniform(0.02, 0.05) * size  # pixels
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+
+
 def encode_jpeg(image: np.ndarray) -> bytes:
     """JPEG bytes of a uint8 H×W×3 image (PIL, quality 90, as the real crops roughly are)."""
     buffer = io.BytesIO()
@@ -475,6 +533,7 @@ class _Chunk:
     va: np.ndarray
     expr: np.ndarray
     au: np.ndarray
+    noisy_frames: float  # fraction of frames corrupted (SynthConfig.noisy_frames)
 
 
 def _draw_chunk(chunk: _Chunk) -> int:
@@ -487,6 +546,12 @@ def _draw_chunk(chunk: _Chunk) -> int:
         amplitude = np.float32(chunk.style.noise * 12**0.5)
         noise = (rng.random(shape, dtype=np.float32) - np.float32(0.5)) * amplitude
         image = draw_frame(masks, chunk.style, va, int(expr), au, noise)
+        if chunk.noisy_frames > 0:  # 0: not a single extra draw, so the default tree is unchanged
+            kind, detail = _corruption_draw(
+                chunk.seed, chunk.plan.index, int(frame), chunk.noisy_frames
+            )
+            if kind is not None:
+                image = corrupt_frame(image, kind, detail)
         frame_path(chunk.root, chunk.plan.name, int(frame)).write_bytes(encode_jpeg(image))
     return len(chunk.frames)
 
@@ -507,6 +572,7 @@ def _chunks(config: SynthConfig, plan: VideoPlan, truth: VideoLabelsTruth, per_c
             va=truth.va[idx],
             expr=truth.expr[idx],
             au=truth.au[idx],
+            noisy_frames=config.noisy_frames,
         )
 
 
