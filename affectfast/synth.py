@@ -24,10 +24,15 @@ videos that lack one task's file, ``_left``/``_right`` subjects, a Train_Set / V
 by video, annotation lines past the last image, some files without a final newline, and labels that
 change smoothly along a video.
 
-``noisy_frames`` makes a harder tree (at its default 0.0 the tree is byte-identical to one made
-without it): that fraction of frames has its cues corrupted (an occlusion, an exposure jump or a
-blur, see :func:`corrupt_frame`) while the labels stay smooth along the video, so a per-frame reader
-errs on those frames and temporal smoothing helps (``affectfast.temporal``).
+Two options make harder trees; at their defaults the tree is byte-identical to a tree made without
+them:
+
+- ``noisy_frames``: that fraction of frames has its cues corrupted (an occlusion, an exposure jump
+  or a blur, see :func:`corrupt_frame`) while the labels stay smooth along the video, so a
+  per-frame reader errs on those frames and temporal smoothing helps (``affectfast.temporal``);
+- ``test_videos``: that many more frame folders held out as an ABAW test set: frames written,
+  annotations written nowhere, and ``OUT/test_lists/{VA,EXPR,AU}_test_set.txt`` (one video name a
+  line; the lists differ per challenge as ABAW's do) with ``OUT/test_lists/frame_counts.csv``.
 
 Determinism: the tree plan comes from ``seed`` alone and each video's labels from ``(seed, video)``,
 each frame's noise and corruption from ``(seed, video, frame)``, so the tree is byte-identical for
@@ -64,6 +69,15 @@ ANNOTATIONS_DIR = "annotations"
 TASK_DIRS: dict[str, str] = {task: names[0] for task, names in CHALLENGE_DIRS.items()}
 SET_DIRS: dict[str, str] = {split: folder for folder, split in SPLIT_DIRS.items()}
 JPEG_QUALITY = 90
+# The held-out test set (SynthConfig.test_videos): one list of video names per challenge, as ABAW
+# releases them, and each test video's frame count.
+TEST_LISTS_DIR = "test_lists"
+TEST_LISTS: dict[str, str] = {
+    "va": "VA_test_set.txt",
+    "expr": "EXPR_test_set.txt",
+    "au": "AU_test_set.txt",
+}
+FRAME_COUNTS_FILE = "frame_counts.csv"
 
 # --- the pixel encoding (normalized coordinates: the image spans [-1, 1], y grows downwards) ------
 # Expression colours: the 8 corners of the RGB cube, as far apart as colours can be.
@@ -128,7 +142,8 @@ def skin_level(arousal):
 # --- configuration ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to synthesize: ``videos`` frame folders (subjects) of ``frames`` frames each."""
+    """What to synthesize: ``videos`` frame folders (subjects) of ``frames`` frames each, and
+    ``test_videos`` more held out as a test set."""
 
     out: Path  # tree root; must be missing or empty unless overwrite
     videos: int = 40  # frame folders, _left/_right subjects counted separately
@@ -140,6 +155,9 @@ class SynthConfig:
     # Fraction of frames whose cues are corrupted (occlusion, exposure jump or blur) while their
     # labels stay as smooth as ever: per-frame predictions get noisy, temporal smoothing helps.
     noisy_frames: float = 0.0
+    # Extra frame folders held out as an ABAW test set: frames written, no annotation file,
+    # listed per challenge under test_lists/ (see TEST_LISTS_DIR).
+    test_videos: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -158,6 +176,8 @@ class SynthConfig:
             raise ValueError(f"seed must be >= 0; got {self.seed}")
         if not 0.0 <= self.noisy_frames <= 1.0:
             raise ValueError(f"noisy_frames must be in [0, 1]; got {self.noisy_frames}")
+        if self.test_videos < 0:
+            raise ValueError(f"test_videos must be >= 0; got {self.test_videos}")
 
 
 # --- the tree plan: names, splits, pairs and tree-level quirks, from the seed alone --------------
@@ -167,8 +187,8 @@ class VideoPlan:
 
     index: int  # position in the plan; seeds this video's RNG
     name: str  # e.g. "12-24-1920x1080" or "video7_left"
-    split: str  # "train" or "val", the same for every task
-    tasks: tuple[str, ...]  # tasks that have an annotation file for this video
+    split: str  # "train", "val" or "test" (held out), the same for every task
+    tasks: tuple[str, ...]  # tasks that have an annotation file (test: whose test list has it)
     extra_lines: int  # annotation lines past the last frame slot
     final_newline: bool  # whether the annotation files end with a newline
 
@@ -212,7 +232,7 @@ def plan_tree(config: SynthConfig) -> list[VideoPlan]:
     extra_videos = rng.choice(n, size=max(1, n // 4), replace=False)
     extra[extra_videos] = rng.integers(1, 6, size=len(extra_videos))
     no_newline = set(rng.choice(n, size=max(1, n // 5), replace=False).tolist())
-    return [
+    plans = [
         VideoPlan(
             index=i,
             name=name,
@@ -222,6 +242,46 @@ def plan_tree(config: SynthConfig) -> list[VideoPlan]:
             final_newline=i not in no_newline,
         )
         for i, (name, split) in enumerate(subjects)
+    ]
+    # The test set draws from a generator of its own: a tree's train and val stay the same bytes
+    # whatever test_videos.
+    return plans + _plan_test_set(config, plans) if config.test_videos else plans
+
+
+def _plan_test_set(config: SynthConfig, plans: list[VideoPlan]) -> list[VideoPlan]:
+    """``config.test_videos`` more subjects, split "test"; ``tasks`` = the challenge lists they are in.
+
+    Names are new base videos (one split into _left/_right from 3 subjects on, as in the real
+    lists). Each base video is in a random non-empty set of challenge lists and every list has a
+    video, so the three lists differ as ABAW's do. Some have frames past the last image.
+    """
+    rng = np.random.default_rng([config.seed, 6])
+    count = config.test_videos
+    pair = count >= 3
+    taken = {p.name.removesuffix("_left").removesuffix("_right") for p in plans}
+    # Drawing len(taken) extra names leaves at least `bases` that are new.
+    bases = [b for b in _base_names(rng, count - int(pair) + len(taken)) if b not in taken]
+    bases = bases[: count - int(pair)]
+    member = rng.random((len(bases), len(TASKS))) < 0.6
+    for row in np.flatnonzero(~member.any(axis=1)):
+        member[row, rng.integers(len(TASKS))] = True
+    for column in np.flatnonzero(~member.any(axis=0)):
+        member[rng.integers(len(bases)), column] = True
+    subjects = []
+    for b, base in enumerate(bases):
+        suffixes = ("_left", "_right") if pair and b == 0 else ("",)
+        subjects += [(base + suffix, b) for suffix in suffixes]
+    extra = rng.integers(0, 6, size=len(subjects))
+    return [
+        VideoPlan(
+            index=len(plans) + i,
+            name=name,
+            split="test",
+            tasks=tuple(t for t, m in zip(TASKS, member[b]) if m),
+            extra_lines=int(extra[i]),
+            final_newline=True,
+        )
+        for i, (name, b) in enumerate(subjects)
     ]
 
 
@@ -366,6 +426,23 @@ def _write_annotations(root: Path, seed: int, plan: VideoPlan, truth: VideoLabel
         path.parent.mkdir(parents=True, exist_ok=True)
         text = "\n".join(annotation_lines(seed, plan, truth, task))
         path.write_bytes((text + ("\n" if plan.final_newline else "")).encode())
+
+
+def write_test_lists(root: Path, plans: list[VideoPlan], frames: int) -> None:
+    """The ABAW test-set files of the held-out videos (split "test") under ``root/test_lists``.
+
+    One list per challenge (:data:`TEST_LISTS`), one video name per line, sorted; and
+    ``frame_counts.csv`` (``video,frames``): each test video's length in frames, images or not,
+    which a submission needs since no annotation file gives it.
+    """
+    folder = root / TEST_LISTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    test = [p for p in plans if p.split == "test"]
+    for task, name in TEST_LISTS.items():
+        names = sorted(p.name for p in test if task in p.tasks)
+        (folder / name).write_bytes("".join(f"{n}\n" for n in names).encode())
+    rows = [f"{p.name},{frames + p.extra_lines}\n" for p in sorted(test, key=lambda p: p.name)]
+    (folder / FRAME_COUNTS_FILE).write_bytes(("video,frames\n" + "".join(rows)).encode())
 
 
 # --- drawing ------------------------------------------------------------------------------------
@@ -598,9 +675,12 @@ def synthesize(config: SynthConfig, progress: bool = False) -> Path:
     chunks = []
     for plan in plans:
         truth = video_labels(config.seed, plan, config.frames)
-        _write_annotations(config.out, config.seed, plan, truth)
+        if plan.split != "test":  # the test set's labels are written nowhere
+            _write_annotations(config.out, config.seed, plan, truth)
         (config.out / FRAMES_DIR / plan.name).mkdir(parents=True, exist_ok=True)
         chunks += _chunks(config, plan, truth, per_chunk=100)
+    if config.test_videos:
+        write_test_lists(config.out, plans, config.frames)
     total = sum(len(c.frames) for c in chunks)
     with tqdm(total=total, unit="frame", desc="synth", disable=not progress, smoothing=0.1) as bar:
         if config.workers == 1:
