@@ -24,8 +24,19 @@ videos that lack one task's file, ``_left``/``_right`` subjects, a Train_Set / V
 by video, annotation lines past the last image, some files without a final newline, and labels that
 change smoothly along a video.
 
+Two options make harder trees; at their defaults the tree is byte-identical to a tree made without
+them:
+
+- ``noisy_frames``: that fraction of frames has its cues corrupted (an occlusion, an exposure jump
+  or a blur, see :func:`corrupt_frame`) while the labels stay smooth along the video, so a
+  per-frame reader errs on those frames and temporal smoothing helps (``affectfast.temporal``);
+- ``test_videos``: that many more frame folders held out as an ABAW test set: frames written,
+  annotations written nowhere, and ``OUT/test_lists/{VA,EXPR,AU}_test_set.txt`` (one video name a
+  line; the lists differ per challenge as ABAW's do) with ``OUT/test_lists/frame_counts.csv``.
+
 Determinism: the tree plan comes from ``seed`` alone and each video's labels from ``(seed, video)``,
-each frame's noise from ``(seed, video, frame)``, so the tree is byte-identical for any worker count.
+each frame's noise and corruption from ``(seed, video, frame)``, so the tree is byte-identical for
+any worker count.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from affectfast.affwild2 import FRAMES_DIR, image_path
@@ -58,6 +69,15 @@ ANNOTATIONS_DIR = "annotations"
 TASK_DIRS: dict[str, str] = {task: names[0] for task, names in CHALLENGE_DIRS.items()}
 SET_DIRS: dict[str, str] = {split: folder for folder, split in SPLIT_DIRS.items()}
 JPEG_QUALITY = 90
+# The held-out test set (SynthConfig.test_videos): one list of video names per challenge, as ABAW
+# releases them, and each test video's frame count.
+TEST_LISTS_DIR = "test_lists"
+TEST_LISTS: dict[str, str] = {
+    "va": "VA_test_set.txt",
+    "expr": "EXPR_test_set.txt",
+    "au": "AU_test_set.txt",
+}
+FRAME_COUNTS_FILE = "frame_counts.csv"
 
 # --- the pixel encoding (normalized coordinates: the image spans [-1, 1], y grows downwards) ------
 # Expression colours: the 8 corners of the RGB cube, as far apart as colours can be.
@@ -122,7 +142,8 @@ def skin_level(arousal):
 # --- configuration ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to synthesize: ``videos`` frame folders (subjects) of ``frames`` frames each."""
+    """What to synthesize: ``videos`` frame folders (subjects) of ``frames`` frames each, and
+    ``test_videos`` more held out as a test set."""
 
     out: Path  # tree root; must be missing or empty unless overwrite
     videos: int = 40  # frame folders, _left/_right subjects counted separately
@@ -131,6 +152,12 @@ class SynthConfig:
     image_size: int = 112  # square frames, pixels (the real crops are 112)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overwrite: bool = False  # allow a non-empty OUT (files of an older tree may remain)
+    # Fraction of frames whose cues are corrupted (occlusion, exposure jump or blur) while their
+    # labels stay as smooth as ever: per-frame predictions get noisy, temporal smoothing helps.
+    noisy_frames: float = 0.0
+    # Extra frame folders held out as an ABAW test set: frames written, no annotation file,
+    # listed per challenge under test_lists/ (see TEST_LISTS_DIR).
+    test_videos: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -147,6 +174,10 @@ class SynthConfig:
             raise ValueError(f"workers must be >= 1; got {self.workers}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0; got {self.seed}")
+        if not 0.0 <= self.noisy_frames <= 1.0:
+            raise ValueError(f"noisy_frames must be in [0, 1]; got {self.noisy_frames}")
+        if self.test_videos < 0:
+            raise ValueError(f"test_videos must be >= 0; got {self.test_videos}")
 
 
 # --- the tree plan: names, splits, pairs and tree-level quirks, from the seed alone --------------
@@ -156,8 +187,8 @@ class VideoPlan:
 
     index: int  # position in the plan; seeds this video's RNG
     name: str  # e.g. "12-24-1920x1080" or "video7_left"
-    split: str  # "train" or "val", the same for every task
-    tasks: tuple[str, ...]  # tasks that have an annotation file for this video
+    split: str  # "train", "val" or "test" (held out), the same for every task
+    tasks: tuple[str, ...]  # tasks that have an annotation file (test: whose test list has it)
     extra_lines: int  # annotation lines past the last frame slot
     final_newline: bool  # whether the annotation files end with a newline
 
@@ -201,7 +232,7 @@ def plan_tree(config: SynthConfig) -> list[VideoPlan]:
     extra_videos = rng.choice(n, size=max(1, n // 4), replace=False)
     extra[extra_videos] = rng.integers(1, 6, size=len(extra_videos))
     no_newline = set(rng.choice(n, size=max(1, n // 5), replace=False).tolist())
-    return [
+    plans = [
         VideoPlan(
             index=i,
             name=name,
@@ -211,6 +242,46 @@ def plan_tree(config: SynthConfig) -> list[VideoPlan]:
             final_newline=i not in no_newline,
         )
         for i, (name, split) in enumerate(subjects)
+    ]
+    # The test set draws from a generator of its own: a tree's train and val stay the same bytes
+    # whatever test_videos.
+    return plans + _plan_test_set(config, plans) if config.test_videos else plans
+
+
+def _plan_test_set(config: SynthConfig, plans: list[VideoPlan]) -> list[VideoPlan]:
+    """``config.test_videos`` more subjects, split "test"; ``tasks`` = the challenge lists they are in.
+
+    Names are new base videos (one split into _left/_right from 3 subjects on, as in the real
+    lists). Each base video is in a random non-empty set of challenge lists and every list has a
+    video, so the three lists differ as ABAW's do. Some have frames past the last image.
+    """
+    rng = np.random.default_rng([config.seed, 6])
+    count = config.test_videos
+    pair = count >= 3
+    taken = {p.name.removesuffix("_left").removesuffix("_right") for p in plans}
+    # Drawing len(taken) extra names leaves at least `bases` that are new.
+    bases = [b for b in _base_names(rng, count - int(pair) + len(taken)) if b not in taken]
+    bases = bases[: count - int(pair)]
+    member = rng.random((len(bases), len(TASKS))) < 0.6
+    for row in np.flatnonzero(~member.any(axis=1)):
+        member[row, rng.integers(len(TASKS))] = True
+    for column in np.flatnonzero(~member.any(axis=0)):
+        member[rng.integers(len(bases)), column] = True
+    subjects = []
+    for b, base in enumerate(bases):
+        suffixes = ("_left", "_right") if pair and b == 0 else ("",)
+        subjects += [(base + suffix, b) for suffix in suffixes]
+    extra = rng.integers(0, 6, size=len(subjects))
+    return [
+        VideoPlan(
+            index=len(plans) + i,
+            name=name,
+            split="test",
+            tasks=tuple(t for t, m in zip(TASKS, member[b]) if m),
+            extra_lines=int(extra[i]),
+            final_newline=True,
+        )
+        for i, (name, b) in enumerate(subjects)
     ]
 
 
@@ -357,6 +428,23 @@ def _write_annotations(root: Path, seed: int, plan: VideoPlan, truth: VideoLabel
         path.write_bytes((text + ("\n" if plan.final_newline else "")).encode())
 
 
+def write_test_lists(root: Path, plans: list[VideoPlan], frames: int) -> None:
+    """The ABAW test-set files of the held-out videos (split "test") under ``root/test_lists``.
+
+    One list per challenge (:data:`TEST_LISTS`), one video name per line, sorted; and
+    ``frame_counts.csv`` (``video,frames``): each test video's length in frames, images or not,
+    which a submission needs since no annotation file gives it.
+    """
+    folder = root / TEST_LISTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    test = [p for p in plans if p.split == "test"]
+    for task, name in TEST_LISTS.items():
+        names = sorted(p.name for p in test if task in p.tasks)
+        (folder / name).write_bytes("".join(f"{n}\n" for n in names).encode())
+    rows = [f"{p.name},{frames + p.extra_lines}\n" for p in sorted(test, key=lambda p: p.name)]
+    (folder / FRAME_COUNTS_FILE).write_bytes(("video,frames\n" + "".join(rows)).encode())
+
+
 # --- drawing ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FaceStyle:
@@ -450,6 +538,53 @@ def draw_frame(
     return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 
+# --- corrupted frames (noisy_frames): cues hidden or distorted, labels untouched -----------------
+CORRUPTIONS = ("occlusion", "exposure", "blur")
+
+
+def _corruption_draw(
+    seed: int, index: int, frame: int, fraction: float
+) -> tuple[str | None, np.random.Generator]:
+    """Whether and how a frame is corrupted, and the generator that then draws the details."""
+    # A stream of its own per (seed, video, frame): independent of chunking and of the pixel noise.
+    rng = np.random.default_rng([seed, 5, index, frame])
+    if rng.random() >= fraction:
+        return None, rng
+    return CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))], rng
+
+
+def frame_corruption(seed: int, plan: VideoPlan, frame: int, fraction: float) -> str | None:
+    """The corruption (one of :data:`CORRUPTIONS`) that 1-based ``frame`` of ``plan`` gets, or None."""
+    return _corruption_draw(seed, plan.index, frame, fraction)[0]
+
+
+def corrupt_frame(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A uint8 H×W×3 frame with its cues hidden or distorted in a way that ignores its labels.
+
+    - occlusion: an opaque rectangle of random colour over part of the face, as a hand or an
+      object in front of it (hides the disc, marks or a readout patch);
+    - exposure: a strong brightness jump and contrast change of the whole frame (shifts the grey
+      levels that carry valence and arousal, and the colours of the disc and marks);
+    - blur: a Gaussian blur of 2-5% of the frame size (washes out the marks).
+    """
+    size = image.shape[0]
+    if kind == "occlusion":
+        width, height = rng.uniform(0.5, 1.1, 2)  # normalized units: the frame spans 2
+        cx, cy = rng.uniform(-0.45, 0.45, 2)
+        x0, x1 = (np.clip([cx - width / 2, cx + width / 2], -1, 1) + 1) / 2 * size
+        y0, y1 = (np.clip([cy - height / 2, cy + height / 2], -1, 1) + 1) / 2 * size
+        image = image.copy()
+        image[round(y0) : round(y1), round(x0) : round(x1)] = rng.integers(0, 256, 3)
+        return image
+    if kind == "exposure":
+        offset = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.4)  # in [0, 1] units
+        gain = rng.uniform(0.7, 1.3)
+        levels = (image / 255.0 - 0.5) * gain + 0.5 + offset
+        return (np.clip(levels, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    radius = rng.uniform(0.02, 0.05) * size  # pixels
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+
+
 def encode_jpeg(image: np.ndarray) -> bytes:
     """JPEG bytes of a uint8 H×W×3 image (PIL, quality 90, as the real crops roughly are)."""
     buffer = io.BytesIO()
@@ -475,6 +610,7 @@ class _Chunk:
     va: np.ndarray
     expr: np.ndarray
     au: np.ndarray
+    noisy_frames: float  # fraction of frames corrupted (SynthConfig.noisy_frames)
 
 
 def _draw_chunk(chunk: _Chunk) -> int:
@@ -487,6 +623,12 @@ def _draw_chunk(chunk: _Chunk) -> int:
         amplitude = np.float32(chunk.style.noise * 12**0.5)
         noise = (rng.random(shape, dtype=np.float32) - np.float32(0.5)) * amplitude
         image = draw_frame(masks, chunk.style, va, int(expr), au, noise)
+        if chunk.noisy_frames > 0:  # 0: not a single extra draw, so the default tree is unchanged
+            kind, detail = _corruption_draw(
+                chunk.seed, chunk.plan.index, int(frame), chunk.noisy_frames
+            )
+            if kind is not None:
+                image = corrupt_frame(image, kind, detail)
         frame_path(chunk.root, chunk.plan.name, int(frame)).write_bytes(encode_jpeg(image))
     return len(chunk.frames)
 
@@ -507,6 +649,7 @@ def _chunks(config: SynthConfig, plan: VideoPlan, truth: VideoLabelsTruth, per_c
             va=truth.va[idx],
             expr=truth.expr[idx],
             au=truth.au[idx],
+            noisy_frames=config.noisy_frames,
         )
 
 
@@ -532,9 +675,12 @@ def synthesize(config: SynthConfig, progress: bool = False) -> Path:
     chunks = []
     for plan in plans:
         truth = video_labels(config.seed, plan, config.frames)
-        _write_annotations(config.out, config.seed, plan, truth)
+        if plan.split != "test":  # the test set's labels are written nowhere
+            _write_annotations(config.out, config.seed, plan, truth)
         (config.out / FRAMES_DIR / plan.name).mkdir(parents=True, exist_ok=True)
         chunks += _chunks(config, plan, truth, per_chunk=100)
+    if config.test_videos:
+        write_test_lists(config.out, plans, config.frames)
     total = sum(len(c.frames) for c in chunks)
     with tqdm(total=total, unit="frame", desc="synth", disable=not progress, smoothing=0.1) as bar:
         if config.workers == 1:

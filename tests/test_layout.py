@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "constants", "tasks", "jpeg", "dist", "console", "batch"),
     ("affwild2", "shards", "config"),
     ("pack", "verify", "synth"),
-    ("loaders", "model", "losses", "metrics"),
+    ("loaders", "model", "losses", "metrics", "temporal"),
     ("rundir", "train", "predict"),
     ("bench", "study"),
     ("cli", "__main__"),

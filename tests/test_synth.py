@@ -12,7 +12,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from affectfast.cli import main
-from affectfast.synth import SynthConfig, labels_from_pixels, synthesize
+from affectfast.synth import (
+    SynthConfig,
+    frame_corruption,
+    labels_from_pixels,
+    plan_tree,
+    synthesize,
+)
 from affectfast.tasks import CHALLENGE_DIRS, HEADERS, NUM_AU
 
 CHALLENGES = {task: names[0] for task, names in CHALLENGE_DIRS.items()}
@@ -213,7 +219,17 @@ def test_reader_reads_the_tree_and_agrees_with_the_pixels(synth_tree):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("videos", 3), ("frames", 5), ("image_size", 16), ("workers", 0), ("seed", -1)]
+    "field, value",
+    [
+        ("videos", 3),
+        ("frames", 5),
+        ("image_size", 16),
+        ("workers", 0),
+        ("seed", -1),
+        ("noisy_frames", -0.1),
+        ("noisy_frames", 1.5),
+        ("test_videos", -1),
+    ],
 )
 def test_config_rejects_bad_values(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
@@ -252,3 +268,139 @@ def test_cli_smoke(tmp_path):
     assert len(images(out)) == 4
     again = CliRunner().invoke(main, ["synth", str(out), "--videos", "4", "--frames", "10"])
     assert again.exit_code == 2 and "not empty" in again.output
+
+
+# --- corrupted frames (noisy_frames) -----------------------------------------------------------
+def _combined(digest: dict[str, str]) -> str:
+    """One sha256 over a tree_digest."""
+    return hashlib.sha256(
+        "".join(f"{k} {v}\n" for k, v in sorted(digest.items())).encode()
+    ).hexdigest()
+
+
+# Digests of SynthConfig(videos=5, frames=12, seed=7, image_size=32) as written before the
+# noisy_frames and test_videos options existed. JPEG bytes depend on the encoder build, so the
+# whole-tree digest is compared only under the libjpeg-turbo it was made with.
+GOLDEN_ANNOTATIONS = "df80ee6650f4f9e9111f9041c1ba864ca9462994607fccf9d3494e8c907fe2d3"
+GOLDEN_TREE = "548b73201d89814f6be750a581c5355fcc638226811ac8e67c7bfea0618d0187"
+GOLDEN_LIBJPEG_TURBO = "3.2.0"
+
+
+def test_default_tree_is_byte_identical_to_before_the_new_options(tmp_path):
+    from PIL import features
+
+    config = SynthConfig(out=tmp_path, videos=5, frames=12, seed=7, image_size=32, workers=1)
+    assert (config.noisy_frames, config.test_videos) == (0.0, 0)
+    digest = tree_digest(synthesize(config))
+    assert len(digest) == 62
+    assert _combined({k: v for k, v in digest.items() if k.endswith(".txt")}) == GOLDEN_ANNOTATIONS
+    if features.version("libjpeg_turbo") == GOLDEN_LIBJPEG_TURBO:
+        assert _combined(digest) == GOLDEN_TREE
+
+
+def test_noisy_frames_change_exactly_the_corrupted_frames_for_any_worker_count(tmp_path):
+    def tree(name, workers, noisy):
+        config = SynthConfig(
+            out=tmp_path / name,
+            videos=5,
+            frames=40,
+            seed=5,
+            image_size=32,
+            workers=workers,
+            noisy_frames=noisy,
+        )
+        return config, tree_digest(synthesize(config))
+
+    _, clean = tree("clean", 1, 0.0)
+    config, noisy = tree("noisy", 1, 0.5)
+    assert tree("noisy2", 2, 0.5)[1] == noisy
+    assert clean.keys() == noisy.keys()
+    plans = {plan.name: plan for plan in plan_tree(config)}
+    corrupted = 0
+    for path in clean:
+        if path.endswith(".txt"):  # annotations: labels are untouched
+            assert clean[path] == noisy[path], path
+            continue
+        _, video, name = path.split("/")
+        kind = frame_corruption(config.seed, plans[video], int(name[:5]), config.noisy_frames)
+        assert (clean[path] != noisy[path]) == (kind is not None), (path, kind)
+        corrupted += kind is not None
+    images_count = sum(not p.endswith(".txt") for p in clean)
+    assert 0.35 < corrupted / images_count < 0.65
+
+
+def test_corrupted_frames_disagree_with_their_labels_and_clean_ones_do_not(tmp_path):
+    config = SynthConfig(
+        out=tmp_path, videos=4, frames=150, seed=1, image_size=48, workers=1, noisy_frames=0.3
+    )
+    synthesize(config)
+    files = annotations(tmp_path)
+    plans = {plan.name: plan for plan in plan_tree(config)}
+    wrong: dict[tuple[bool, str], list[bool]] = {}  # (corrupted, task) -> per frame: read != label
+    kinds = []
+    for video, numbers in images(tmp_path).items():
+        for frame in numbers:
+            kind = frame_corruption(config.seed, plans[video], frame, config.noisy_frames)
+            kinds.append(kind)
+            with Image.open(tmp_path / "cropped_aligned" / video / f"{frame:05d}.jpg") as image:
+                decoded = labels_from_pixels(np.asarray(image.convert("RGB")))
+            for task, label in _expected(files, video, frame).items():
+                if label is None:
+                    continue
+                if task == "va":
+                    miss = np.abs(decoded["va"] - label).max() > 0.08
+                else:
+                    miss = not np.array_equal(np.atleast_1d(decoded[task]), label)
+                wrong.setdefault((kind is not None, task), []).append(bool(miss))
+    assert 0.2 < np.mean([k is not None for k in kinds]) < 0.4
+    assert {k for k in kinds if k} == {"occlusion", "exposure", "blur"}
+    rate = {key: np.mean(misses) for key, misses in wrong.items()}
+    for task, margin in (("va", 0.3), ("expr", 0.1), ("au", 0.5)):
+        assert rate[(False, task)] < 0.01, (task, rate)
+        assert rate[(True, task)] > rate[(False, task)] + margin, (task, rate)
+
+
+# --- a held-out test set (test_videos) ----------------------------------------------------------
+def test_test_set_frames_without_annotations_and_one_list_per_challenge(tmp_path):
+    from affectfast.affwild2 import find_annotation_dirs, read_tree
+
+    common = dict(videos=6, frames=20, seed=1, image_size=32, workers=1)
+    base = tree_digest(synthesize(SynthConfig(out=tmp_path / "base", **common)))
+    root = synthesize(SynthConfig(out=tmp_path / "test", test_videos=5, **common))
+    digest = tree_digest(root)
+    # Train and val are the same bytes as without a test set.
+    assert {k: v for k, v in digest.items() if k in base} == base
+    test_videos = set(images(root)) - set(images(tmp_path / "base"))
+    assert len(test_videos) == 5
+    assert any(v.endswith("_left") for v in test_videos)
+    # No annotation file of a test video anywhere, and the reader (hence pack) never sees them.
+    assert not test_videos & {video for _, video in annotations(root)}
+    assert not [
+        p for p in digest if p not in base and not p.startswith(("cropped_aligned/", "test_lists/"))
+    ]
+    read = {v.name for v in read_tree(find_annotation_dirs(root))}
+    assert read == {v.name for v in read_tree(find_annotation_dirs(tmp_path / "base"))}
+    # One list per challenge: sorted names, one a line; each non-empty, not all the same.
+    lists_dir = root / "test_lists"
+    assert sorted(p.name for p in lists_dir.iterdir()) == [
+        "AU_test_set.txt",
+        "EXPR_test_set.txt",
+        "VA_test_set.txt",
+        "frame_counts.csv",
+    ]
+    lists = {}
+    for name in ("VA", "EXPR", "AU"):
+        text = (lists_dir / f"{name}_test_set.txt").read_text()
+        assert text.endswith("\n")
+        lists[name] = text.splitlines()
+        assert lists[name] and lists[name] == sorted(set(lists[name]))
+    assert set().union(*map(set, lists.values())) == test_videos
+    assert len({tuple(v) for v in lists.values()}) > 1
+    # frame_counts.csv: every test video's length, at least up to its last image.
+    lines = (lists_dir / "frame_counts.csv").read_text().splitlines()
+    assert lines[0] == "video,frames"
+    counts = {video: int(n) for video, n in (line.split(",") for line in lines[1:])}
+    assert counts.keys() == test_videos
+    frames = images(root)
+    assert all(common["frames"] <= counts[v] <= common["frames"] + 5 for v in test_videos)
+    assert all(frames[v][-1] <= counts[v] for v in test_videos)
