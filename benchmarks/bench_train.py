@@ -126,12 +126,12 @@ def run_benchmark(config: TrainConfig, args) -> list[dict]:
     """The three measurements as CSV rows."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The run exactly as `affectfast train` builds it (model, loader, optimizer, precision, step).
-    run = build_run(config, DistInfo(device=device))
+    training = build_run(config, DistInfo(device=device))
 
     def step(batch):
-        return run.step(run.model, batch)
+        return training.step(training.model, batch)
 
-    loader = run.train_loader
+    loader = training.train_loader
     stream = endless(loader)
     # The same batches, decoded once; cloned so they stay valid should a loader reuse its buffers.
     in_memory = [
