@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from itertools import repeat
@@ -89,6 +90,7 @@ class VideoLabels:
     va: np.ndarray  # float32 N×2, NaN where VA is ignored or absent
     expr: np.ndarray  # int8 N, -1 where ignored or absent
     au: np.ndarray  # int8 N×12, a row of -1 where ignored or absent
+    ignored_files: int = 0  # entries of the frames folder that are not frames (hidden ones aside)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -288,7 +290,21 @@ def _index_annotations(
 
 def _read_video(frames_dir: Path, video: str, split: str, files: dict[str, Path]) -> VideoLabels:
     """Join one video's task files with its images; keep frames with an image and a valid label."""
-    frames = _list_frames(frames_dir / video)
+    folder = frames_dir / video
+    frames, ignored = _list_frames(folder)
+    example = f", e.g. {min(ignored)!r}" if ignored else ""
+    if ignored:  # not frames, maybe meant as frames: never drop them without a word
+        tqdm.write(
+            f"ignored {len(ignored)} {'entry' if len(ignored) == 1 else 'entries'} in {folder} "
+            f"that are not frames (regular files named NNNNN.jpg){example}",
+            file=sys.stderr,
+        )
+    if not len(frames):
+        raise DataError(
+            folder,
+            f"no frame image (a regular file named NNNNN.jpg) for the annotations in "
+            f"{next(iter(files.values()))}; {len(ignored)} other entries{example}",
+        )
     columns = _ignored_columns(len(frames))
     keep = np.zeros(len(frames), dtype=bool)
     for task, path in files.items():
@@ -302,6 +318,7 @@ def _read_video(frames_dir: Path, video: str, split: str, files: dict[str, Path]
         split=split,
         frames=frames[keep],
         **{task: column[keep] for task, column in columns.items()},
+        ignored_files=len(ignored),
     )
 
 
@@ -314,19 +331,29 @@ def _ignored_columns(n: int) -> dict[str, np.ndarray]:
     }
 
 
-def _list_frames(video_dir: Path) -> np.ndarray:
-    """Sorted 1-based frame numbers of the ``<NNNNN>.jpg`` files in a folder (no stat per file)."""
-    # os.listdir reads the same directory entries as os.scandir without building a DirEntry per
-    # file: markedly faster, and the listing is most of read_tree's time.
+def _list_frames(video_dir: Path) -> tuple[np.ndarray, list[str]]:
+    """Sorted 1-based frame numbers of the regular ``<NNNNN>.jpg`` files in a folder, and the names
+    of its other entries, hidden ones aside (``000001.jpg``, ``00001.JPG``: files meant as frames)."""
+    # os.scandir's entries carry the file type from the directory listing (no stat per file on
+    # common filesystems): a FIFO named like a frame would block the reader of its bytes for ever.
+    regular, other = [], []
+    with os.scandir(video_dir) as entries:
+        for entry in entries:
+            (regular if entry.is_file() else other).append(entry.name)
     stems = [
         name[:FRAME_DIGITS]
-        for name in os.listdir(video_dir)
+        for name in regular
         if len(name) == FRAME_DIGITS + 4 and name.endswith(".jpg")
     ]
     numbers = [int(stem) for stem in stems if stem.isascii() and stem.isdigit()]
     frames = np.array(numbers, dtype=np.int32)
     frames.sort()
-    return frames[frames >= 1]
+    frames = frames[frames >= 1]
+    ignored = []
+    if len(frames) < len(regular) + len(other):  # something else is there: name it
+        names = {f"{frame:0{FRAME_DIGITS}d}.jpg" for frame in frames.tolist()}
+        ignored = [n for n in regular + other if n not in names and not n.startswith(".")]
+    return frames, ignored
 
 
 # --- parsing one annotation file ------------------------------------------------------------------

@@ -603,9 +603,11 @@ def build_manifest(
     index: SampleIndex,
     plan: dict[str, list[np.ndarray]],
     records: dict[str, dict],
+    ignored: dict[str, int],
 ) -> dict:
     """The manifest (docs/shard-format.md): source, settings, label layout, per split shards and
-    stats of the samples actually written."""
+    stats of the samples actually written, and per video the entries of its frames folder that
+    were not frames (``ignored``)."""
     splits = {}
     for split in SPLITS:
         shards, bad, kept = [], [], []
@@ -656,6 +658,7 @@ def build_manifest(
         },
         "expr_names": list(EXPR_NAMES),
         "splits": splits,
+        "ignored_files": ignored,
     }
 
 
@@ -695,7 +698,10 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     dirs = find_annotation_dirs(
         config.root, frames=config.frames, va=config.va, expr=config.expr, au=config.au
     )
-    index = build_index(read_tree(dirs, progress=progress), dirs.frames)
+    videos = read_tree(dirs, progress=progress)
+    ignored = {video.name: video.ignored_files for video in videos if video.ignored_files}
+    index = build_index(videos, dirs.frames)
+    del videos  # the index holds copies of its arrays: 70 MB at full scale
     if len(index) == 0:
         raise DataError(
             dirs.frames, "no frame has both an image and a valid label: nothing to pack"
@@ -743,7 +749,7 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
         remove_temporaries(config.out)
 
     records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
-    manifest = build_manifest(config, dirs, fingerprint, index, plan, records)
+    manifest = build_manifest(config, dirs, fingerprint, index, plan, records, ignored)
     _write_atomic(config.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 

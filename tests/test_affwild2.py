@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -423,13 +424,36 @@ def test_image_path_and_sample_key(tmp_path):
         sample_key("v", 0)
 
 
-def test_frames_folder_ignores_stray_files(tmp_path):
+def test_files_in_a_frames_folder_that_are_not_frames_are_counted_and_reported(tmp_path, capsys):
     write_frames(tmp_path, "v", [1, 2])
+    write_frames(tmp_path, "w", [1])
     folder = tmp_path / "cropped_aligned" / "v"
-    for stray in (".DS_Store", "00003.png", "000004.jpg", "thumbs.jpg"):
-        (folder / stray).write_bytes(b"x")
-    write_labels(tmp_path, EXPR_DIR, "v", ["1", "2", "3", "4"], task="expr")
-    np.testing.assert_array_equal(read(tmp_path)["v"].frames, [1, 2])
+    strays = ("00003.png", "000004.jpg", "00005.JPG", "6.jpg", "00000.jpg", "thumbs.jpg")
+    for stray in (*strays, ".DS_Store"):  # hidden files are no one's frames: not counted
+        (folder / stray).write_bytes(JPEG)
+    (folder / "00007.jpg").mkdir()
+    os.mkfifo(folder / "00008.jpg")  # reading it would block pack for ever
+    write_labels(tmp_path, EXPR_DIR, "v", ["1"] * 8, task="expr")
+    write_labels(tmp_path, EXPR_DIR, "w", ["1"], task="expr")
+    videos = read(tmp_path)
+    np.testing.assert_array_equal(videos["v"].frames, [1, 2])
+    assert (videos["v"].ignored_files, videos["w"].ignored_files) == (len(strays) + 2, 0)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and str(folder) in lines[0] and f" {len(strays) + 2} " in lines[0]
+
+
+@pytest.mark.parametrize("names", [[], ["000001.jpg", "000002.jpg"], ["00001.JPG"]])
+def test_annotated_video_without_a_frame_image_is_an_error(tmp_path, names):
+    write_frames(tmp_path, "v", [1])
+    write_frames(tmp_path, "w", [])
+    for name in names:
+        (tmp_path / "cropped_aligned" / "w" / name).write_bytes(JPEG)
+    write_labels(tmp_path, EXPR_DIR, "v", ["1"], task="expr")
+    write_labels(tmp_path, EXPR_DIR, "w", ["1", "2"], task="expr")
+    with pytest.raises(DataError, match="no frame image") as info:
+        read_tree(find_annotation_dirs(tmp_path))
+    assert info.value.path == tmp_path / "cropped_aligned" / "w"
+    assert f"{len(names)} other" in info.value.message
 
 
 # --- the synthetic tree ---------------------------------------------------------------------------

@@ -352,6 +352,39 @@ def test_output_of_other_settings_or_unknown_origin_is_refused(synth_tree, packe
         pack_quiet(synth_tree, out)
 
 
+def run_pack(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m affectfast pack ARGS`` in a child process (this checkout's package)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "affectfast", "pack", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# --- files in the frames folders that are not frames ----------------------------------------------
+
+
+def test_entries_that_are_not_frames_are_reported_and_counted_and_a_fifo_never_read(
+    tree_copy, packed, tmp_path
+):
+    assert json.loads((packed / MANIFEST).read_text())["ignored_files"] == {}
+    fifo = a_val_frame(tree_copy)
+    fifo.unlink()
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes: for ever
+    (fifo.parent / "000001.jpg").write_bytes(b"meant as a frame")
+    other = next(p for p in (tree_copy / "cropped_aligned").iterdir() if p != fifo.parent)
+    (other / "00001.JPG").write_bytes(b"meant as a frame")
+    out = tmp_path / "out"
+    result = run_pack(str(tree_copy), "--out", str(out), "--workers", "1", "--shard-size", "16")
+    assert result.returncode == 0, result.stderr
+    assert f"ignored 2 entries in {fifo.parent} " in result.stderr
+    assert f"ignored 1 entry in {other} " in result.stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["ignored_files"] == {fifo.parent.name: 2, other.name: 1}
+    keys = {key for _, key, _ in read_shards(out)}
+    assert sample_key(fifo.parent.name, int(fifo.stem)) not in keys
+    assert keys == set(source_samples(tree_copy))
+    assert verify(out) == []
+
+
 # --- bad JPEGs ------------------------------------------------------------------------------------
 
 
