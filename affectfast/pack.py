@@ -568,10 +568,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def remove_temporaries(out: Path) -> None:
-    """Delete half-written files a killed or failed pack left behind."""
-    for path in out.glob(f".*{TMP_SUFFIX}"):
-        path.unlink(missing_ok=True)
+def remove_temporaries(out: Path, shards: list[str]) -> None:
+    """Delete the half-written files a killed or failed pack left behind in ``out`` (a folder
+    accepted as this pack's): the temporaries of ``shards``, of the state file and the manifest.
+    Any other ``.*.tmp`` is not pack's to delete."""
+    ours = {f".{name}{ext}{TMP_SUFFIX}" for name in shards for ext in (".tar", ".idx")}
+    ours |= {f".{name}{TMP_SUFFIX}" for name in (STATE, MANIFEST)}  # as _write_atomic names them
+    for name in ours.intersection(os.listdir(out)):
+        (out / name).unlink(missing_ok=True)
 
 
 # --- statistics and the manifest ------------------------------------------------------------------
@@ -710,7 +714,6 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     plan = plan_shards(index, config)
 
     config.out.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(config.out)
     state = PackState(
         config.out,
         {
@@ -720,6 +723,8 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
         },
     )
     shards = [(split, n) for split in SPLITS for n in range(len(plan[split]))]
+    names = [shard_name(*s) for s in shards]
+    remove_temporaries(config.out, names)  # only now: PackState accepted the folder as ours
     todo = [s for s in shards if state.finished(shard_name(*s)) is None]
     done = sum(len(plan[s][n]) for s, n in shards) - sum(len(plan[s][n]) for s, n in todo)
     context = WriterContext(config.out, dirs.frames, index.videos, config.check, config.skip_bad)
@@ -746,7 +751,7 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
         raise
     finally:
         bar.close()
-        remove_temporaries(config.out)
+        remove_temporaries(config.out, names)
 
     records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
     manifest = build_manifest(config, dirs, fingerprint, index, plan, records, ignored)

@@ -352,6 +352,38 @@ def test_output_of_other_settings_or_unknown_origin_is_refused(synth_tree, packe
         pack_quiet(synth_tree, out)
 
 
+def test_refused_pack_deletes_no_file_of_the_user(synth_tree, packed, tmp_path):
+    """Temporaries are removed only in a folder accepted as this pack's, and only pack's names."""
+    user_files = {"data.tar": b"user tar", ".notes.tmp": b"notes", ".train-000000.tar.tmp": b"x"}
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for name, data in user_files.items():
+        (foreign / name).write_bytes(data)
+    with pytest.raises(DataError, match="not written by"):
+        pack_quiet(synth_tree, foreign)
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == user_files
+
+    other_settings = tmp_path / "other"
+    shutil.copytree(packed, other_settings)
+    for name in (".notes.tmp", ".train-000000.tar.tmp"):
+        (other_settings / name).write_bytes(user_files[name])
+    with pytest.raises(DataError, match="seed 0 -> 1"):
+        pack_quiet(synth_tree, other_settings, seed=1)
+    assert leftovers(other_settings) == [".notes.tmp", ".train-000000.tar.tmp"]
+
+
+def test_accepted_pack_removes_only_its_own_temporaries(synth_tree, packed, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(packed, out)
+    ours = [".train-000000.tar.tmp", ".val-000000.idx.tmp", f".{STATE}.tmp", f".{MANIFEST}.tmp"]
+    theirs = [".notes.tmp", ".train-999999.tar.tmp", "train-000000.tar.tmp"]  # not pack's names
+    for name in ours + theirs:
+        (out / name).write_bytes(b"left behind")
+    pack_quiet(synth_tree, out)
+    assert leftovers(out) == sorted(theirs)
+    assert output_files(out) == output_files(packed)
+
+
 def run_pack(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m affectfast pack ARGS`` in a child process (this checkout's package)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
