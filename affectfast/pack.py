@@ -15,12 +15,14 @@ Guarantees:
   fingerprint and settings, then one line per finished shard; a pack killed midway and run again
   reuses the finished shards and writes the rest. Shards from another source or settings are never
   reused: that is a DataError.
+- One pack at a time per output folder: ``.pack.lock`` (flock) makes a second one a DataError.
 - A bad JPEG is a DataError naming the file, and the shards this run wrote are removed; with
   ``skip_bad`` it is left out, listed and counted in the manifest. ``manifest.json`` comes last.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -28,7 +30,7 @@ import os
 import tarfile
 from collections import deque
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,7 @@ from affectfast.tasks import (
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE = ".pack-state.jsonl"
+LOCK = ".pack.lock"  # held (flock) by the pack writing into a folder; holds its process id
 TMP_SUFFIX = ".tmp"
 IDX_VERSION = "v1.2"  # the first token of a DALI wds2idx index file
 # A ustar/GNU header holds names up to 99 bytes in one 512-byte block; longer names would need a
@@ -578,6 +581,41 @@ def remove_temporaries(out: Path, shards: list[str]) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+@contextmanager
+def lock_output(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.pack.lock`` (holding this process id) while packing into
+    ``out``: a second pack there would delete the first one's temporaries. It fails at once."""
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.read(fd, 64).decode("ascii", errors="replace").strip() or "unknown"
+            os.close(fd)
+            if isinstance(error, BlockingIOError):
+                raise DataError(
+                    out,
+                    f"locked by process {holder}: another `affectfast pack` is writing here; "
+                    "wait for it to end or choose another --out",
+                ) from None
+            raise DataError(path, f"cannot lock: {error.strerror or error}") from None
+        # A pack that just ended unlinked the file it locked: a lock on that inode guards nothing.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)  # a killed pack leaves its file (and process id) but no lock
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so no one locks the file being removed
+        os.close(fd)
+
+
 # --- statistics and the manifest ------------------------------------------------------------------
 
 
@@ -714,48 +752,51 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     plan = plan_shards(index, config)
 
     config.out.mkdir(parents=True, exist_ok=True)
-    state = PackState(
-        config.out,
-        {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "settings": config.settings(),
-        },
-    )
-    shards = [(split, n) for split in SPLITS for n in range(len(plan[split]))]
-    names = [shard_name(*s) for s in shards]
-    remove_temporaries(config.out, names)  # only now: PackState accepted the folder as ours
-    todo = [s for s in shards if state.finished(shard_name(*s)) is None]
-    done = sum(len(plan[s][n]) for s, n in shards) - sum(len(plan[s][n]) for s, n in todo)
-    context = WriterContext(config.out, dirs.frames, index.videos, config.check, config.skip_bad)
-    bar = tqdm(
-        total=len(index),
-        initial=done,
-        unit="frame",
-        unit_scale=True,
-        desc="packing",
-        disable=not progress,
-        smoothing=0.1,
-    )
-    try:
-        workers = min(config.workers, len(todo) or 1)
-        # closing(): the worker pool is shut down before any clean-up below touches files.
-        with closing(run_jobs(_jobs(index, plan, todo), context, workers)) as results:
-            for result in results:
-                if result.error is not None:
-                    raise DataError(result.error["path"], result.error["message"])
-                state.record(result)
-                bar.update(result.samples + len(result.bad))
-    except DataError:
-        state.roll_back([shard_name(*s) for s in todo])
-        raise
-    finally:
-        bar.close()
-        remove_temporaries(config.out, names)
+    with lock_output(config.out):  # before anything in it is read or removed
+        state = PackState(
+            config.out,
+            {
+                "format_version": FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "settings": config.settings(),
+            },
+        )
+        shards = [(split, n) for split in SPLITS for n in range(len(plan[split]))]
+        names = [shard_name(*s) for s in shards]
+        remove_temporaries(config.out, names)  # only now: PackState accepted the folder as ours
+        todo = [s for s in shards if state.finished(shard_name(*s)) is None]
+        done = sum(len(plan[s][n]) for s, n in shards) - sum(len(plan[s][n]) for s, n in todo)
+        context = WriterContext(
+            config.out, dirs.frames, index.videos, config.check, config.skip_bad
+        )
+        bar = tqdm(
+            total=len(index),
+            initial=done,
+            unit="frame",
+            unit_scale=True,
+            desc="packing",
+            disable=not progress,
+            smoothing=0.1,
+        )
+        try:
+            workers = min(config.workers, len(todo) or 1)
+            # closing(): the worker pool is shut down before any clean-up below touches files.
+            with closing(run_jobs(_jobs(index, plan, todo), context, workers)) as results:
+                for result in results:
+                    if result.error is not None:
+                        raise DataError(result.error["path"], result.error["message"])
+                    state.record(result)
+                    bar.update(result.samples + len(result.bad))
+        except DataError:
+            state.roll_back([shard_name(*s) for s in todo])
+            raise
+        finally:
+            bar.close()
+            remove_temporaries(config.out, names)
 
-    records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
-    manifest = build_manifest(config, dirs, fingerprint, index, plan, records, ignored)
-    _write_atomic(config.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
+        manifest = build_manifest(config, dirs, fingerprint, index, plan, records, ignored)
+        _write_atomic(config.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

@@ -3,6 +3,7 @@ resume after a kill, bad JPEGs, and the JPEG checks themselves."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -389,6 +390,48 @@ def run_pack(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "affectfast", "pack", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_pack_into_a_folder_another_pack_holds_fails_at_once_naming_it(
+    synth_tree, packed, tmp_path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".pack.lock"
+    with open(lock, "w") as holder:  # this test process plays the pack already running
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write(f"{os.getpid()}\n")
+        holder.flush()
+        result = run_pack(str(synth_tree), "--out", str(out), "--workers", "1", timeout=60)
+        assert result.returncode == 2, result.stderr
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert line.startswith(f"error: {out}: locked by process {os.getpid()}"), line
+        assert [p.name for p in out.iterdir()] == [lock.name]  # nothing written, nothing removed
+        assert lock.read_text() == f"{os.getpid()}\n"
+    # Released (a lock file left by a killed pack holds no lock either): packing goes ahead, the
+    # output is byte-identical, and the lock file goes with the pack.
+    pack_quiet(synth_tree, out, shard_size=SHARD_SIZE)
+    assert output_files(out) == output_files(packed)
+    assert not lock.exists()
+
+
+def test_lock_taken_on_a_lock_file_unlinked_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """A pack ending between our open and our flock unlinks the file we opened: locking that inode
+    would guard nothing, so lock_output opens the path again."""
+    real_flock, locked = fcntl.flock, []
+
+    def flock(fd, operation):
+        if not locked:
+            (tmp_path / pack_module.LOCK).unlink()  # what the ending pack does, lock still held
+        locked.append(os.fstat(fd).st_ino)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(pack_module.fcntl, "flock", flock)
+    with pack_module.lock_output(tmp_path):
+        path = tmp_path / pack_module.LOCK
+        assert len(locked) == 2 and path.stat().st_ino == locked[1]
+        assert path.read_text() == f"{os.getpid()}\n"
+    assert not path.exists()
 
 
 # --- files in the frames folders that are not frames ----------------------------------------------
