@@ -11,12 +11,16 @@ The input tree is described in DESIGN.md §1. The reader does three things:
 
 Per-frame data lives only in the numpy arrays of :class:`VideoLabels` (about 25 bytes per frame,
 70 MB for the 2.8M frames of the real dataset). Parsing uses ``np.fromstring`` on a whole file at
-once and falls back to a line-by-line pass only to name the line of a bad value.
+once and falls back to a line-by-line pass only to name the line of a bad value. Fields that
+``np.fromstring`` would read as 0 though they hold no digit (empty, blank, a lone sign) are found
+first with byte searches over the whole body, so they are errors, never labels.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from itertools import repeat
@@ -48,6 +52,7 @@ FRAMES_DIR = "cropped_aligned"
 # is depth 2. Three levels cover every release layout seen while keeping the search cheap.
 SEARCH_DEPTH = 3
 FRAME_DIGITS = 5  # frame images are <NNNNN>.jpg, 1-based
+QUOTE_LIMIT = 80  # characters of file content an error quotes: a broken file may hold a 50 MB line
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class VideoLabels:
     va: np.ndarray  # float32 N×2, NaN where VA is ignored or absent
     expr: np.ndarray  # int8 N, -1 where ignored or absent
     au: np.ndarray  # int8 N×12, a row of -1 where ignored or absent
+    ignored_files: int = 0  # entries of the frames folder that are not frames (hidden ones aside)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -284,7 +290,21 @@ def _index_annotations(
 
 def _read_video(frames_dir: Path, video: str, split: str, files: dict[str, Path]) -> VideoLabels:
     """Join one video's task files with its images; keep frames with an image and a valid label."""
-    frames = _list_frames(frames_dir / video)
+    folder = frames_dir / video
+    frames, ignored = _list_frames(folder)
+    example = f", e.g. {min(ignored)!r}" if ignored else ""
+    if ignored:  # not frames, maybe meant as frames: never drop them without a word
+        tqdm.write(
+            f"ignored {len(ignored)} {'entry' if len(ignored) == 1 else 'entries'} in {folder} "
+            f"that are not frames (regular files named NNNNN.jpg){example}",
+            file=sys.stderr,
+        )
+    if not len(frames):
+        raise DataError(
+            folder,
+            f"no frame image (a regular file named NNNNN.jpg) for the annotations in "
+            f"{next(iter(files.values()))}; {len(ignored)} other entries{example}",
+        )
     columns = _ignored_columns(len(frames))
     keep = np.zeros(len(frames), dtype=bool)
     for task, path in files.items():
@@ -298,6 +318,7 @@ def _read_video(frames_dir: Path, video: str, split: str, files: dict[str, Path]
         split=split,
         frames=frames[keep],
         **{task: column[keep] for task, column in columns.items()},
+        ignored_files=len(ignored),
     )
 
 
@@ -310,19 +331,29 @@ def _ignored_columns(n: int) -> dict[str, np.ndarray]:
     }
 
 
-def _list_frames(video_dir: Path) -> np.ndarray:
-    """Sorted 1-based frame numbers of the ``<NNNNN>.jpg`` files in a folder (no stat per file)."""
-    # os.listdir reads the same directory entries as os.scandir without building a DirEntry per
-    # file: markedly faster, and the listing is most of read_tree's time.
+def _list_frames(video_dir: Path) -> tuple[np.ndarray, list[str]]:
+    """Sorted 1-based frame numbers of the regular ``<NNNNN>.jpg`` files in a folder, and the names
+    of its other entries, hidden ones aside (``000001.jpg``, ``00001.JPG``: files meant as frames)."""
+    # os.scandir's entries carry the file type from the directory listing (no stat per file on
+    # common filesystems): a FIFO named like a frame would block the reader of its bytes for ever.
+    regular, other = [], []
+    with os.scandir(video_dir) as entries:
+        for entry in entries:
+            (regular if entry.is_file() else other).append(entry.name)
     stems = [
         name[:FRAME_DIGITS]
-        for name in os.listdir(video_dir)
+        for name in regular
         if len(name) == FRAME_DIGITS + 4 and name.endswith(".jpg")
     ]
     numbers = [int(stem) for stem in stems if stem.isascii() and stem.isdigit()]
     frames = np.array(numbers, dtype=np.int32)
     frames.sort()
-    return frames[frames >= 1]
+    frames = frames[frames >= 1]
+    ignored = []
+    if len(frames) < len(regular) + len(other):  # something else is there: name it
+        names = {f"{frame:0{FRAME_DIGITS}d}.jpg" for frame in frames.tolist()}
+        ignored = [n for n in regular + other if n not in names and not n.startswith(".")]
+    return frames, ignored
 
 
 # --- parsing one annotation file ------------------------------------------------------------------
@@ -342,7 +373,9 @@ def _read_body(path: Path, task: str) -> list[bytes]:
     expected = ",".join(HEADERS[task])
     header = lines[0].decode("utf-8-sig", errors="replace").strip() if lines else ""
     if [f.strip().lower() for f in header.split(",")] != [h.lower() for h in HEADERS[task]]:
-        raise DataError(path, f"expected the {task} header {expected!r}, got {header!r}", 1)
+        raise DataError(
+            path, f"expected the {task} header {expected!r}, got {_excerpt(header)!r}", 1
+        )
     body = lines[1:]
     while body and not body[-1].strip():
         body.pop()
@@ -360,6 +393,13 @@ def _read_body(path: Path, task: str) -> list[bytes]:
 def _parse_numbers(path: Path, body: list[bytes], width: int, integer: bool) -> np.ndarray:
     """Parse all lines at once into an n×width array; name the first bad field on failure."""
     joined = b",".join(body)
+    blank = _find_blank_field(joined)
+    if blank is not None:
+        field, text = blank
+        line, column = divmod(field, width)
+        text = text.strip()
+        message = f"{text!r} is not a number" if text else f"field {column + 1} is empty"
+        raise DataError(path, f"{message}: expected a number", line + 2)
     values = None
     # Integers parse much faster than floats; "1.0" in an integer column still parses as float.
     for dtype in (np.int64, np.float64) if integer else (np.float64,):
@@ -371,8 +411,37 @@ def _parse_numbers(path: Path, body: list[bytes], width: int, integer: bool) -> 
             parsed = _fromstring(field, np.float64)
             if parsed is None or parsed.size != 1:
                 text = field.decode("utf-8", errors="replace").strip()
-                raise DataError(path, f"{text!r} is not a number", number)
+                raise DataError(path, f"{_excerpt(text)!r} is not a number", number)
     raise DataError(path, "could not parse the values as numbers")  # unreachable in practice
+
+
+# np.fromstring reads a field holding no digit as a number: "" or whitespace as 0 (as float -1.0),
+# a lone sign as 0 (as integer). Such a field is one of these, between commas or the body's ends.
+_BLANK_FIELD = re.compile(rb",([\s+-]*)(?=,|\Z)")
+# A body that can hold one contains one of these (or ends with "," or a sign); well-formed files
+# contain none, and a substring test costs a fraction of the parse, where the regex would not.
+_BLANK_HINTS = (b",,", b"-,", b"+", b" ", b"\t", b"\v", b"\f")
+
+
+def _find_blank_field(joined: bytes) -> tuple[int, str] | None:
+    """(index, text) of the first field holding no digit in a comma-joined body, or None."""
+    if not joined or not (
+        joined.startswith(b",")
+        or joined.endswith((b",", b"-"))
+        or any(hint in joined for hint in _BLANK_HINTS)
+    ):
+        return None
+    fields = b"," + joined  # one leading comma: every field, the first too, follows a comma
+    match = _BLANK_FIELD.search(fields)
+    if match is None:  # only spaces around numbers, say
+        return None
+    index = fields.count(b",", 0, match.start(1)) - 1
+    return index, match.group(1).decode("ascii")
+
+
+def _excerpt(text: str) -> str:
+    """``text`` cut to :data:`QUOTE_LIMIT` characters, for quoting file content in an error."""
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."
 
 
 def _fromstring(data: bytes, dtype) -> np.ndarray | None:
@@ -393,7 +462,9 @@ def _first_bad(
     if rows.size:
         row, col = int(rows[0]), int(cols[0])
         text = body[row].split(b",")[col].decode("utf-8", errors="replace").strip()
-        raise DataError(path, f"{names[col]} {text} out of range: expected {expected}", row + 2)
+        raise DataError(
+            path, f"{names[col]} {_excerpt(text)} out of range: expected {expected}", row + 2
+        )
 
 
 def _check_va(path: Path, body: list[bytes], values: np.ndarray) -> np.ndarray:

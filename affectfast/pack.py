@@ -15,12 +15,14 @@ Guarantees:
   fingerprint and settings, then one line per finished shard; a pack killed midway and run again
   reuses the finished shards and writes the rest. Shards from another source or settings are never
   reused: that is a DataError.
+- One pack at a time per output folder: ``.pack.lock`` (flock) makes a second one a DataError.
 - A bad JPEG is a DataError naming the file, and the shards this run wrote are removed; with
   ``skip_bad`` it is left out, listed and counted in the manifest. ``manifest.json`` comes last.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -28,7 +30,7 @@ import os
 import tarfile
 from collections import deque
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,6 +74,7 @@ from affectfast.tasks import (
 )
 
 STATE = ".pack-state.jsonl"
+LOCK = ".pack.lock"  # held (flock) by the pack writing into a folder; holds its process id
 TMP_SUFFIX = ".tmp"
 
 
@@ -507,10 +510,49 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def remove_temporaries(out: Path) -> None:
-    """Delete half-written files a killed or failed pack left behind."""
-    for path in out.glob(f".*{TMP_SUFFIX}"):
-        path.unlink(missing_ok=True)
+def remove_temporaries(out: Path, shards: list[str]) -> None:
+    """Delete the half-written files a killed or failed pack left behind in ``out`` (a folder
+    accepted as this pack's): the temporaries of ``shards``, of the state file and the manifest.
+    Any other ``.*.tmp`` is not pack's to delete."""
+    ours = {f".{name}{ext}{TMP_SUFFIX}" for name in shards for ext in (".tar", ".idx")}
+    ours |= {f".{name}{TMP_SUFFIX}" for name in (STATE, MANIFEST)}  # as _write_atomic names them
+    for name in ours.intersection(os.listdir(out)):
+        (out / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def lock_output(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.pack.lock`` (holding this process id) while packing into
+    ``out``: a second pack there would delete the first one's temporaries. It fails at once."""
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.read(fd, 64).decode("ascii", errors="replace").strip() or "unknown"
+            os.close(fd)
+            if isinstance(error, BlockingIOError):
+                raise DataError(
+                    out,
+                    f"locked by process {holder}: another `affectfast pack` is writing here; "
+                    "wait for it to end or choose another --out",
+                ) from None
+            raise DataError(path, f"cannot lock: {error.strerror or error}") from None
+        # A pack that just ended unlinked the file it locked: a lock on that inode guards nothing.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)  # a killed pack leaves its file (and process id) but no lock
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so no one locks the file being removed
+        os.close(fd)
 
 
 # --- statistics and the manifest ------------------------------------------------------------------
@@ -542,9 +584,11 @@ def build_manifest(
     index: SampleIndex,
     plan: dict[str, list[np.ndarray]],
     records: dict[str, dict],
+    ignored: dict[str, int],
 ) -> dict:
     """The manifest (docs/shard-format.md): source, settings, label layout, per split shards and
-    stats of the samples actually written."""
+    stats of the samples actually written, and per video the entries of its frames folder that
+    were not frames (``ignored``)."""
     splits = {}
     for split in SPLITS:
         shards, bad, kept = [], [], []
@@ -595,6 +639,7 @@ def build_manifest(
         },
         "expr_names": list(EXPR_NAMES),
         "splits": splits,
+        "ignored_files": ignored,
     }
 
 
@@ -634,7 +679,10 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     dirs = find_annotation_dirs(
         config.root, frames=config.frames, va=config.va, expr=config.expr, au=config.au
     )
-    index = build_index(read_tree(dirs, progress=progress), dirs.frames)
+    videos = read_tree(dirs, progress=progress)
+    ignored = {video.name: video.ignored_files for video in videos if video.ignored_files}
+    index = build_index(videos, dirs.frames)
+    del videos  # the index holds copies of its arrays: 70 MB at full scale
     if len(index) == 0:
         raise DataError(
             dirs.frames, "no frame has both an image and a valid label: nothing to pack"
@@ -643,45 +691,49 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     plan = plan_shards(index, config)
 
     config.out.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(config.out)
-    state = PackState(
-        config.out,
-        {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "settings": config.settings(),
-        },
-    )
-    shards = [(split, n) for split in SPLITS for n in range(len(plan[split]))]
-    todo = [s for s in shards if state.finished(shard_name(*s)) is None]
-    done = sum(len(plan[s][n]) for s, n in shards) - sum(len(plan[s][n]) for s, n in todo)
-    context = WriterContext(config.out, dirs.frames, index.videos, config.check, config.skip_bad)
-    bar = tqdm(
-        total=len(index),
-        initial=done,
-        unit="frame",
-        unit_scale=True,
-        desc="packing",
-        disable=not progress,
-        smoothing=0.1,
-    )
-    try:
-        workers = min(config.workers, len(todo) or 1)
-        # closing(): the worker pool is shut down before any clean-up below touches files.
-        with closing(run_jobs(_jobs(index, plan, todo), context, workers)) as results:
-            for result in results:
-                if result.error is not None:
-                    raise DataError(result.error["path"], result.error["message"])
-                state.record(result)
-                bar.update(result.samples + len(result.bad))
-    except DataError:
-        state.roll_back([shard_name(*s) for s in todo])
-        raise
-    finally:
-        bar.close()
-        remove_temporaries(config.out)
+    with lock_output(config.out):  # before anything in it is read or removed
+        state = PackState(
+            config.out,
+            {
+                "format_version": FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "settings": config.settings(),
+            },
+        )
+        shards = [(split, n) for split in SPLITS for n in range(len(plan[split]))]
+        names = [shard_name(*s) for s in shards]
+        remove_temporaries(config.out, names)  # only now: PackState accepted the folder as ours
+        todo = [s for s in shards if state.finished(shard_name(*s)) is None]
+        done = sum(len(plan[s][n]) for s, n in shards) - sum(len(plan[s][n]) for s, n in todo)
+        context = WriterContext(
+            config.out, dirs.frames, index.videos, config.check, config.skip_bad
+        )
+        bar = tqdm(
+            total=len(index),
+            initial=done,
+            unit="frame",
+            unit_scale=True,
+            desc="packing",
+            disable=not progress,
+            smoothing=0.1,
+        )
+        try:
+            workers = min(config.workers, len(todo) or 1)
+            # closing(): the worker pool is shut down before any clean-up below touches files.
+            with closing(run_jobs(_jobs(index, plan, todo), context, workers)) as results:
+                for result in results:
+                    if result.error is not None:
+                        raise DataError(result.error["path"], result.error["message"])
+                    state.record(result)
+                    bar.update(result.samples + len(result.bad))
+        except DataError:
+            state.roll_back([shard_name(*s) for s in todo])
+            raise
+        finally:
+            bar.close()
+            remove_temporaries(config.out, names)
 
-    records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
-    manifest = build_manifest(config, dirs, fingerprint, index, plan, records)
-    _write_atomic(config.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
+        manifest = build_manifest(config, dirs, fingerprint, index, plan, records, ignored)
+        _write_atomic(config.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -299,7 +300,21 @@ def _bad(tmp_path, task, rows, **kwargs) -> DataError:
         ("expr", ["1", "1,2"], {}, 3, "expected 1 value .*got 2"),
         ("va", ["0,0", "", "0,0"], {}, 3, "expected 2 comma-separated values .*got 1"),
         ("va", ["0,0", "0.1,abc"], {}, 3, "'abc' is not a number"),
-        ("expr", ["1", "2", "", "3"], {}, 4, "'' is not a number"),
+        ("expr", ["1", "2", "", "3"], {}, 4, "field 1 is empty"),
+        # np.fromstring reads a blank field as 0 (-1.0 as float) and a lone sign as 0: a blank
+        # EXPR line became Neutral, a VA line "v, " got an arousal of -1.
+        ("expr", ["1", " ", "3"], {}, 3, "field 1 is empty: expected a number"),
+        ("va", ["0,0", "0.5, "], {}, 3, "field 2 is empty"),
+        ("va", ["0,0", "0.5,"], {}, 3, "field 2 is empty"),
+        ("va", [" ,0.5", "0,0"], {}, 2, "field 1 is empty"),
+        ("va", ["0,0", "0,0", ",0.5"], {"newline": "\r\n"}, 4, "field 1 is empty"),
+        ("au", [AU0, "0,0, ,0,0,0,0,0,0,0,0,0"], {}, 3, "field 3 is empty"),
+        ("au", [AU0, AU0, "0,0,0,0,0,0,0,0,0,0,0,"], {}, 4, "field 12 is empty"),
+        ("au", [AU0, "0,0,0,0,0,0,0,0,0,0,0,1", "1,,0,0,0,0,0,0,0,0,0,0"], {}, 4, "field 2 is"),
+        ("expr", ["1", "-", "3"], {}, 3, "'-' is not a number"),
+        ("expr", ["+"], {}, 2, "'\\+' is not a number"),
+        ("au", [AU0, "0,0,0,0,0,- ,0,0,0,0,0,0"], {}, 3, "'-' is not a number"),
+        ("va", ["0,0", "0.5,-"], {}, 3, "'-' is not a number"),
         ("au", [AU0, AU0, "0,0,0,0,0,0,0,0,0,0,0,yes"], {}, 4, "'yes' is not a number"),
         (
             "va",
@@ -326,6 +341,31 @@ def test_bad_input_names_file_and_line(tmp_path, task, rows, kwargs, line, messa
     assert error.line == line
     assert f":{line}: " in str(error)
     assert re.search(message, error.message), error.message
+
+
+@pytest.mark.parametrize(
+    "task, rows, kwargs, message",
+    [
+        ("expr", ["1"], {"header": "x" * 1_000_000}, "expected the expr header"),
+        ("expr", ["1", "y" * 1_000_000], {}, "is not a number"),
+        ("expr", ["1", "0" * 1_000_000 + "9"], {}, "out of range"),
+        ("va", ["0,0", "0.5," + "z" * 1_000_000], {}, "is not a number"),
+    ],
+)
+def test_error_quotes_at_most_80_characters_of_a_line(tmp_path, task, rows, kwargs, message):
+    """A megabyte line (a broken file) must not be echoed whole into a one-line error."""
+    error = _bad(tmp_path, task, rows, **kwargs)
+    assert message in error.message
+    assert len(error.message) < 200 and "..." in error.message, error.message[:300]
+
+
+def test_spaces_around_numbers_are_accepted(tmp_path):
+    write_frames(tmp_path, "v", [1, 2])
+    write_labels(tmp_path, VA_DIR, "v", ["0.5, -0.25", " -1 ,1 "], task="va")
+    write_labels(tmp_path, EXPR_DIR, "v", [" 3", "\t-1 "], task="expr")
+    video = read(tmp_path)["v"]
+    np.testing.assert_array_equal(video.va, np.array([[0.5, -0.25], [-1, 1]], dtype=np.float32))
+    np.testing.assert_array_equal(video.expr, [3, -1])
 
 
 def test_float_written_integers_are_accepted(tmp_path):
@@ -384,13 +424,36 @@ def test_image_path_and_sample_key(tmp_path):
         sample_key("v", 0)
 
 
-def test_frames_folder_ignores_stray_files(tmp_path):
+def test_files_in_a_frames_folder_that_are_not_frames_are_counted_and_reported(tmp_path, capsys):
     write_frames(tmp_path, "v", [1, 2])
+    write_frames(tmp_path, "w", [1])
     folder = tmp_path / "cropped_aligned" / "v"
-    for stray in (".DS_Store", "00003.png", "000004.jpg", "thumbs.jpg"):
-        (folder / stray).write_bytes(b"x")
-    write_labels(tmp_path, EXPR_DIR, "v", ["1", "2", "3", "4"], task="expr")
-    np.testing.assert_array_equal(read(tmp_path)["v"].frames, [1, 2])
+    strays = ("00003.png", "000004.jpg", "00005.JPG", "6.jpg", "00000.jpg", "thumbs.jpg")
+    for stray in (*strays, ".DS_Store"):  # hidden files are no one's frames: not counted
+        (folder / stray).write_bytes(JPEG)
+    (folder / "00007.jpg").mkdir()
+    os.mkfifo(folder / "00008.jpg")  # reading it would block pack for ever
+    write_labels(tmp_path, EXPR_DIR, "v", ["1"] * 8, task="expr")
+    write_labels(tmp_path, EXPR_DIR, "w", ["1"], task="expr")
+    videos = read(tmp_path)
+    np.testing.assert_array_equal(videos["v"].frames, [1, 2])
+    assert (videos["v"].ignored_files, videos["w"].ignored_files) == (len(strays) + 2, 0)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and str(folder) in lines[0] and f" {len(strays) + 2} " in lines[0]
+
+
+@pytest.mark.parametrize("names", [[], ["000001.jpg", "000002.jpg"], ["00001.JPG"]])
+def test_annotated_video_without_a_frame_image_is_an_error(tmp_path, names):
+    write_frames(tmp_path, "v", [1])
+    write_frames(tmp_path, "w", [])
+    for name in names:
+        (tmp_path / "cropped_aligned" / "w" / name).write_bytes(JPEG)
+    write_labels(tmp_path, EXPR_DIR, "v", ["1"], task="expr")
+    write_labels(tmp_path, EXPR_DIR, "w", ["1", "2"], task="expr")
+    with pytest.raises(DataError, match="no frame image") as info:
+        read_tree(find_annotation_dirs(tmp_path))
+    assert info.value.path == tmp_path / "cropped_aligned" / "w"
+    assert f"{len(names)} other" in info.value.message
 
 
 # --- the synthetic tree ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ resume after a kill, bad JPEGs, and the JPEG checks themselves."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -343,6 +344,113 @@ def test_output_of_other_settings_or_unknown_origin_is_refused(synth_tree, packe
     (out / STATE).unlink()
     with pytest.raises(DataError, match="not written by"):
         pack_quiet(synth_tree, out)
+
+
+def test_refused_pack_deletes_no_file_of_the_user(synth_tree, packed, tmp_path):
+    """Temporaries are removed only in a folder accepted as this pack's, and only pack's names."""
+    user_files = {"data.tar": b"user tar", ".notes.tmp": b"notes", ".train-000000.tar.tmp": b"x"}
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for name, data in user_files.items():
+        (foreign / name).write_bytes(data)
+    with pytest.raises(DataError, match="not written by"):
+        pack_quiet(synth_tree, foreign)
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == user_files
+
+    other_settings = tmp_path / "other"
+    shutil.copytree(packed, other_settings)
+    for name in (".notes.tmp", ".train-000000.tar.tmp"):
+        (other_settings / name).write_bytes(user_files[name])
+    with pytest.raises(DataError, match="seed 0 -> 1"):
+        pack_quiet(synth_tree, other_settings, seed=1)
+    assert leftovers(other_settings) == [".notes.tmp", ".train-000000.tar.tmp"]
+
+
+def test_accepted_pack_removes_only_its_own_temporaries(synth_tree, packed, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(packed, out)
+    ours = [".train-000000.tar.tmp", ".val-000000.idx.tmp", f".{STATE}.tmp", f".{MANIFEST}.tmp"]
+    theirs = [".notes.tmp", ".train-999999.tar.tmp", "train-000000.tar.tmp"]  # not pack's names
+    for name in ours + theirs:
+        (out / name).write_bytes(b"left behind")
+    pack_quiet(synth_tree, out)
+    assert leftovers(out) == sorted(theirs)
+    assert output_files(out) == output_files(packed)
+
+
+def run_pack(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m affectfast pack ARGS`` in a child process (this checkout's package)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "affectfast", "pack", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_pack_into_a_folder_another_pack_holds_fails_at_once_naming_it(
+    synth_tree, packed, tmp_path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".pack.lock"
+    with open(lock, "w") as holder:  # this test process plays the pack already running
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write(f"{os.getpid()}\n")
+        holder.flush()
+        result = run_pack(str(synth_tree), "--out", str(out), "--workers", "1", timeout=60)
+        assert result.returncode == 2, result.stderr
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert line.startswith(f"error: {out}: locked by process {os.getpid()}"), line
+        assert [p.name for p in out.iterdir()] == [lock.name]  # nothing written, nothing removed
+        assert lock.read_text() == f"{os.getpid()}\n"
+    # Released (a lock file left by a killed pack holds no lock either): packing goes ahead, the
+    # output is byte-identical, and the lock file goes with the pack.
+    pack_quiet(synth_tree, out, shard_size=SHARD_SIZE)
+    assert output_files(out) == output_files(packed)
+    assert not lock.exists()
+
+
+def test_lock_taken_on_a_lock_file_unlinked_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """A pack ending between our open and our flock unlinks the file we opened: locking that inode
+    would guard nothing, so lock_output opens the path again."""
+    real_flock, locked = fcntl.flock, []
+
+    def flock(fd, operation):
+        if not locked:
+            (tmp_path / pack_module.LOCK).unlink()  # what the ending pack does, lock still held
+        locked.append(os.fstat(fd).st_ino)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(pack_module.fcntl, "flock", flock)
+    with pack_module.lock_output(tmp_path):
+        path = tmp_path / pack_module.LOCK
+        assert len(locked) == 2 and path.stat().st_ino == locked[1]
+        assert path.read_text() == f"{os.getpid()}\n"
+    assert not path.exists()
+
+
+# --- files in the frames folders that are not frames ----------------------------------------------
+
+
+def test_entries_that_are_not_frames_are_reported_and_counted_and_a_fifo_never_read(
+    tree_copy, packed, tmp_path
+):
+    assert json.loads((packed / MANIFEST).read_text())["ignored_files"] == {}
+    fifo = a_val_frame(tree_copy)
+    fifo.unlink()
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes: for ever
+    (fifo.parent / "000001.jpg").write_bytes(b"meant as a frame")
+    other = next(p for p in (tree_copy / "cropped_aligned").iterdir() if p != fifo.parent)
+    (other / "00001.JPG").write_bytes(b"meant as a frame")
+    out = tmp_path / "out"
+    result = run_pack(str(tree_copy), "--out", str(out), "--workers", "1", "--shard-size", "16")
+    assert result.returncode == 0, result.stderr
+    assert f"ignored 2 entries in {fifo.parent} " in result.stderr
+    assert f"ignored 1 entry in {other} " in result.stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["ignored_files"] == {fifo.parent.name: 2, other.name: 1}
+    keys = {key for _, key, _ in read_shards(out)}
+    assert sample_key(fifo.parent.name, int(fifo.stem)) not in keys
+    assert keys == set(source_samples(tree_copy))
+    assert verify(out) == []
 
 
 # --- bad JPEGs ------------------------------------------------------------------------------------
