@@ -31,7 +31,8 @@ Per size, in this order (the medians of ``--repeats`` runs for pack and verify):
   first use (DALI, torchvision) are not counted as index;
 - with ``--full-epoch``: one whole epoch of the dali-cpu train loader (keys on, last batch kept):
   every train sample must come exactly once (the count equals the manifest's train samples); peak
-  RSS, and its anonymous and file-backed parts at the first batch, at half the epoch and at the end.
+  RSS, and its anonymous and file-backed parts at the first batch, at half the epoch and after the
+  last batch (the epoch's pipeline then torn down).
   DALI's reader maps the tars: file-backed RSS grows by the shard bytes read (about 8 KB a sample)
   until the epoch's pipeline is destroyed, while anonymous memory levels off after a few batches.
 
@@ -627,6 +628,8 @@ def bench_size(config: ScaleConfig, frames: int, pool: Path, names: list[str]) -
     logs.mkdir(parents=True, exist_ok=True)
     print(f"[{frames} frames] tree ...", file=sys.stderr, flush=True)
     tree = ensure_tree(config, frames, pool, names)
+    if tree["reused"]:
+        print(f"  reusing {tree['root']} (built in {tree['build_s']:.1f} s)", file=sys.stderr)
     root, shards = tree["root"], config.work / f"shards-{frames}"
     images = tree["images"]
     add("tree", "images", "frames", images)
@@ -689,7 +692,11 @@ def bench_size(config: ScaleConfig, frames: int, pool: Path, names: list[str]) -
         add(stage, "each exactly once", "bool", got["exactly_once"])
         add(stage, "RSS peak", "MiB", got["rss_peak"] / 2**20)
         for part, name in (("anon", "anonymous"), ("file", "file-backed")):
-            for when, at in (("first", "first batch"), ("half", "half epoch"), ("end", "end")):
+            for when, at in (
+                ("first", "first batch"),
+                ("half", "half epoch"),
+                ("end", "epoch end"),
+            ):
                 add(stage, f"{name} RSS at {at}", "MiB", got["rss_parts"][when][part] / 2**20)
         if not got["exactly_once"]:
             print(
