@@ -427,11 +427,9 @@ def run_child(spec: dict, logs: Path, name: str) -> dict:
 
 
 def loader_api():
-    """(build_loader, AugmentSpec) wherever the package keeps them (affectfast.loaders is next)."""
-    try:
-        from affectfast.loaders import AugmentSpec, build_loader
-    except ImportError:
-        from affectfast.loader import AugmentSpec, build_loader
+    """(build_loader, AugmentSpec), imported in the child only (the parent never loads torch)."""
+    from affectfast.loaders import AugmentSpec, build_loader
+
     return build_loader, AugmentSpec
 
 
