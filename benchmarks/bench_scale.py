@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 10, item 1): what pack, verify and the loaders cost at 28k, 280k and 2.8M
+"""Scale benchmark: what pack, verify and the loaders cost at 28k, 280k and 2.8M
 frames on one machine, each measured in a fresh process so its peak RSS is its own.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_scale.py --frames 28k --work /scratch/scale
