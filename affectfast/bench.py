@@ -82,7 +82,7 @@ def bench_loaders(config: BenchConfig, progress: bool = True) -> list[BenchResul
     rates[DECODE_ONLY] = _time(_decoded_forever(_loader(config, "dali-cpu")), config)
     # Mean JPEG size of the split (every kind reads the same frames, as tar members or files).
     shards = split_shards(config.shards, "train")
-    jpeg_bytes = sum(s.jpeg_bytes for s in shards) / sum(len(s.keys) for s in shards)
+    jpeg_bytes = sum(s.jpeg_bytes for s in shards) / sum(s.samples for s in shards)
     files = rates.get("files", (None,))[0]
     return [
         BenchResult(

@@ -16,6 +16,7 @@ import click
 
 from affectfast.constants import (
     AMP_CHOICES,
+    DEVICES,
     INTERPOLATIONS,
     JPEG_CHECKS,
     LOADER_KINDS,
@@ -324,6 +325,30 @@ def _training_options(command):
                 type=click.Path(exists=True, file_okay=False, path_type=Path),
                 default=None,
                 help="The raw Aff-Wild2 root (loader files only).",
+            ),
+            config_option(
+                "--device",
+                config=TRAIN,
+                type=click.Choice(DEVICES),
+                help="auto: CUDA where present (LOCAL_RANK's GPU under torchrun), else the CPU.",
+            ),
+            config_option(
+                "--deterministic/--no-deterministic",
+                config=TRAIN,
+                help="CUDA: reproducible kernels, no TF32, no cuDNN autotuning (slower); makes "
+                "--resume exact on a GPU.",
+            ),
+            config_option(
+                "--compile/--no-compile",
+                "torch_compile",
+                config=TRAIN,
+                help="torch.compile the model (default mode; the first steps compile).",
+            ),
+            config_option(
+                "--hw-decoder-load",
+                config=TRAIN,
+                type=click.FloatRange(0, 1),
+                help="dali-gpu: share of JPEGs for the GPU's hardware decoder (the rest: CUDA).",
             ),
         ]
     ):

@@ -37,7 +37,9 @@ from affectfast.train import (
 )
 
 TIMING_KEYS = ("images_per_s", "epoch_seconds")
-SMALL = dict(loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off", lr=2e-3)
+SMALL = dict(
+    loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off", lr=2e-3, device="cpu"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -313,6 +315,8 @@ def test_ddp_two_gloo_processes_match_a_single_process_evaluation(packed, tmp_pa
         "1",
         "--loader",
         "dali-cpu",
+        "--device",
+        "cpu",  # the CPU tier: gloo, even on a GPU node
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
