@@ -260,6 +260,7 @@ def test_dali_gpu_yields_what_dali_cpu_yields(packed, synth_tree, val_epochs):
         b.images.is_cuda
         and b.images.is_contiguous(memory_format=torch.channels_last)
         and b.images.dtype == torch.float16
+        and all(v.is_cuda for v in (*b.labels.values(), *b.masks.values()))  # built on the GPU
         for b in batches
     )
     gpu = by_key([_to_cpu(b) for b in batches])
