@@ -295,7 +295,8 @@ def _training_options(command):
                 config=TRAIN,
                 type=click.Choice(AMP_CHOICES),
                 help="Mixed precision. auto: bf16 (fp16 + grad scaler where bf16 is "
-                "unsupported) on a GPU, off on the CPU.",
+                "unsupported) on a GPU, off on the CPU. fp16's scaler reads the loss scale back "
+                "every step (a host sync); bf16 has none.",
             ),
             config_option("--channels-last/--no-channels-last", config=TRAIN),
             config_option("--va-loss", config=TRAIN, type=click.Choice(VA_LOSSES)),
@@ -349,6 +350,16 @@ def _training_options(command):
                 config=TRAIN,
                 type=click.FloatRange(0, 1),
                 help="dali-gpu: share of JPEGs for the GPU's hardware decoder (the rest: CUDA).",
+            ),
+            config_option(
+                "--decoder-affine/--no-decoder-affine",
+                config=TRAIN,
+                help="dali-gpu: pin decoder threads to cores (turn off inside a restricted cpuset).",
+            ),
+            config_option(
+                "--fancy-upsampling/--no-fancy-upsampling",
+                config=TRAIN,
+                help="dali-gpu: chroma upsampling as the CPU decoder does (closer GPU/CPU pixels).",
             ),
         ]
     ):

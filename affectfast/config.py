@@ -85,6 +85,12 @@ class TrainConfig:
     deterministic: bool = False  # CUDA: reproducible kernels, no TF32, no cuDNN autotuning
     torch_compile: bool = False  # torch.compile the model for training (default mode)
     hw_decoder_load: float = 0.65  # dali-gpu: share of JPEGs for the hardware decoder
+    # dali-gpu: pin the decoder's threads to cores (DALI's default; off where a scheduler's
+    # cpuset excludes the cores DALI picks).
+    decoder_affine: bool = True
+    # dali-gpu: libjpeg-turbo's chroma upsampling, so GPU and CPU decodes agree more closely; off
+    # (DALI's default) until `affectfast doctor` has measured parity and speed on a GPU node.
+    fancy_upsampling: bool = False
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)

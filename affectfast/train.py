@@ -145,6 +145,9 @@ def build_eval_loader(
         seed=config.seed,
         num_threads=config.num_threads,
         tree=config.tree,
+        hw_decoder_load=config.hw_decoder_load,
+        decoder_affine=config.decoder_affine,
+        fancy_upsampling=config.fancy_upsampling,
     )
 
 
@@ -323,6 +326,8 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
         num_threads=config.num_threads,
         tree=config.tree,
         hw_decoder_load=config.hw_decoder_load,
+        decoder_affine=config.decoder_affine,
+        fancy_upsampling=config.fancy_upsampling,
     )
     val_loader = build_eval_loader(config, config.shards, "val", info, config.batch_size)
     if len(train_loader) == 0:

@@ -58,6 +58,8 @@ def build_loader(
     num_threads: int = 2,  # DALI threads / DataLoader workers
     tree: Path | None = None,  # the raw Aff-Wild2 root, needed by kind="files" only
     hw_decoder_load: float = 0.65,  # dali-gpu: share for the hardware JPEG decoder (DALI's default)
+    decoder_affine: bool = True,  # dali-gpu: pin decoder threads to cores (DALI's default)
+    fancy_upsampling: bool = False,  # dali-gpu: chroma upsampling as the CPU decoder does it
 ) -> Loader:
     """Build a loader of ``Batch`` for one split and task set."""
     config = LoaderConfig(
@@ -79,6 +81,8 @@ def build_loader(
         num_threads=num_threads,
         tree=None if tree is None else Path(tree),
         hw_decoder_load=hw_decoder_load,
+        decoder_affine=decoder_affine,
+        fancy_upsampling=fancy_upsampling,
     )
     # Imported here so a wds user never loads DALI, and a DALI user never forks DataLoader workers.
     if kind in ("dali-gpu", "dali-cpu"):

@@ -203,6 +203,8 @@ class LoaderConfig:
     num_threads: int
     tree: Path | None
     hw_decoder_load: float = 0.65  # dali-gpu: share of images for the hardware JPEG decoder
+    decoder_affine: bool = True  # dali-gpu: pin decoder threads to cores (DALI's default)
+    fancy_upsampling: bool = False  # dali-gpu: chroma upsampling as libjpeg-turbo (CPU) does
 
     def __post_init__(self):
         if self.kind not in LOADER_KINDS:

@@ -79,7 +79,7 @@ def affect_pipeline(
     shuffle: bool,
     with_keys: bool,
     reader_seed: int,
-    hw_decoder_load: float = 0.65,
+    gpu_decoder: dict | None = None,
     out_dtype=types.FLOAT,
     decode_only: bool = False,
 ):
@@ -102,13 +102,14 @@ def affect_pipeline(
         seed=reader_seed,
     )
     # The GPU-only lines: nvJPEG (the hardware decoder takes hw_decoder_load of the images where
-    # the GPU has one) and decode buffers preallocated for the split's largest frame.
+    # the GPU has one; affine, jpeg_fancy_upsampling: gpu_decoder) and decode buffers
+    # preallocated for the split's largest frame.
     decode_args = (
         dict(
             device="mixed",
-            hw_decoder_load=hw_decoder_load,
             preallocate_width_hint=geometry.largest[1],
             preallocate_height_hint=geometry.largest[0],
+            **(gpu_decoder or {}),
         )
         if gpu
         else dict(device="cpu")
@@ -201,7 +202,11 @@ def build_pipeline(
         config.shuffle,
         config.with_keys,
         epoch_seed(config.seed, 0),  # the same on every rank: one epoch order to split
-        config.hw_decoder_load,
+        dict(
+            hw_decoder_load=config.hw_decoder_load,
+            affine=config.decoder_affine,
+            jpeg_fancy_upsampling=config.fancy_upsampling,
+        ),
         out_dtype,
         decode_only,
         batch_size=config.batch_size,
