@@ -226,9 +226,12 @@ class Nvml:
         self._check("nvmlSystemGetCudaDriverVersion_v2", ctypes.byref(version))
         return f"{version.value // 1000}.{version.value % 1000 // 10}"
 
-    def handle(self, index: int) -> ctypes.c_void_p:
+    def handle(self, device: torch.device) -> ctypes.c_void_p:
+        """NVML's handle of a CUDA device, found by UUID (NVML and CUDA may number GPUs apart)."""
         handle = ctypes.c_void_p()
-        self._check("nvmlDeviceGetHandleByIndex_v2", ctypes.c_uint(index), ctypes.byref(handle))
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+        self._check("nvmlDeviceGetHandleByUUID", uuid.encode(), ctypes.byref(handle))
         return handle
 
     def utilization(self, handle, engine: str) -> int | None:
@@ -356,20 +359,22 @@ def check_environment(device: torch.device, out: Path | None = None) -> Check:
 
     warnings = []
     video = video_capability(env["nvidia_driver_capabilities"])
-    if device.type == "cuda":
-        if video is False:
-            warnings.append(
-                f"NVIDIA_DRIVER_CAPABILITIES={env['nvidia_driver_capabilities']} lacks `video`: "
-                "the hardware JPEG decoder is silently unavailable (DALI falls back to CUDA "
-                "decoding). Start the container with NVIDIA_DRIVER_CAPABILITIES=compute,utility,"
-                "video (or all)."
-            )
-        elif video is None:
-            warnings.append(
-                "NVIDIA_DRIVER_CAPABILITIES is unset: on bare metal that is fine; in a container "
-                "the runtime's default (compute,utility) lacks `video`, without which the hardware "
-                "JPEG decoder is silently unavailable."
-            )
+    if device.type == "cuda" and video is not True:
+        # A hint, not a verdict: some runtimes map the driver's libraries whatever the variable
+        # says (an H200 node with compute,graphics,utility still ran NVJPG). Check 2b decides.
+        said = (
+            f"NVIDIA_DRIVER_CAPABILITIES={env['nvidia_driver_capabilities']} lacks `video`"
+            if video is False
+            else "NVIDIA_DRIVER_CAPABILITIES is unset (bare metal: fine; a container runtime's "
+            "default compute,utility lacks `video`)"
+        )
+        loads = "loads" if env["libnvcuvid_loads"] else "does not load"
+        warnings.append(
+            f"{said}: under the NVIDIA container toolkit the hardware JPEG decoder is then "
+            f"silently unavailable and DALI decodes with CUDA. The driver's video library "
+            f"(libnvcuvid) {loads} here; the hardware decoder check (2b) says whether NVJPG "
+            "works. To grant it: NVIDIA_DRIVER_CAPABILITIES=compute,utility,video (or all)."
+        )
         if env["dali_cuda_runtime"] == -1:
             warnings.append("DALI finds no CUDA runtime: its GPU operators cannot run.")
     env["warnings"] = warnings
@@ -390,10 +395,11 @@ def check_environment(device: torch.device, out: Path | None = None) -> Check:
         "- DALI library versions: -1 means DALI did not find the library. NPP backs only DALI's "
         "remap and debayer operators and cuFFT its spectral ones, none of which affectfast's "
         "graph uses.",
-        "- The hardware JPEG decoder (NVJPG, A100/H100 class GPUs) needs the driver's `video` "
-        "capability inside a container (NVIDIA_DRIVER_CAPABILITIES contains video or all); "
-        "without it DALI decodes with CUDA and says nothing. `libnvcuvid_loads` tells whether the "
-        "driver's video library is mapped into this container.",
+        "- The hardware JPEG decoder (NVJPG, A100/H100 class GPUs): under the NVIDIA container "
+        "toolkit it needs the driver's `video` capability (NVIDIA_DRIVER_CAPABILITIES contains "
+        "video or all); without it DALI decodes with CUDA and says nothing. `libnvcuvid_loads` "
+        "tells whether the driver's video library is mapped here; NVML's NVJPG utilisation "
+        "(check 2b) is the proof either way.",
     ]
     body += [f"- **warning**: {w}" for w in warnings]
     return Check(
@@ -490,7 +496,7 @@ def check_decode(shards: Path, plan: Plan) -> list[Check]:
         "a throughput gain at 1.0 over 0 alone only suggests it"
     )
     nvml, why = open_nvml() if plan.cuda else (None, "")
-    handle = nvml.handle(plan.device.index or 0) if nvml is not None else None
+    handle = nvml.handle(plan.device) if nvml is not None else None
     loads = plan.hw_loads if plan.cuda else (None,)
     rows = []
     try:
