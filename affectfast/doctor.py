@@ -599,8 +599,8 @@ def hardware_decoder_verdict(rows: list[dict], nvml_why: str, title: str, criter
         "hw_decoder",
         title,
         FAILED,
-        f"not in use: NVJPG stayed at 0% with hw_decoder_load 1.0 (gain {gain_text}); see the "
-        "environment's NVIDIA_DRIVER_CAPABILITIES (needs video) and whether this GPU has NVJPG",
+        f"not in use: NVJPG stayed at 0% with hw_decoder_load 1.0 (gain {gain_text}); does this "
+        "GPU have NVJPG (A100/H100 class), and does the container grant `video` (environment)?",
         criterion,
         details,
         body,
@@ -856,7 +856,8 @@ def check_sync_profile(shards: Path, plan: Plan, out: Path, steps: int = 5) -> C
     body = [
         f"- {steps} steps of training fed by {plan.kind} (batch {plan.batch_sizes[0]}, amp "
         f"{config.amp}) after {plan.warmup + 2} warm-up steps; trace: `{trace.name}` (open in "
-        "chrome://tracing or Perfetto). Counts cover every thread of the process, DALI's included.",
+        "chrome://tracing or Perfetto). Counts are CUPTI's CUDA runtime records for the whole "
+        "process; calls DALI makes through the driver API directly are not among them.",
         "",
         "| CUDA runtime call | per step |",
         "|---|---|",

@@ -140,10 +140,11 @@ def test_pixel_parity_compares_two_decoders_frame_by_frame(packed):
     same = doctor.check_pixel_parity(packed, plan, kinds=("dali-cpu", "dali-cpu"), batches=2)
     assert same.status == PASSED and same.details["max_abs_diff"] == 0
     assert same.details["frames"] == 32
-    # DALI's CPU decoder against PIL (webdataset): two JPEG decoders, the same val frames.
+    # DALI's CPU decoder against PIL (webdataset), the same val frames matched by key and order
+    # (here they agree to float rounding: both are libjpeg-turbo).
     other = doctor.check_pixel_parity(packed, plan, kinds=("dali-cpu", "wds"), batches=2)
     assert other.status == PASSED, other.summary
-    assert 0 < other.details["mean_abs_diff"] < doctor.PARITY_MEAN_TOLERANCE
+    assert other.details["mean_abs_diff"] < doctor.PARITY_MEAN_TOLERANCE
     gpu = doctor.check_pixel_parity(packed, plan)
     assert (gpu.status, gpu.summary) == (NOT_RUN, "no CUDA")
 
