@@ -663,6 +663,8 @@ def measure_training(shards: Path, plan: Plan, batch_size: int, torch_compile: b
     """images/s of the loader alone, the step on batches in memory, and the step fed by the loader."""
     if torch_compile:
         torch._dynamo.reset()  # compile this run afresh, not as a recompilation of the last
+        # The first steps compile forward and backward: keep them out of the timed runs.
+        plan = dataclasses.replace(plan, warmup=max(plan.warmup, 3))
     config = run_config(shards, plan, batch_size, work / "run", torch_compile=torch_compile)
     run = build_checked_run(config, plan)
     run.ddp.train()
