@@ -1346,7 +1346,8 @@ def guarded(number: str, title: str, function: Callable, *args, **kwargs) -> lis
     ran = [c for c in checks if c.status != NOT_RUN] or checks
     for letter, check in zip("abcdefgh", checks):
         check.number = f"{number}{letter}" if len(checks) > 1 else number
-        check.seconds = (time.perf_counter() - start) / len(ran) if check in ran else 0.0
+        ran_it = any(check is r for r in ran)
+        check.seconds = (time.perf_counter() - start) / len(ran) if ran_it else 0.0
         say(f"doctor: {check.number}. {check.title}: {check.status}: {check.summary}")
     return checks
 

@@ -49,8 +49,9 @@ def test_doctor_cpu_quick_end_to_end(tmp_path):
     assert [c["number"] for c in report["checks"]] == [
         *("1", "2a", "2b", "3a", "3b", "4a", "4b", "5", "6", "7a", "7b")
     ]
+    reason = doctor.no_cuda_reason(CPU)  # "no CUDA" here; "--device cpu (...)" on a GPU node
     for key in GPU_ONLY:
-        assert checks[key]["status"] == NOT_RUN and checks[key]["summary"] == "no CUDA", key
+        assert (checks[key]["status"], checks[key]["summary"]) == (NOT_RUN, reason), key
     assert checks["throughput_compiled"]["status"] == NOT_RUN
     assert "--quick" in checks["throughput_compiled"]["summary"]
     ran = set(checks) - set(GPU_ONLY) - {"throughput_compiled"}
@@ -59,7 +60,8 @@ def test_doctor_cpu_quick_end_to_end(tmp_path):
         assert checks[key]["status"] == PASSED, (key, checks[key]["summary"])
     env = checks["environment"]["details"]
     assert env["cpus_usable"] >= 1 and env["torch"] == torch.__version__ and env["dali"]
-    assert "nvidia_driver_capabilities" in env and env["gpu_count"] == 0
+    assert "nvidia_driver_capabilities" in env
+    assert env["gpu_count"] == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     counts = checks["ddp_gloo"]["details"]["batch_counts"]
     assert counts[0]["batches"] == counts[1]["batches"] == [counts[0]["expected"]] * 2
     assert checks["ddp_gloo"]["details"]["epochs"] == [1, 2]
@@ -94,7 +96,7 @@ def test_decode_check_times_dali_cpu_over_threads_and_leaves_the_hw_sweep_to_the
     assert all(
         r["images_per_s"] > 0 and r["hw_decoder_load"] is None for r in decode.details["rows"]
     )
-    assert (hw.key, hw.status, hw.summary) == ("hw_decoder", NOT_RUN, "no CUDA")
+    assert (hw.key, hw.status, hw.summary) == ("hw_decoder", NOT_RUN, doctor.no_cuda_reason(CPU))
 
 
 def rows(rates: dict[float, float], jpg: int | None) -> list[dict]:
@@ -146,7 +148,7 @@ def test_pixel_parity_compares_two_decoders_frame_by_frame(packed):
     assert other.status == PASSED, other.summary
     assert other.details["mean_abs_diff"] < doctor.PARITY_MEAN_TOLERANCE
     gpu = doctor.check_pixel_parity(packed, plan)
-    assert (gpu.status, gpu.summary) == (NOT_RUN, "no CUDA")
+    assert (gpu.status, gpu.summary) == (NOT_RUN, doctor.no_cuda_reason(CPU))
 
 
 def test_gpu_only_checks_do_not_run_without_cuda(packed, tmp_path):
@@ -156,7 +158,10 @@ def test_gpu_only_checks_do_not_run_without_cuda(packed, tmp_path):
         doctor.check_sync_profile(packed, plan, tmp_path),
         doctor.check_ddp(packed, plan, tmp_path, cuda=True),
     ):
-        assert check.key in GPU_ONLY and (check.status, check.summary) == (NOT_RUN, "no CUDA")
+        assert check.key in GPU_ONLY and (check.status, check.summary) == (
+            NOT_RUN,
+            doctor.no_cuda_reason(CPU),
+        )
         assert check.criterion  # the report still says what the check would prove
 
 
