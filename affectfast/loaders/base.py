@@ -149,7 +149,7 @@ class EpochLoader:
         self.epoch = epoch
 
     def state_dict(self) -> dict:
-        """Where the loader stands at an epoch boundary (the next epoch: a function of it)."""
+        """Where the loader stands at an epoch boundary: the next epoch (its order follows)."""
         return {"epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:

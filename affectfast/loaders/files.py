@@ -110,6 +110,7 @@ class FilesLoader(EpochLoader):
             yield finish_batch(
                 images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
             )
+        self.epoch += 1  # a finished pass: state_dict() names the next epoch, as DALI's does
 
     def _collate(self, examples: list[tuple]) -> tuple:
         return collate_examples(examples, self.config.tasks)

@@ -76,6 +76,7 @@ class WdsLoader(EpochLoader):
             yield finish_batch(
                 images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
             )
+        self.epoch += 1  # a finished pass: state_dict() names the next epoch, as DALI's does
 
     def _dataset(self, urls: list[str]) -> wds.DataPipeline:
         c = self.config
