@@ -131,6 +131,20 @@ def main():
     type=click.IntRange(min=1),
     help="Drawing processes (the tree does not depend on it).",
 )
+@config_option(
+    "--noisy-frames",
+    config=SYNTH,
+    type=click.FloatRange(0, 1),
+    help="Fraction of frames whose cues are corrupted (occlusion, exposure jump or blur) while "
+    "their labels stay smooth along the video: what temporal smoothing is for.",
+)
+@config_option(
+    "--test-videos",
+    config=SYNTH,
+    type=click.IntRange(min=0),
+    help="More frame folders held out as an ABAW test set: no annotation file; "
+    "test_lists/{VA,EXPR,AU}_test_set.txt and test_lists/frame_counts.csv name them.",
+)
 @click.option(
     "--overwrite", is_flag=True, help="Write into a non-empty OUT (old files may remain)."
 )
@@ -149,7 +163,10 @@ def synth_command(out, **options):
         synthesize(config, progress=True)
     except FileExistsError as error:
         raise click.UsageError(str(error)) from None
-    click.echo(f"wrote {out}: {config.videos} videos x {config.frames} frames, seed {config.seed}")
+    held_out = f", {config.test_videos} test videos" if config.test_videos else ""
+    click.echo(
+        f"wrote {out}: {config.videos} videos x {config.frames} frames{held_out}, seed {config.seed}"
+    )
 
 
 # --- pack / verify ---------------------------------------------------------------------------------
