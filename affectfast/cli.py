@@ -172,6 +172,35 @@ def synth_command(out, **options):
 # --- pack / verify ---------------------------------------------------------------------------------
 
 
+def _test_lists(ctx, param, values):
+    """Parse repeated --test-videos into (task, list file) pairs: one FILE for every task, or
+    TASK=FILE per task (a value whose text before "=" is not a task is a file name)."""
+    if not values:
+        return ()
+    from affectfast.tasks import TASKS
+
+    pairs, files = [], []
+    for value in values:
+        task, sep, path = value.partition("=")
+        if sep and task.strip().lower() in TASKS:
+            if not path:
+                raise click.BadParameter(f"{value!r}: expected TASK=FILE with a file name")
+            pairs.append((task.strip().lower(), Path(path)))
+        else:
+            files.append(Path(value))
+    if files and (pairs or len(files) > 1):
+        raise click.BadParameter(
+            "give one FILE for every task, or TASK=FILE (va, expr, au) per task, not both"
+        )
+    if files:
+        return tuple((task, files[0]) for task in TASKS)
+    tasks = [task for task, _ in pairs]
+    twice = sorted({task for task in tasks if tasks.count(task) > 1})
+    if twice:
+        raise click.BadParameter(f"a second list for {', '.join(twice)}: one list per task")
+    return tuple(pairs)
+
+
 @main.command("pack")
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -225,11 +254,22 @@ def synth_command(out, **options):
     default=None,
     help="The AU_Detection_Challenge folder, if not found under ROOT.",
 )
+@click.option(
+    "--test-videos",
+    "test_lists",
+    multiple=True,
+    callback=_test_lists,
+    metavar="[TASK=]FILE",
+    help="An ABAW test-set list (one video name a line): FILE for every task, or TASK=FILE per "
+    "task (repeat it). Packs a test split of those videos' images; a video with labels for the "
+    "task of its list is refused.",
+)
 @exits_2_on_data_error
 def pack_command(root, out, **options):
     """Pack the Aff-Wild2 tree ROOT into WebDataset shards + DALI indexes + manifest.json.
 
     Byte-identical for any --workers; a killed pack run again resumes where it stopped.
+    With --test-videos it also writes the unlabelled test split (images only).
     """
     from affectfast.pack import PackConfig, pack
     from affectfast.shards import manifest_summary
