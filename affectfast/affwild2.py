@@ -425,10 +425,17 @@ def read_test_set(
     file and line. Returns the videos sorted by name (``frame_count`` 0: unknown) and each task's
     names, sorted.
     """
-    listed = {task: (Path(path), read_test_list(path)) for task, path in lists.items()}
+    return test_videos(dirs, {task: (Path(p), read_test_list(p)) for task, p in lists.items()})
+
+
+def test_videos(
+    dirs: AnnotationDirs, listed: dict[str, tuple[Path, list[tuple[str, int | None]]]]
+) -> tuple[list[VideoLabels], dict[str, list[str]]]:
+    """:func:`read_test_set` from names already read: ``{task: (where, [(video, line), ...])}``
+    (``where`` and ``line`` name the source in errors; a line may be None)."""
     tasks = [t for t in TASKS if dirs.task_dir(t) is not None]
     annotated = _index_annotations(dirs, tasks) if tasks else {}
-    first: dict[str, tuple[Path, int]] = {}  # video -> the first (list, line) naming it
+    first: dict[str, tuple[Path, int | None]] = {}  # video -> the first (list, line) naming it
     for task, (path, names) in listed.items():
         for name, line in names:
             files = annotated.get(name, ("", {}))[1]

@@ -118,8 +118,9 @@ class Shard:
     first_jpeg: tuple[int, int]  # (offset, size) of the first sample's jpg member
 
     def has(self, tasks: tuple[str, ...]) -> np.ndarray:
-        """Bool per sample: the sample belongs to a loader of ``tasks`` (see module docstring)."""
-        if len(tasks) > 1:
+        """Bool per sample: the sample belongs to a loader of ``tasks``: a uni-task loader keeps the
+        samples with that label; a multi-task one, or one reading no label (the test split), all."""
+        if len(tasks) != 1:
             return np.ones(len(self.keys), dtype=bool)
         ext = LABEL_EXT[tasks[0]]
         return np.array([ext in c for c in self.components], dtype=bool)

@@ -71,7 +71,7 @@ def affect_pipeline(
 ):
     """Decode, augment and normalize one batch of frames; outputs (images, *labels[, keys])."""
     exts = [IMAGE_EXT] + [LABEL_EXT[t] for t in tasks]
-    jpegs, *labels = fn.readers.webdataset(
+    outputs = fn.readers.webdataset(
         paths=tars,
         index_paths=idxs,
         ext=exts,
@@ -85,6 +85,8 @@ def affect_pipeline(
         random_shuffle=shuffle,
         initial_fill=SHUFFLE_BUFFER,
     )
+    # One component (the test split's image alone) comes back as a node, several as a list.
+    jpegs, *labels = outputs if isinstance(outputs, list | tuple) else [outputs]
     # The GPU-only lines: nvJPEG (hardware decoder where present) and preallocated decode buffers.
     decode_args = (
         dict(
@@ -181,7 +183,7 @@ def build_pipeline(
     pipe = affect_pipeline(
         [str(s.tar) for s in shards],
         [str(s.idx) for s in shards],
-        config.tasks,
+        config.label_tasks,
         config.image_size,
         native_size(shards[0]),
         config.augment,
@@ -207,7 +209,8 @@ class DaliLoader(EpochLoader):
 
     def __init__(self, config: LoaderConfig):
         self.shards = split_shards(config.shards, config.split)
-        super().__init__(config, int(sample_counts(self.shards, config.tasks).sum()), config.shards)
+        samples = int(sample_counts(self.shards, config.label_tasks).sum())
+        super().__init__(config, samples, config.shards)
 
     def pipeline(self, epoch: int = 0, *, decode_only: bool = False):
         """This loader's DALI pipeline of one epoch, built; benchmarks ``run()`` it bare.
@@ -223,7 +226,7 @@ class DaliLoader(EpochLoader):
         pipe = build_pipeline(
             c, epoch_shard_order(self.shards, c.seed, self.epoch, c.shuffle), self.epoch
         )
-        names = ["images", *c.tasks] + (["keys"] if c.with_keys else [])
+        names = ["images", *c.label_tasks] + (["keys"] if c.with_keys else [])
         policy = LastBatchPolicy.DROP if c.drop_last else LastBatchPolicy.PARTIAL
         batches = DALIGenericIterator(
             [pipe], names, reader_name=READER, last_batch_policy=policy, auto_reset=False
@@ -239,6 +242,11 @@ class DaliLoader(EpochLoader):
     def _to_batch(self, out: dict[str, torch.Tensor]) -> Batch:
         labels, masks = {}, {}
         for task in self.config.tasks:
+            if task not in out:  # not read (the unlabelled test split): zeros, masked out
+                n = len(out["images"])
+                labels[task] = batch_labels(task, torch.zeros(n, LABEL_SIZE[task]))
+                masks[task] = torch.zeros(n, dtype=torch.bool)
+                continue
             value = out[task]
             mask = value[:, 0] != SENTINEL[task]
             value = torch.where(mask[:, None], value, torch.zeros_like(value))
