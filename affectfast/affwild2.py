@@ -392,7 +392,7 @@ def read_test_list(path: str | Path) -> list[tuple[str, int]]:
         name = line.strip()
         if not name:
             continue
-        if not _VIDEO_NAME.fullmatch(name):
+        if not is_video_name(name):
             raise DataError(
                 path,
                 f"{_excerpt(name)!r} is not a video name (a folder name under {FRAMES_DIR}: "
@@ -412,6 +412,12 @@ def read_test_list(path: str | Path) -> list[tuple[str, int]]:
 # Printable ASCII without space, slash, backslash or dot: a folder name under cropped_aligned that
 # is also a valid shard key prefix (DALI splits at the first dot) and never leaves that folder.
 _VIDEO_NAME = re.compile(r"(?:(?![/\\.])[!-~])+")
+
+
+def is_video_name(name: str) -> bool:
+    """Whether ``name`` can be a video: one path component of printable ASCII without space,
+    slash, backslash or dot (so ``<folder>/<name>.txt`` never leaves ``<folder>``)."""
+    return _VIDEO_NAME.fullmatch(name) is not None
 
 
 def read_test_set(

@@ -472,6 +472,14 @@ def _eval_config(**options):
     help="Also report AU F1 at per-AU thresholds tuned on SPLIT.",
 )
 @click.option(
+    "--tune-smoothing",
+    is_flag=True,
+    default=None,
+    help="Also choose a temporal smoothing window per task on SPLIT (every frame completed, "
+    "then a moving average per video), print the raw and smoothed scores and save "
+    "smoothing.json beside CHECKPOINT (what predict --smooth applies).",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -479,14 +487,22 @@ def _eval_config(**options):
 )
 @exits_2_on_data_error
 def evaluate_command(as_json, **options):
-    """Print the ABAW metrics of CHECKPOINT on SHARDS: CCC, F1 per expression and per AU, P_MTL."""
+    """Print the ABAW metrics of CHECKPOINT on SHARDS: CCC, F1 per expression and per AU, P_MTL.
+
+    The test split has no labels: evaluate train or val (predict writes the test files).
+    """
     import json
 
     from affectfast.metrics import format_tables
-    from affectfast.predict import evaluate
+    from affectfast.predict import evaluate, format_smoothing
 
     metrics = evaluate(_eval_config(**options))
-    click.echo(json.dumps(metrics) if as_json else format_tables(metrics))
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    click.echo(format_tables(metrics))
+    if "smoothing" in metrics:
+        click.echo("\n" + format_smoothing(metrics["smoothing"]))
 
 
 @main.command("predict")
@@ -495,15 +511,36 @@ def evaluate_command(as_json, **options):
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Folder for <Challenge>/<video>.txt prediction files.",
+    help="Folder for <Challenge>/<video>.txt prediction files: missing, empty or an earlier "
+    "prediction folder, which is replaced whole once the new files are written and checked.",
+)
+@click.option(
+    "--frame-counts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV with the header video,frames: each video's frame count, faces or not. Overrides "
+    "the manifest's counts (from the annotations); required for every video without one (the "
+    "test set) when given. Without it, such videos end at their last image.",
+)
+@click.option(
+    "--smooth",
+    is_flag=True,
+    default=None,
+    help="Smooth along time with the windows of smoothing.json beside CHECKPOINT "
+    "(evaluate --tune-smoothing writes it).",
 )
 @exits_2_on_data_error
 def predict_command(out, **options):
-    """Write CHECKPOINT's predictions on SHARDS in the ABAW layout, one file per video and task."""
+    """Write CHECKPOINT's predictions on SHARDS as a complete ABAW submission.
+
+    One file per video and task (on the test split: per video its task's test list names), with
+    the task's header and a line for every frame 1..N of the video, faces or not: frames without
+    an image are interpolated from their neighbours, then smoothed with --smooth. Every file is
+    checked against the challenge format before --out is replaced.
+    """
     from affectfast.predict import predict
 
-    written = predict(_eval_config(**options), out)
-    click.echo(f"wrote {len(written)} prediction files under {out}")
+    click.echo(predict(_eval_config(**options), out).summary())
 
 
 # --- bench loaders ---------------------------------------------------------------------------------
