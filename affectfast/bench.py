@@ -5,7 +5,8 @@ Each loader runs a training epoch loop (train split, shuffle, full augmentation,
 workers deliver in bursts) and the median window's throughput is reported, so one slow window
 (a DALI pipeline rebuilt at an epoch boundary, DataLoader workers restarting) does not skew it.
 The decode-only ceiling is DALI's CPU decoder alone (reader + decode, no augmentation, no copy out)
-measured the same way in the same run: how fast any CPU loader could go on this machine.
+measured the same way in the same run: how fast any CPU loader could go on this machine. With
+``dali-gpu`` a second ceiling, nvJPEG alone (``decode-only-gpu``), rates the GPU loader.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from affectfast.shards import split_shards
 from affectfast.tasks import TASKS
 
 DECODE_ONLY = "decode-only"
+DECODE_ONLY_GPU = "decode-only-gpu"
 WINDOW = 4  # batches per timing window
 
 
@@ -71,26 +73,39 @@ class BenchResult:
 
 
 def bench_loaders(config: BenchConfig, progress: bool = True) -> list[BenchResult]:
-    """Time each loader and the decode-only ceiling; returns rows, the ceiling last."""
+    """Time each loader and the decode-only ceilings; returns rows, the ceilings last.
+
+    The CPU ceiling (DALI's CPU decoder alone) rates every CPU kind; with ``dali-gpu`` a GPU
+    ceiling (nvJPEG alone, same reader and threads) is measured too and rates ``dali-gpu``.
+    """
     rates = {}
     for kind in config.loaders:
         if progress:
             say(f"timing {kind} ...")
         rates[kind] = _time(_batches_forever(_loader(config, kind)), config)
-    if progress:
-        say("timing the decode-only ceiling ...")
-    rates[DECODE_ONLY] = _time(_decoded_forever(_loader(config, "dali-cpu")), config)
+    ceilings = {DECODE_ONLY: "dali-cpu"}
+    if "dali-gpu" in config.loaders:
+        ceilings[DECODE_ONLY_GPU] = "dali-gpu"
+    for name, kind in ceilings.items():
+        if progress:
+            say(f"timing the {name} ceiling ...")
+        rates[name] = _time(_decoded_forever(_loader(config, kind)), config)
     # Mean JPEG size of the split (every kind reads the same frames, as tar members or files).
     shards = split_shards(config.shards, "train")
-    jpeg_bytes = sum(s.jpeg_bytes for s in shards) / sum(len(s.keys) for s in shards)
+    jpeg_bytes = sum(s.jpeg_bytes for s in shards) / sum(s.samples for s in shards)
     files = rates.get("files", (None,))[0]
+
+    def ceiling(kind: str) -> float:
+        gpu = kind in ("dali-gpu", DECODE_ONLY_GPU)
+        return rates[DECODE_ONLY_GPU if gpu else DECODE_ONLY][0]
+
     return [
         BenchResult(
             kind,
             rate,
             rate * jpeg_bytes / 1e6,
             rate / files if files else None,
-            rate / rates[DECODE_ONLY][0],
+            rate / ceiling(kind),
             count,
         )
         for kind, (rate, count) in rates.items()
@@ -126,10 +141,13 @@ def _batches_forever(loader):
 
 
 def _decoded_forever(loader):
-    """Batch sizes of DALI decoding alone (same reader, threads and batch size as dali-cpu)."""
+    """Batch sizes of DALI decoding alone (same reader, threads and batch size as the loader)."""
     pipe = loader.pipeline(decode_only=True)
+    gpu = loader.config.kind == "dali-gpu"
     while True:
         (images,) = pipe.run()
+        if gpu:
+            torch.cuda.synchronize()  # DALI decodes on its own stream: wait for the pixels
         yield len(images)
 
 

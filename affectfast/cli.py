@@ -16,6 +16,7 @@ import click
 
 from affectfast.constants import (
     AMP_CHOICES,
+    DEVICES,
     INTERPOLATIONS,
     JPEG_CHECKS,
     LOADER_KINDS,
@@ -351,7 +352,8 @@ def _training_options(command):
                 config=TRAIN,
                 type=click.Choice(AMP_CHOICES),
                 help="Mixed precision. auto: bf16 (fp16 + grad scaler where bf16 is "
-                "unsupported) on a GPU, off on the CPU.",
+                "unsupported) on a GPU, off on the CPU. fp16's scaler reads the loss scale back "
+                "every step (a host sync); bf16 has none.",
             ),
             config_option("--channels-last/--no-channels-last", config=TRAIN),
             config_option("--va-loss", config=TRAIN, type=click.Choice(VA_LOSSES)),
@@ -381,6 +383,40 @@ def _training_options(command):
                 type=click.Path(exists=True, file_okay=False, path_type=Path),
                 default=None,
                 help="The raw Aff-Wild2 root (loader files only).",
+            ),
+            config_option(
+                "--device",
+                config=TRAIN,
+                type=click.Choice(DEVICES),
+                help="auto: CUDA where present (LOCAL_RANK's GPU under torchrun), else the CPU.",
+            ),
+            config_option(
+                "--deterministic/--no-deterministic",
+                config=TRAIN,
+                help="CUDA: reproducible kernels, no TF32, no cuDNN autotuning (slower); makes "
+                "--resume exact on a GPU.",
+            ),
+            config_option(
+                "--compile/--no-compile",
+                "torch_compile",
+                config=TRAIN,
+                help="torch.compile the model (default mode; the first steps compile).",
+            ),
+            config_option(
+                "--hw-decoder-load",
+                config=TRAIN,
+                type=click.FloatRange(0, 1),
+                help="dali-gpu: share of JPEGs for the GPU's hardware decoder (the rest: CUDA).",
+            ),
+            config_option(
+                "--decoder-affine/--no-decoder-affine",
+                config=TRAIN,
+                help="dali-gpu: pin decoder threads to cores (turn off inside a restricted cpuset).",
+            ),
+            config_option(
+                "--fancy-upsampling/--no-fancy-upsampling",
+                config=TRAIN,
+                help="dali-gpu: chroma upsampling as the CPU decoder does (closer GPU/CPU pixels).",
             ),
         ]
     ):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from affectfast.constants import (
     AMP_CHOICES,
+    DEVICES,
     INTERPOLATIONS,
     LOADER_KINDS,
     SHARD_LOADER_KINDS,
@@ -80,6 +81,16 @@ class TrainConfig:
     num_threads: int = 2  # DALI threads / DataLoader workers per rank
     tune_au_thresholds: bool = False  # also report AU F1 at per-AU thresholds tuned on val
     tree: Path | None = None  # the raw Aff-Wild2 root, for loader "files" only
+    device: str = "auto"  # auto (CUDA where present) | cuda | cpu
+    deterministic: bool = False  # CUDA: reproducible kernels, no TF32, no cuDNN autotuning
+    torch_compile: bool = False  # torch.compile the model for training (default mode)
+    hw_decoder_load: float = 0.65  # dali-gpu: share of JPEGs for the hardware decoder
+    # dali-gpu: pin the decoder's threads to cores (DALI's default; off where a scheduler's
+    # cpuset excludes the cores DALI picks).
+    decoder_affine: bool = True
+    # dali-gpu: libjpeg-turbo's chroma upsampling, so GPU and CPU decodes agree more closely; off
+    # (DALI's default) until `affectfast doctor` has measured parity and speed on a GPU node.
+    fancy_upsampling: bool = False
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -110,6 +121,8 @@ class TrainConfig:
                 "rotate_degrees >= 0, num_threads >= 1",
             ),
             (self.loader != "files" or self.tree is not None, "loader files needs tree"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}"),
+            (0 <= self.hw_decoder_load <= 1, "hw_decoder_load must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

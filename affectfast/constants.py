@@ -11,6 +11,7 @@ LOADER_KINDS: tuple[str, ...] = ("dali-gpu", "dali-cpu", "wds", "files")
 SHARD_LOADER_KINDS: tuple[str, ...] = tuple(k for k in LOADER_KINDS if k != "files")
 INTERPOLATIONS: tuple[str, ...] = ("nearest", "linear")
 AMP_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
+DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 VA_LOSSES: tuple[str, ...] = ("ccc", "mse")
 JPEG_CHECKS: tuple[str, ...] = ("full", "header")
 # Splits with labels (train and val) and the unlabelled ABAW test set (images only, packed from the

@@ -74,6 +74,15 @@ def gather_objects(obj, info: DistInfo) -> list:
     return gathered
 
 
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (``obj`` itself when not distributed)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
     """Copy rank 0's buffers (BatchNorm running stats) to every rank.
 

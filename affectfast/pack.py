@@ -62,6 +62,7 @@ from affectfast.shards import (
     index_line,
     index_text,
     shard_name,
+    size_text,
     tar_end,
     tar_member,
 )
@@ -132,6 +133,7 @@ class PackConfig:
     def settings(self) -> dict:
         """The settings that decide the output bytes (recorded in the state file and manifest)."""
         settings = {
+            "format_version": FORMAT_VERSION,  # a state file of another format is not reused
             "shard_size": self.shard_size,
             "seed": self.seed,
             "check": self.check,
@@ -285,6 +287,9 @@ class ShardResult:
     samples: int = 0
     bytes: int = 0
     sha256: str = ""
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TASKS, 0))  # labels
+    jpeg_bytes: int = 0  # total size of the jpg members
+    frame_sizes: dict[str, int] = field(default_factory=dict)  # "HxW" -> frames of that size
     bad: list[dict] = field(default_factory=list)  # {"row", "key", "path", "error"} per skipped
     error: dict | None = None  # {"path", "message"}: a bad image, not skipped
 
@@ -344,7 +349,7 @@ def _write_tar(job: ShardJob, context: WriterContext, path: Path) -> tuple[Shard
             frame = f"{job.frame[i]:0{FRAME_DIGITS}d}"
             key_prefix, path_prefix = prefixes[int(job.video[i])]
             key, image = key_prefix + frame, f"{path_prefix}{frame}.jpg"
-            data = _read_checked(image, context.check)
+            data, size = _read_checked(image, context.check)
             if isinstance(data, JpegError | OSError):
                 if not context.skip_bad:
                     raise _BadImage(image, f"bad image: {data}")
@@ -352,12 +357,13 @@ def _write_tar(job: ShardJob, context: WriterContext, path: Path) -> tuple[Shard
                     {"row": int(job.rows[i]), "key": key, "path": image, "error": str(data)}
                 )
                 continue
+            labelled = [task for task in TASKS if valid[task][i]]
             components = [(f"{key}.{IMAGE_EXT}", data)]
             components += [
                 (f"{key}.{LABEL_EXT[task]}", encode_label(task, getattr(job, task)[i]))
-                for task in TASKS
-                if valid[task][i]
+                for task in labelled
             ]
+            _count_sample(result, labelled, len(data), size)
             entry, offset, listed = [], sink.size, []
             for name, payload in components:
                 member = tar_member(name, payload)
@@ -366,7 +372,6 @@ def _write_tar(job: ShardJob, context: WriterContext, path: Path) -> tuple[Shard
                 offset += len(member)
             sink.write(b"".join(entry))  # one write and one hash update per sample
             lines.append(index_line(listed))
-            result.samples += 1
         sink.write(tar_end(sink.size))
     result.bytes, result.sha256 = sink.size, sink.sha256.hexdigest()
     return result, lines
@@ -385,17 +390,27 @@ def read_file(path: str) -> bytes:
         os.close(fd)
 
 
-def _read_checked(path: str, check: str) -> bytes | JpegError | OSError:
-    """The file's bytes if it is a good JPEG, else the reason it is not."""
+def _count_sample(result: ShardResult, tasks: list[str], jpeg_bytes: int, size) -> None:
+    """Add one written sample to the shard's per-task counts, JPEG bytes and frame sizes."""
+    result.samples += 1
+    result.jpeg_bytes += jpeg_bytes
+    for task in tasks:
+        result.counts[task] += 1
+    text = size_text(*size)
+    result.frame_sizes[text] = result.frame_sizes.get(text, 0) + 1
+
+
+def _read_checked(path: str, check: str) -> tuple[bytes | JpegError | OSError, tuple | None]:
+    """(the file's bytes, its (height, width)) if it is a good JPEG, else (the reason, None)."""
     try:
         data = read_file(path)
     except OSError as error:
-        return OSError(f"cannot read: {error.strerror or error}")
+        return OSError(f"cannot read: {error.strerror or error}"), None
     try:
-        check_jpeg(data, check)
+        size = check_jpeg(data, check)
     except JpegError as error:
-        return error
-    return data
+        return error, None
+    return data, size
 
 
 # Each worker process keeps the context it was started with (sent once, not per shard).
@@ -619,7 +634,7 @@ def build_manifest(
     were not frames (``ignored``)."""
     splits = {}
     for split in plan:
-        shards, bad, kept = [], [], []
+        shards, bad, kept, sizes = [], [], [], {}
         for number, rows in enumerate(plan[split]):
             record = records[shard_name(split, number)]
             bad += [{k: item[k] for k in ("key", "path", "error")} for item in record["bad"]]
@@ -634,13 +649,18 @@ def build_manifest(
                         "samples": record["samples"],
                         "bytes": record["bytes"],
                         "sha256": record["sha256"],
+                        "counts": {task: record["counts"][task] for task in TASKS},
+                        "jpeg_bytes": record["jpeg_bytes"],
                     }
                 )
+                for text, count in record["frame_sizes"].items():
+                    sizes[text] = sizes.get(text, 0) + count
         kept_rows = np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
         splits[split] = {
             "samples": int(len(kept_rows)),
             "videos": int(len(np.unique(index.video[kept_rows]))),
             "shards": shards,
+            "frame_sizes": dict(sorted(sizes.items())),
             "stats": split_stats(index, kept_rows),
             "bad_files": bad,
         }

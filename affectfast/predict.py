@@ -55,6 +55,7 @@ from affectfast.tasks import (
     NUM_AU,
     NUM_EXPR,
     TASKS,
+    split_member,
 )
 from affectfast.temporal import (
     INTERPOLATION,
@@ -359,11 +360,21 @@ def task_values(task: str, outputs: np.ndarray) -> np.ndarray:
 
 
 def _last_images(config: EvalConfig) -> dict[str, int]:
-    """The last frame with an image of each video of the split, from the shards' index files."""
+    """The last frame with an image of each video of the split, from the shards' DALI index files
+    (a line per sample, its first member's name fourth): known before the model runs, so a bad
+    frame count stops predict before the inference, not after it."""
     last: dict[str, int] = {}
     for shard in split_shards(config.shards, config.split):
-        for key in shard.keys:
-            video, frame = split_key(key, shard.idx)
+        try:
+            with open(shard.idx, encoding="ascii") as index:
+                lines = index.read().splitlines()[1:]  # after "v1.2 N"
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(shard.idx, f"cannot read the shard index: {error}") from None
+        for number, line in enumerate(lines, start=2):
+            fields = line.split(" ", 4)
+            if len(fields) < 4:
+                raise DataError(shard.idx, "expected 'ext offset size name' groups", number)
+            video, frame = split_key(split_member(fields[3])[0], shard.idx)
             last[video] = max(last.get(video, 0), frame)
     return dict(sorted(last.items()))
 

@@ -64,7 +64,9 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This process's device only: a rank that resumes sees one GPU (CUDA_VISIBLE_DEVICES) or
+        # another count than the saver did; all devices' states would not load there.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "python": random.getstate(),
     }
@@ -74,7 +76,7 @@ def set_rng_state(state: dict) -> None:
     """Inverse of :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])

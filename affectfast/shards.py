@@ -6,8 +6,9 @@ a reader of shards imports to understand them:
 
 - names: ``<split>-NNNNNN.tar`` + ``.idx`` beside it, ``manifest.json``;
 - tar members: GNU headers with fixed metadata (byte-identical packs), written here for the writer;
-- ``.idx``: DALI's ``wds2idx`` ``v1.2`` text index, encoded here for the writer and parsed here into
-  :class:`Shard` for the readers (``split_shards``, ``sample_counts``);
+- ``.idx``: DALI's ``wds2idx`` ``v1.2`` text index, encoded here for the writer (DALI parses it);
+- a split's shards for the readers (:class:`Shard`, ``split_shards``, ``sample_counts``,
+  ``frame_sizes``): from the manifest, in O(shards) time and memory;
 - the manifest: ``load_manifest`` and its one-line ``manifest_summary``.
 """
 
@@ -16,15 +17,15 @@ from __future__ import annotations
 import json
 import tarfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from affectfast.errors import DataError
-from affectfast.tasks import IMAGE_EXT, LABEL_EXT, SPLITS, split_member
+from affectfast.tasks import LABEL_EXT, SPLITS, split_member
 
-FORMAT_VERSION = 1
+# 2: per-shard task counts and JPEG bytes, per-split frame sizes (readers need no .idx parse).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 IDX_VERSION = "v1.2"  # the first token of a DALI wds2idx index file
 # A ustar/GNU header holds names up to 99 bytes in one 512-byte block; longer names would need a
@@ -102,125 +103,125 @@ def index_text(lines: list[str]) -> str:
     return f"{IDX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
 
 
-# --- .idx parsing (the readers' side) ------------------------------------------------------------
+# --- the shards of a split (the readers' side) ----------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One tar of a split and what its DALI index (.idx) says is inside."""
+    """One tar of a split, as the manifest lists it: no per-sample state, so a reader's start-up
+    and memory do not grow with the samples (DALI parses the ``.idx`` itself)."""
 
     tar: Path
     idx: Path
-    keys: tuple[str, ...]  # sample keys in tar order
-    components: tuple[frozenset, ...]  # extensions present per sample ("jpg", "va", ...)
+    samples: int  # samples in the tar
+    counts: dict[str, int]  # per task: samples holding that task's label
+    bytes: int  # the tar's size
     jpeg_bytes: int  # total size of the jpg members
-    end: int  # byte offset just past the last member's data
-    first_jpeg: tuple[int, int]  # (offset, size) of the first sample's jpg member
 
-    def has(self, tasks: tuple[str, ...]) -> np.ndarray:
-        """Bool per sample: the sample belongs to a loader of ``tasks``: a uni-task loader keeps the
-        samples with that label; a multi-task one, or one reading no label (the test split), all."""
-        if len(tasks) != 1:
-            return np.ones(len(self.keys), dtype=bool)
-        ext = LABEL_EXT[tasks[0]]
-        return np.array([ext in c for c in self.components], dtype=bool)
-
-
-def read_index(tar: Path, idx: Path) -> Shard:
-    """Parse a wds2idx ``v1.2`` index: one line per sample of ``ext offset size name`` groups."""
-    try:
-        lines = idx.read_text().splitlines()
-    except OSError as error:
-        raise DataError(idx, f"cannot read the shard index: {error.strerror}") from None
-    header = lines[0].split() if lines else []
-    if (
-        len(header) != 2
-        or not header[0].startswith("v1.")
-        or not header[1].isdigit()
-        or len(lines) - 1 != int(header[1])
-    ):
-        raise DataError(idx, "not a complete wds2idx index (header 'v1.2 N' and N sample lines)", 1)
-    keys, components, jpeg_bytes, end, first_jpeg = [], [], 0, 0, (0, 0)
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        if not fields or len(fields) % 4:
-            raise DataError(idx, "expected groups of 'ext offset size name'", number)
-        groups = [fields[i : i + 4] for i in range(0, len(fields), 4)]
-        name = groups[0][3]
-        key, ext = split_member(name)
-        if not ext or not all(g[1].isdigit() and g[2].isdigit() for g in groups):
-            raise DataError(
-                idx,
-                "expected groups of 'ext offset size name' with integer offset "
-                "and size and a name with an extension",
-                number,
-            )
-        keys.append(key)
-        components.append(frozenset(g[0] for g in groups))
-        for ext, offset, size, _ in groups:
-            end = max(end, int(offset) + int(size))
-            if ext == IMAGE_EXT:
-                jpeg_bytes += int(size)
-                first_jpeg = first_jpeg if jpeg_bytes > int(size) else (int(offset), int(size))
-    return Shard(tar, idx, tuple(keys), tuple(components), jpeg_bytes, end, first_jpeg)
-
-
-@lru_cache(maxsize=64)
-def _cached_index(tar: Path, idx: Path, stamp: tuple) -> Shard:
-    return read_index(tar, idx)
+    def count(self, tasks: tuple[str, ...]) -> int:
+        """Samples a loader of ``tasks`` reads here: uni-task keeps those with its label; a
+        multi-task one, or one reading no label (the unlabelled test split), every sample."""
+        return self.samples if len(tasks) != 1 else self.counts[tasks[0]]
 
 
 def split_shards(shards: str | Path, split: str) -> list[Shard]:
-    """The shards of ``split`` in a pack folder, in order, checked against truncation.
+    """The shards of ``split`` in a pack folder, in the manifest's order, checked cheaply.
 
-    The shard list comes from ``manifest.json`` when present (else the ``<split>-*.tar`` files).
-    A tar shorter than its index says, or than the manifest's byte count, is a DataError naming it:
-    DALI would otherwise fail deep inside its reader and webdataset mid-epoch.
+    One ``stat`` per file and the first line of each ``.idx``: a tar whose size differs from the
+    manifest's (truncated, or another file) or an index whose sample count differs (another
+    shard's) is a DataError naming it here, rather than a failure deep inside DALI's reader or
+    mid-epoch in webdataset. ``affectfast verify`` checks every byte.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     folder = Path(shards)
-    listed = _manifest_shards(folder, split)
-    tars = [folder / name for name in listed] if listed else sorted(folder.glob(f"{split}-*.tar"))
-    if not tars:
-        raise DataError(folder, f"no {split} shards ({split}-NNNNNN.tar) in this folder")
-    result = []
-    for tar in tars:
-        idx = tar.with_suffix(".idx")
-        if not tar.is_file():
-            raise DataError(tar, "shard listed in manifest.json is missing")
-        if not idx.is_file():
-            raise DataError(idx, "shard index missing (pack writes it beside the tar)")
-        stamp = (tar.stat().st_size, tar.stat().st_mtime_ns, idx.stat().st_mtime_ns)
-        shard = _cached_index(tar, idx, stamp)
-        expected = max(shard.end, listed.get(tar.name) or 0)
-        if stamp[0] < expected:
-            raise DataError(
-                tar,
-                f"truncated shard: {stamp[0]} bytes, but its index/manifest need "
-                f"at least {expected}; re-run pack or copy it again",
-            )
-        result.append(shard)
-    return result
+    entries = _manifest_shards(folder, split)
+    if not entries:
+        raise DataError(folder / MANIFEST, f"lists no {split} shards")
+    return [_checked_shard(folder, entry) for entry in entries]
 
 
-def _manifest_shards(folder: Path, split: str) -> dict[str, int]:
-    """Shard name -> byte count from manifest.json (docs/shard-format.md); {} without a manifest."""
-    if not (folder / MANIFEST).is_file():
-        return {}
+def _checked_shard(folder: Path, entry: dict) -> Shard:
+    tar, idx = folder / entry["name"], folder / entry["index"]
+    try:
+        size = tar.stat().st_size
+    except OSError:
+        raise DataError(tar, f"shard listed in {MANIFEST} is missing or unreadable") from None
+    if size != entry["bytes"]:
+        what = "truncated shard" if size < entry["bytes"] else "shard of another size"
+        raise DataError(
+            tar,
+            f"{what}: {size} bytes, the manifest says {entry['bytes']}; re-run pack or copy "
+            "it again",
+        )
+    if index_samples(idx) != entry["samples"]:
+        raise DataError(
+            idx, f"indexes {index_samples(idx)} samples, the manifest says {entry['samples']}"
+        )
+    return Shard(
+        tar, idx, entry["samples"], dict(entry["counts"]), entry["bytes"], entry["jpeg_bytes"]
+    )
+
+
+def index_samples(idx: Path) -> int:
+    """The sample count a ``.idx`` declares on its first line (``v1.2 N``)."""
+    try:
+        with open(idx, "rb") as f:
+            header = f.readline(64).split()
+    except OSError as error:
+        raise DataError(idx, f"cannot read the shard index: {error.strerror}") from None
+    if len(header) != 2 or not header[0].startswith(b"v1.") or not header[1].isdigit():
+        raise DataError(idx, "not a wds2idx index (first line 'v1.2 N')", 1)
+    return int(header[1])
+
+
+def _manifest_shards(folder: Path, split: str) -> list[dict]:
+    """The manifest's shard entries of ``split`` (docs/shard-format.md), each checked for shape."""
     manifest = load_manifest(folder)
     try:
-        return {entry["name"]: int(entry["bytes"]) for entry in manifest["splits"][split]["shards"]}
+        entries = manifest["splits"][split]["shards"]
+        for entry in entries:
+            for name in ("name", "index"):
+                if not isinstance(entry[name], str) or "/" in entry[name]:
+                    raise ValueError(f"{name} {entry[name]!r} is not a file name")
+            for name in ("samples", "bytes", "jpeg_bytes"):
+                if not isinstance(entry[name], int) or entry[name] < 0:
+                    raise ValueError(f"{name} {entry[name]!r} is not a count")
+            if not all(isinstance(entry["counts"][task], int) for task in LABEL_EXT):
+                raise ValueError(f"counts {entry['counts']!r} lack a task")
     except (KeyError, TypeError, ValueError) as error:
         raise DataError(
             folder / MANIFEST,
-            f"no shard list for split {split!r} ({type(error).__name__}: {error})",
+            f"bad shard list for split {split!r} ({type(error).__name__}: {error})",
         ) from None
+    return entries
 
 
 def sample_counts(shards: list[Shard], tasks: tuple[str, ...]) -> np.ndarray:
     """Samples per shard that a loader of ``tasks`` yields (before splitting across ranks)."""
-    return np.array([int(s.has(tasks).sum()) for s in shards], dtype=np.int64)
+    return np.array([s.count(tasks) for s in shards], dtype=np.int64)
+
+
+def frame_sizes(shards: str | Path, split: str) -> dict[tuple[int, int], int]:
+    """(height, width) -> frames of that size in ``split``, from the manifest."""
+    manifest = load_manifest(shards)
+    try:
+        sizes = manifest["splits"][split]["frame_sizes"]
+        return {_parse_size(text): int(count) for text, count in sizes.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise DataError(
+            Path(shards) / MANIFEST, f"bad frame_sizes for split {split!r} ({error})"
+        ) from None
+
+
+def size_text(height: int, width: int) -> str:
+    """``"112x112"``: how the manifest writes a frame size (height x width)."""
+    return f"{height}x{width}"
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    height, width = text.split("x")
+    return int(height), int(width)
 
 
 # --- the manifest ----------------------------------------------------------------------------------
@@ -235,10 +236,15 @@ def load_manifest(out: str | Path) -> dict:
         raise DataError(path, "no manifest: not a finished `affectfast pack` output") from None
     except (OSError, json.JSONDecodeError) as error:
         raise DataError(path, f"unreadable manifest: {error}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            path, f"format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+    found = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if found != FORMAT_VERSION:
+        older = isinstance(found, int) and found < FORMAT_VERSION
+        advice = (
+            "packed by an older affectfast: run `affectfast pack` again into a new folder"
+            if older
+            else "not a pack this affectfast can read"
         )
+        raise DataError(path, f"format_version {found!r}, expected {FORMAT_VERSION}: {advice}")
     return manifest
 
 

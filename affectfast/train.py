@@ -28,6 +28,7 @@ from affectfast.dist import (
     DistInfo,
     all_reduce_mean,
     broadcast_buffers,
+    broadcast_object,
     gather_objects,
     launched_rank,
     setup_distributed,
@@ -63,6 +64,9 @@ def resolve_device(config: TrainConfig, cuda: bool | None = None):
     line on stderr. An explicit ``bf16``/``fp16`` is kept (bf16 autocast works on the CPU).
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    if config.device == "cuda" and not cuda:
+        raise DataError(config.out, "--device cuda, but no CUDA device is visible here")
+    cuda = cuda and config.device != "cpu"
     if cuda:
         amp = (
             config.amp
@@ -141,6 +145,9 @@ def build_eval_loader(
         seed=config.seed,
         num_threads=config.num_threads,
         tree=config.tree,
+        hw_decoder_load=config.hw_decoder_load,
+        decoder_affine=config.decoder_affine,
+        fancy_upsampling=config.fancy_upsampling,
     )
 
 
@@ -240,6 +247,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     """
     config, use_cuda = resolve_device(config)
     info = setup_distributed(use_cuda)
+    if use_cuda:
+        set_cuda_numerics(config.deterministic)
     try:
         return _train(config, info, resume, stop_after)
     finally:
@@ -270,6 +279,14 @@ class Run:
         }
 
 
+def set_cuda_numerics(deterministic: bool) -> None:
+    """cuDNN autotuning for speed (shapes are fixed), or bit-reproducible kernels without TF32."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+
+
 def build_run(config: TrainConfig, info: DistInfo) -> Run:
     """Build everything a run needs on this rank (config already resolved for the machine)."""
     manifest = load_manifest(config.shards)
@@ -280,13 +297,17 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
         info.device,
         memory_format=torch.channels_last if config.channels_last else torch.preserve_format,
     )
+    cuda = info.device.type == "cuda"
+    # BatchNorm buffers: broadcast once per epoch (dist.broadcast_buffers), not every forward.
     ddp = (
         torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device] if info.device.type == "cuda" else None
+            model, device_ids=[info.device] if cuda else None, broadcast_buffers=False
         )
         if info.distributed
         else model
     )
+    if config.torch_compile:
+        ddp = torch.compile(ddp)  # default mode: no CUDA graphs (the loader's buffers change)
     train_loader = build_loader(
         config.loader,
         config.shards,
@@ -304,6 +325,9 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
         seed=config.seed,
         num_threads=config.num_threads,
         tree=config.tree,
+        hw_decoder_load=config.hw_decoder_load,
+        decoder_affine=config.decoder_affine,
+        fancy_upsampling=config.fancy_upsampling,
     )
     val_loader = build_eval_loader(config, config.shards, "val", info, config.batch_size)
     if len(train_loader) == 0:
@@ -312,7 +336,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
             f"the train split has fewer frames per rank than one batch ({config.batch_size})",
         )
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=cuda or None
     )
     scheduler = build_schedule(optimizer, config.epochs * len(train_loader))
     scaler = torch.amp.GradScaler(info.device.type, enabled=config.amp == "fp16")
@@ -338,7 +362,7 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
     run = build_run(config, info)
     start_epoch, best = 0, -math.inf
     if resume:
-        start_epoch, best = _restore(folder.last, config, run)
+        start_epoch, best = _restore(folder.last, config, run, info)
         if info.is_main:
             truncate_metrics(folder.metrics, start_epoch)
     writer = None
@@ -365,9 +389,11 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
         }
         records.append(record)
         best = max(best, metrics["p_mtl"])
+        loader_states = gather_objects(run.train_loader.state_dict(), info)
         if info.is_main:
             _log_epoch(folder, writer, record)
-            _save_checkpoints(folder, config, epoch + 1, run.state(), metrics, best)
+            state = {**run.state(), "loader": loader_states}
+            _save_checkpoints(folder, config, epoch + 1, state, metrics, best)
     if writer is not None:
         writer.close()
     return records
@@ -381,7 +407,8 @@ def _save_checkpoints(
         "format": CHECKPOINT_FORMAT,
         "config": config.to_dict(),
         "epoch": epochs_done,
-        **{name: obj.state_dict() for name, obj in state.items()},
+        **{name: obj if name == "loader" else obj.state_dict() for name, obj in state.items()},
+        "world_size": len(state["loader"]),
         "rng": rng_state(),
         "best_p_mtl": best,
         "metrics": headline(metrics),
@@ -392,9 +419,13 @@ def _save_checkpoints(
         save_atomic(checkpoint, folder.best)
 
 
-def _restore(path: Path, config: TrainConfig, run: Run) -> tuple[int, float]:
-    """Load last.pt into the run's objects; return (epochs done, best P_MTL so far)."""
-    checkpoint = load_checkpoint(path)
+def _restore(path: Path, config: TrainConfig, run: Run, info: DistInfo) -> tuple[int, float]:
+    """Load last.pt into the run's objects; return (epochs done, best P_MTL so far).
+
+    Only rank 0 reads the file (``--out`` may be on rank 0's node alone) and sends it to the others.
+    Each rank continues its own loader state, so the number of processes cannot change.
+    """
+    checkpoint = broadcast_object(load_checkpoint(path) if info.is_main else None, info)
     saved = checkpoint["config"]
     changed = sorted(
         k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUMABLE_CHANGES
@@ -403,8 +434,16 @@ def _restore(path: Path, config: TrainConfig, run: Run) -> tuple[int, float]:
         raise DataError(
             path, f"cannot resume with a different config: {', '.join(changed)} changed"
         )
+    if checkpoint.get("world_size") != info.world_size or "loader" not in checkpoint:
+        raise DataError(
+            path,
+            f"written by {checkpoint.get('world_size', 'an unknown number of')} processes, resumed "
+            f"with {info.world_size}: each rank continues its own part of the epoch order, so "
+            "resume with the same number of processes (or start a new run)",
+        )
     for name, obj in run.state().items():
         obj.load_state_dict(checkpoint[name])
+    run.train_loader.load_state_dict(checkpoint["loader"][info.rank])
     set_rng_state(checkpoint["rng"])
     return checkpoint["epoch"], checkpoint["best_p_mtl"]
 

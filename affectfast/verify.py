@@ -124,6 +124,8 @@ def _check_shard(job: tuple[Path, dict, bool]) -> tuple[list[str], ShardCounts |
     problems += _compare_index(out / shard["index"], index_text(lines))
     if counts.samples != shard["samples"]:
         problems.append(f"{path}: {counts.samples} samples, the manifest says {shard['samples']}")
+    if counts.valid != shard["counts"]:
+        problems.append(f"{path}: label counts {counts.valid}, the manifest says {shard['counts']}")
     return problems, counts
 
 

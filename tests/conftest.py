@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +69,48 @@ def packed_holdout(tmp_path_factory, holdout_tree, holdout_lists):
     config = PackConfig(holdout_tree, out, workers=1, shard_size=64, test_lists=holdout_lists)
     pack(config, progress=False)
     return out
+
+
+def write_manifest(folder: Path, split: str = "train") -> Path:
+    """A format_version 2 manifest for hand-made ``<split>-*.tar`` + ``.idx`` files in ``folder``
+    (counts, bytes and frame sizes read from the tars), for tests that build shards by hand."""
+    from affectfast.jpeg import check_jpeg
+    from affectfast.shards import FORMAT_VERSION, MANIFEST, size_text
+    from affectfast.tasks import LABEL_EXT, TASKS
+
+    shards, sizes = [], {}
+    for tar_path in sorted(Path(folder).glob(f"{split}-*.tar")):
+        data = tar_path.read_bytes()
+        counts, jpeg_bytes, keys = dict.fromkeys(TASKS, 0), 0, set()
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                keys.add(key)
+                if ext == "jpg":
+                    jpeg_bytes += member.size
+                    text = size_text(*check_jpeg(tar.extractfile(member).read(), "header"))
+                    sizes[text] = sizes.get(text, 0) + 1
+                counts.update({t: counts[t] + 1 for t in TASKS if ext == LABEL_EXT[t]})
+        shards.append(
+            {
+                "name": tar_path.name,
+                "index": tar_path.with_suffix(".idx").name,
+                "samples": len(keys),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "counts": counts,
+                "jpeg_bytes": jpeg_bytes,
+            }
+        )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "splits": {
+            split: {
+                "samples": sum(s["samples"] for s in shards),
+                "shards": shards,
+                "frame_sizes": sizes,
+            }
+        },
+    }
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return folder

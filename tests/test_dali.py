@@ -13,9 +13,10 @@ from wds2idx import IndexCreator
 
 from affectfast.config import AugmentSpec
 from affectfast.loaders import LoaderConfig, build_loader
-from affectfast.loaders.dali import SENTINEL, build_pipeline, native_size
+from affectfast.loaders.dali import SENTINEL, build_pipeline, split_geometry
 from affectfast.shards import split_shards
 from affectfast.tasks import encode_label
+from tests.conftest import write_manifest
 
 HEIGHT, WIDTH = 48, 64  # not square: the per-sample scale must use both axes
 
@@ -48,7 +49,7 @@ def handmade(tmp_path_factory):
                 tar.addfile(info, io.BytesIO(data))
     with IndexCreator(str(tar_path), str(folder / "train-000000.idx"), verbose=False) as index:
         index.create_index()
-    return folder
+    return write_manifest(folder)
 
 
 def _config(folder, tasks=("va", "expr"), batch_size=4, **kw) -> LoaderConfig:
@@ -76,8 +77,8 @@ def _config(folder, tasks=("va", "expr"), batch_size=4, **kw) -> LoaderConfig:
 
 def test_reader_skips_or_pads_missing_labels(handmade):
     shards = split_shards(handmade, "train")
-    uni = build_pipeline(_config(handmade, tasks=("va",)), shards, epoch=0)
-    multi = build_pipeline(_config(handmade), shards, epoch=0)
+    uni = build_pipeline(_config(handmade, tasks=("va",)), shards)
+    multi = build_pipeline(_config(handmade), shards)
     # "skip": only the 5 frames with va exist for the reader (never decoded otherwise).
     assert uni.reader_meta("reader")["epoch_size"] == 5
     assert multi.reader_meta("reader")["epoch_size"] == 10
@@ -109,25 +110,26 @@ def test_keys_masks_and_labels_through_the_loader(handmade):
     assert expr.tolist() == [0 if i % 2 else i % 8 for i in range(10)]
 
 
-def test_native_size_from_the_jpeg_header(handmade):
-    assert native_size(split_shards(handmade, "train")[0]) == (HEIGHT, WIDTH)
+def test_geometry_from_the_manifest_frame_sizes(handmade):
+    """Frames of 48x64 for 32 px squares: resize; at their own (square) size nothing would."""
+    geometry = split_geometry(_config(handmade))
+    assert geometry.resize and geometry.largest == (HEIGHT, WIDTH)
 
 
 def test_decode_only_gives_native_uint8(handmade):
-    pipe = build_pipeline(_config(handmade), split_shards(handmade, "train"), 0, decode_only=True)
+    pipe = build_pipeline(_config(handmade), split_shards(handmade, "train"), decode_only=True)
     (images,) = pipe.run()
     array = images.as_array()
     assert array.shape == (4, HEIGHT, WIDTH, 3) and array.dtype == np.uint8
 
 
 @pytest.mark.parametrize("interpolation", ("nearest", "linear"))
-def test_one_warp_scales_each_axis_about_the_pixel_centres(handmade, interpolation):
-    """A near-zero rotation leaves the pure scale 64x48 -> 32x32: the edge lands at x = 16."""
+def test_resize_then_warp_scales_each_axis_about_the_pixel_centres(handmade, interpolation):
+    """Resize 64x48 -> 32x32 and a near-zero rotation: the edge lands at x = 16."""
     spec = AugmentSpec(flip=False, degrees=1e-4, interpolation=interpolation)
     pipe = build_pipeline(
         _config(handmade, tasks=("expr",), augment=spec, dtype=torch.float32),
         split_shards(handmade, "train"),
-        0,
     )
     images = pipe.run()[0].as_array()  # normalized HWC float
     assert images.shape == (4, 32, 32, 3)
@@ -139,9 +141,9 @@ def test_one_warp_scales_each_axis_about_the_pixel_centres(handmade, interpolati
 def test_flip_mirrors_the_image(handmade):
     """With flip on, each image is either the plain one or its mirror, never anything else."""
     shards = split_shards(handmade, "train")
-    plain = build_pipeline(_config(handmade, batch_size=10), shards, 0).run()[0].as_array()
+    plain = build_pipeline(_config(handmade, batch_size=10), shards).run()[0].as_array()
     spec = AugmentSpec(flip=True, degrees=0)
-    flipped = build_pipeline(_config(handmade, batch_size=10, augment=spec), shards, 0)
+    flipped = build_pipeline(_config(handmade, batch_size=10, augment=spec), shards)
     out = flipped.run()[0].as_array()
     same = [np.array_equal(o, p) for o, p in zip(out, plain)]
     mirrored = [np.array_equal(o, p[:, ::-1]) for o, p in zip(out, plain)]
@@ -156,7 +158,7 @@ def test_gpu_pipeline_decodes_on_the_device(handmade):
         device=torch.device("cuda"),
         augment=AugmentSpec(interpolation="linear"),
     )
-    pipe = build_pipeline(config, split_shards(handmade, "train"), 0)
+    pipe = build_pipeline(config, split_shards(handmade, "train"))
     images, *_ = pipe.run()
     assert type(images).__name__ == "TensorListGPU"
     batches = list(

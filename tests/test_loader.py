@@ -12,7 +12,7 @@ import torch
 from affectfast.config import AugmentSpec
 from affectfast.errors import DataError
 from affectfast.loaders import build_loader
-from affectfast.loaders.base import IMAGENET_MEAN, IMAGENET_STD, epoch_shard_order
+from affectfast.loaders.base import IMAGENET_MEAN, IMAGENET_STD
 from affectfast.shards import load_manifest
 from affectfast.tasks import LABEL_EXT, TASKS, decode_label
 
@@ -134,36 +134,47 @@ def test_two_ranks_cover_every_sample_once(packed, synth_tree, kind):
     assert len(keys) == len(set(keys))
 
 
-@pytest.mark.parametrize("kind", ("dali-cpu", "wds"))
-def test_set_epoch_reshuffles_deterministically(packed, synth_tree, kind):
-    loader = build_loader(
-        kind,
-        packed,
-        "train",
-        ("va",),
-        BATCH,
-        image_size=SIZE,
-        with_keys=True,
-        num_threads=1,
-        seed=3,
-    )
-
-    def order(e):
-        loader.set_epoch(e)
-        return [k for b in loader for k in b.keys]
-
-    first = order(0)
-    assert order(0) == first
-    assert order(1) != first and len(order(1)) == len(first) == len(loader) * BATCH
+def _train_loader(packed, kind, **kw):
+    options = dict(image_size=SIZE, with_keys=True, num_threads=1, seed=3)
+    return build_loader(kind, packed, "train", ("va",), BATCH, **{**options, **kw})
 
 
-def test_shard_order_is_a_fresh_permutation_per_epoch_when_shuffling():
-    shards = list(range(20))
-    orders = [epoch_shard_order(shards, 7, epoch, shuffle=True) for epoch in range(3)]
-    assert all(sorted(o) == shards for o in orders)
-    assert orders[0] != orders[1] != orders[2] and orders[0] != shards
-    assert epoch_shard_order(shards, 7, 1, shuffle=True) == orders[1]  # a function of (seed, epoch)
-    assert epoch_shard_order(shards, 7, 1, shuffle=False) == shards
+def _keys(loader, epoch):
+    loader.set_epoch(epoch)
+    return [k for b in loader for k in b.keys]
+
+
+def test_wds_set_epoch_replays_any_epoch(packed):
+    """wds builds each epoch afresh: its order is a function of (seed, epoch)."""
+    loader = _train_loader(packed, "wds")
+    first = _keys(loader, 0)
+    assert _keys(loader, 1) != first and _keys(loader, 0) == first
+
+
+def test_dali_epochs_reshuffle_in_order_and_resume_from_state(packed):
+    """DALI builds its pipeline once: epochs run in order, each a new order, the same for the
+    same seed; state_dict() at an epoch boundary continues the sequence exactly."""
+    loader = _train_loader(packed, "dali-cpu")
+    orders = [_keys(loader, e) for e in range(3)]
+    assert orders[0] != orders[1] != orders[2]
+    assert all(len(o) == len(set(o)) == len(loader) * BATCH for o in orders)
+    with pytest.raises(ValueError, match="next epoch is 3"):
+        loader.set_epoch(0)
+    again = _train_loader(packed, "dali-cpu")
+    assert _keys(again, 0) == orders[0]  # a function of the seed
+    state = again.state_dict()
+    resumed = _train_loader(packed, "dali-cpu")
+    resumed.load_state_dict(state)
+    assert [_keys(resumed, e) for e in (1, 2)] == orders[1:]
+
+
+def test_dali_ranks_split_every_training_epoch(packed, synth_tree):
+    """Two ranks: disjoint parts of one fresh order per epoch, equal batch counts."""
+    loaders = [_train_loader(packed, "dali-cpu", rank=r, world_size=2) for r in range(2)]
+    for epoch in range(2):
+        parts = [_keys(loader, epoch) for loader in loaders]
+        assert len(parts[0]) == len(parts[1]) == len(loaders[0]) * BATCH
+        assert not set(parts[0]) & set(parts[1])
 
 
 # float16 once (on dali-cpu): the cast is shared by every kind (finish_batch).
@@ -249,6 +260,7 @@ def test_dali_gpu_yields_what_dali_cpu_yields(packed, synth_tree, val_epochs):
         b.images.is_cuda
         and b.images.is_contiguous(memory_format=torch.channels_last)
         and b.images.dtype == torch.float16
+        and all(v.is_cuda for v in (*b.labels.values(), *b.masks.values()))  # built on the GPU
         for b in batches
     )
     gpu = by_key([_to_cpu(b) for b in batches])

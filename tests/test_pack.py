@@ -145,7 +145,7 @@ def test_split_order_and_shard_sizes(synth_tree, packed):
 def test_manifest_stats_match_the_source(synth_tree, packed):
     expected = source_samples(synth_tree)
     manifest = json.loads((packed / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["config"]["shard_size"] == SHARD_SIZE
+    assert manifest["format_version"] == 2 and manifest["config"]["shard_size"] == SHARD_SIZE
     for split in ("train", "val"):
         labels = [lab for _, s, lab in expected.values() if s == split]
         stats = manifest["splits"][split]["stats"]
@@ -159,6 +159,26 @@ def test_manifest_stats_match_the_source(synth_tree, packed):
         np.testing.assert_allclose(stats["va"]["mean"], va.mean(axis=0), atol=1e-12)
         np.testing.assert_allclose(stats["va"]["std"], va.std(axis=0), atol=1e-12)
         assert manifest["splits"][split]["bad_files"] == []
+
+
+def test_manifest_counts_per_shard_what_its_tar_holds(synth_tree, packed):
+    """Per-shard task counts and JPEG bytes, per-split frame sizes: what readers use unparsed."""
+    manifest = json.loads((packed / MANIFEST).read_text())
+    for entry in manifest["splits"].values():
+        sizes = {}
+        for shard in entry["shards"]:
+            with tarfile.open(packed / shard["name"]) as tar:
+                members = tar.getmembers()
+                jpegs = [m for m in members if m.name.endswith(".jpg")]
+                for m in jpegs:
+                    height, width = check_jpeg(tar.extractfile(m).read(), "header")
+                    sizes[f"{height}x{width}"] = sizes.get(f"{height}x{width}", 0) + 1
+            assert shard["jpeg_bytes"] == sum(m.size for m in jpegs)
+            for task in TASKS:
+                ext = f".{LABEL_EXT[task]}"
+                assert shard["counts"][task] == sum(m.name.endswith(ext) for m in members)
+        assert entry["frame_sizes"] == sizes and sum(sizes.values()) == entry["samples"]
+        assert sum(s["counts"]["va"] for s in entry["shards"]) == entry["stats"]["va"]["valid"]
 
 
 def test_tar_metadata_is_fixed_and_gnu_tar_lists_it(packed):

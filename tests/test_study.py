@@ -12,7 +12,15 @@ import torch
 from affectfast.config import TrainConfig
 from affectfast.study import StudyConfig, format_table, plan_runs, read_records, run_study
 
-SMALL = dict(loader="dali-cpu", epochs=1, batch_size=32, image_size=32, num_threads=1, amp="off")
+SMALL = dict(
+    loader="dali-cpu",
+    epochs=1,
+    batch_size=32,
+    image_size=32,
+    num_threads=1,
+    amp="off",
+    device="cpu",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,9 @@ from affectfast.train import (
 )
 
 TIMING_KEYS = ("images_per_s", "epoch_seconds")
-SMALL = dict(loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off", lr=2e-3)
+SMALL = dict(
+    loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off", lr=2e-3, device="cpu"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -316,6 +318,8 @@ def test_ddp_two_gloo_processes_match_a_single_process_evaluation(packed, tmp_pa
         "1",
         "--loader",
         "dali-cpu",
+        "--device",
+        "cpu",  # the CPU tier: gloo, even on a GPU node
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -341,6 +345,35 @@ def test_gpu_defaults_train_with_dali_gpu_mixed_precision_and_channels_last(pack
         and saved["channels_last"]
     )
     assert all(np.isfinite(records[0][k]) for k in ("train_loss", "ccc_mean", "f1_expr", "f1_au"))
+    assert torch.backends.cudnn.benchmark  # autotuned kernels unless --deterministic
+
+
+@pytest.mark.gpu
+def test_gpu_resume_with_deterministic_matches_an_uninterrupted_run(packed, tmp_path):
+    """On a GPU --resume is exact only with --deterministic (no TF32, no autotuning)."""
+    settings = dict(epochs=2, batch_size=32, image_size=48, deterministic=True, device="cuda")
+    whole = train(TrainConfig(shards=packed, out=tmp_path / "whole", **settings))
+    config = TrainConfig(shards=packed, out=tmp_path / "parts", **settings)
+    train(config, stop_after=1)
+    resumed = train(config, resume=True)
+    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    for key in ("train_loss", "ccc_mean", "f1_expr", "f1_au"):
+        assert resumed[-1][key] == pytest.approx(whole[-1][key], abs=1e-6), key
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_training_runs(packed, tmp_path):
+    config = TrainConfig(
+        shards=packed,
+        out=tmp_path / "c",
+        epochs=1,
+        batch_size=32,
+        image_size=48,
+        torch_compile=True,
+        device="cuda",
+    )
+    (record,) = train(config)
+    assert np.isfinite(record["train_loss"])
 
 
 @pytest.mark.slow
@@ -366,3 +399,15 @@ def test_multitask_run_learns_the_synthetic_labels(tmp_path):
     )
     last = records[-1]
     assert last["f1_expr"] >= 0.8 and last["f1_au"] >= 0.8 and last["ccc_mean"] >= 0.7, last
+
+
+@pytest.mark.slow
+def test_compiled_training_on_the_cpu_matches_eager_closely(packed, tmp_path):
+    """--compile (torch.compile, default mode) on the CPU: same run, same metrics within 1e-3."""
+    settings = dict(epochs=1, **{**SMALL, "batch_size": 64})
+    eager = train(TrainConfig(shards=packed, out=tmp_path / "eager", **settings))
+    compiled = train(
+        TrainConfig(shards=packed, out=tmp_path / "compiled", torch_compile=True, **settings)
+    )
+    for key in ("train_loss", "p_mtl"):
+        assert compiled[0][key] == pytest.approx(eager[0][key], abs=1e-3), key

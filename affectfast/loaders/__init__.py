@@ -28,10 +28,13 @@ class Loader(Protocol):
 
     config: LoaderConfig  # the resolved settings it was built with
     samples: int  # samples per epoch, all ranks together
+    epoch: int  # the next epoch to run
 
     def __iter__(self) -> Iterator[Batch]: ...
     def __len__(self) -> int: ...  # batches per epoch on this rank
-    def set_epoch(self, epoch: int) -> None: ...  # reshuffle deterministically from (seed, epoch)
+    def set_epoch(self, epoch: int) -> None: ...  # the epoch about to run (DALI: the next only)
+    def state_dict(self) -> dict: ...  # where it stands at an epoch boundary (for --resume)
+    def load_state_dict(self, state: dict) -> None: ...  # continue from state_dict()
 
 
 def build_loader(
@@ -54,6 +57,9 @@ def build_loader(
     seed: int = 0,
     num_threads: int = 2,  # DALI threads / DataLoader workers
     tree: Path | None = None,  # the raw Aff-Wild2 root, needed by kind="files" only
+    hw_decoder_load: float = 0.65,  # dali-gpu: share for the hardware JPEG decoder (DALI's default)
+    decoder_affine: bool = True,  # dali-gpu: pin decoder threads to cores (DALI's default)
+    fancy_upsampling: bool = False,  # dali-gpu: chroma upsampling as the CPU decoder does it
 ) -> Loader:
     """Build a loader of ``Batch`` for one split and task set."""
     config = LoaderConfig(
@@ -74,6 +80,9 @@ def build_loader(
         seed=seed,
         num_threads=num_threads,
         tree=None if tree is None else Path(tree),
+        hw_decoder_load=hw_decoder_load,
+        decoder_affine=decoder_affine,
+        fancy_upsampling=fancy_upsampling,
     )
     # Imported here so a wds user never loads DALI, and a DALI user never forks DataLoader workers.
     if kind in ("dali-gpu", "dali-cpu"):

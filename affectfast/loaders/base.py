@@ -72,19 +72,6 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def epoch_shard_order(shards: list, seed: int, epoch: int, shuffle: bool) -> list:
-    """The shards in the order one epoch reads them: a fresh permutation per epoch when shuffling.
-
-    The same on every rank (no rank in the seed), so ranks still split one sequence into disjoint
-    contiguous parts. Readers only shuffle inside a buffer of about a thousand samples; permuting
-    the shards too means a sample does not meet the same neighbours every epoch.
-    """
-    if not shuffle:
-        return list(shards)
-    order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(len(shards))
-    return [shards[i] for i in order]
-
-
 # --- the torchvision twin of the DALI geometry (used by wds and files) -------------------------
 
 
@@ -162,6 +149,14 @@ class EpochLoader:
         """Reshuffle deterministically from (seed, epoch) at the next iteration."""
         self.epoch = epoch
 
+    def state_dict(self) -> dict:
+        """Where the loader stands at an epoch boundary (the next epoch: a function of it)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``."""
+        self.epoch = int(state["epoch"])
+
 
 def finish_batch(
     images_nhwc: torch.Tensor,
@@ -171,10 +166,14 @@ def finish_batch(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Batch:
-    """Move a batch to ``device``/``dtype``; NHWC images become an NCHW channels_last view (no copy)."""
+    """Move a batch to ``device``/``dtype``; NHWC images become an NCHW channels_last view (no copy).
+
+    The copy comes first and the cast runs on ``device``: a CPU cast to bf16 before the copy would
+    spend CPU time and leave a pageable tensor (a pinned one stays pinned until the copy).
+    """
     device = torch.device(device)
     non_blocking = device.type == "cuda"
-    images = images_nhwc.to(device, dtype, non_blocking=non_blocking).permute(0, 3, 1, 2)
+    images = images_nhwc.to(device, non_blocking=non_blocking).to(dtype).permute(0, 3, 1, 2)
     labels = {t: v.to(device, non_blocking=non_blocking) for t, v in labels.items()}
     masks = {t: v.to(device, non_blocking=non_blocking) for t, v in masks.items()}
     return Batch(images=images, labels=labels, masks=masks, keys=keys)
@@ -204,6 +203,9 @@ class LoaderConfig:
     seed: int
     num_threads: int
     tree: Path | None
+    hw_decoder_load: float = 0.65  # dali-gpu: share of images for the hardware JPEG decoder
+    decoder_affine: bool = True  # dali-gpu: pin decoder threads to cores (DALI's default)
+    fancy_upsampling: bool = False  # dali-gpu: chroma upsampling as libjpeg-turbo (CPU) does
 
     def __post_init__(self):
         if self.kind not in LOADER_KINDS:
@@ -220,6 +222,8 @@ class LoaderConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
         if self.kind == "files" and self.tree is None:
             raise ValueError("kind='files' reads the raw Aff-Wild2 tree: pass tree=ROOT")
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if self.kind == "dali-gpu" and self.device.type != "cuda":
             raise ValueError("kind='dali-gpu' decodes on the GPU: pass a cuda device")
 

@@ -2,48 +2,52 @@
 
 The graph, per sample (DESIGN.md §3):
 
-    readers.webdataset ─▶ decoders.image ─▶ [warp_affine] ─▶ crop_mirror_normalize ─▶ HWC images
-         │  (skip / empty)   (mixed | cpu)   one resampling      flip + normalize + dtype
+    readers.webdataset ─▶ decoders.image ─▶ [resize] ─▶ [warp_affine] ─▶ crop_mirror_normalize ─▶ HWC
+         │  (skip / empty)   (mixed | cpu)   to size     rotation         flip + normalize + dtype
          └─▶ labels ─▶ pad to a fixed shape with a sentinel (the masks follow from it)
 
 - Uni-task reads with ``missing_component_behavior="skip"``: a frame without the label is dropped by
   the reader, never decoded. Multi-task reads with ``"empty"`` and pads missing labels.
-- Augmentation is ONE resampling pass: scale to ``image_size`` and rotation are one affine matrix
-  per sample (``fn.transforms``) applied by one ``fn.warp_affine``; the flip is the ``mirror`` of the
-  normalize that runs anyway. Without augmentation and at native size nothing is resampled.
+- Resampling: frames are resized (bilinear, antialiased: what torchvision's ``Resize`` in the wds
+  and files kinds does) only when the split's frames are not all ``image_size`` square, as the
+  manifest's ``frame_sizes`` say; training then rotates with one ``warp_affine`` at that size.
+  Train and eval see the same resampling of a frame, and a pack whose frames differ in size works
+  everywhere. The flip is the ``mirror`` of the normalize that runs anyway.
 - Output is HWC, so ``permute(0, 3, 1, 2)`` gives the NCHW channels_last view without a copy.
-- Epochs: the pipeline is rebuilt for each epoch with a seed from (seed, epoch, rank). That makes an
-  epoch's order a function of its number alone (``--resume`` replays it exactly), at the price of a
-  pipeline build per epoch (well under a second, against minutes of epoch on the full data).
-  The reader's ``shard_id``/``num_shards`` split the split into contiguous disjoint parts,
-  ``pad_last_batch`` + ``DALIGenericIterator(reader_name=...)`` trim the padded last batch.
+- Epochs: the pipeline is built once per loader and runs epoch after epoch. Training shuffles the
+  whole split anew every epoch (``shuffle_after_epoch``, one reader seed on every rank) and each
+  rank reads its own contiguous part of that order (``shard_id``/``num_shards``,
+  ``stick_to_shard=False``): every sample once per epoch across ranks. Augmentation draws from a
+  per-rank pipeline seed. ``state_dict()`` holds DALI's own checkpoint at an epoch boundary, so
+  ``--resume`` continues the exact sequence without replaying epochs.
+- Buffer lifetime on the GPU: with DALI's default (dynamic) executor ``DALIGenericIterator`` hands
+  torch DALI's own output buffers without a copy (``plugin/pytorch/__init__.py``: ``copy = not
+  is_exec_dynamic``); the executor does not reuse an output buffer torch still holds (see
+  ``pipeline.py`` on ``exec_dynamic``), so the default executor is kept. That is an expectation
+  from the sources; only a run on a GPU node proves it.
 """
 
 from __future__ import annotations
 
-import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-from PIL import Image
 
 from affectfast.batch import Batch
 from affectfast.config import AugmentSpec
-from affectfast.errors import DataError
 from affectfast.loaders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    SHUFFLE_BUFFER,
     EpochLoader,
     LoaderConfig,
     batch_labels,
     epoch_seed,
-    epoch_shard_order,
     finish_batch,
 )
-from affectfast.shards import Shard, sample_counts, split_shards
+from affectfast.shards import Shard, frame_sizes, sample_counts, split_shards
 from affectfast.tasks import IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, VA_IGNORE, split_member
 
 READER = "reader"
@@ -53,19 +57,29 @@ DALI_LABEL_TYPE = {np.dtype("<f4"): types.FLOAT, np.dtype("u1"): types.UINT8}
 DALI_INTERP = {"nearest": types.INTERP_NN, "linear": types.INTERP_LINEAR}
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """What the split's frames need to become ``image_size`` squares (from the manifest)."""
+
+    image_size: int
+    resize: bool  # some frame is not image_size x image_size
+    largest: tuple[int, int]  # (height, width) bounds of the split's frames: decoder buffer hints
+
+
 @pipeline_def
 def affect_pipeline(
     tars: list[str],
     idxs: list[str],
     tasks: tuple[str, ...],
-    image_size: int,
-    native_size: tuple[int, int],
+    geometry: Geometry,
     augment: AugmentSpec | None,
     gpu: bool,
     shard_id: int,
     num_shards: int,
     shuffle: bool,
     with_keys: bool,
+    reader_seed: int,
+    gpu_decoder: dict | None = None,
     out_dtype=types.FLOAT,
     decode_only: bool = False,
 ):
@@ -80,20 +94,24 @@ def affect_pipeline(
         missing_component_behavior="skip" if len(tasks) == 1 else "empty",
         shard_id=shard_id,
         num_shards=num_shards,
-        stick_to_shard=True,
+        # Training: a new global order each epoch, the same on every rank (one reader seed), each
+        # rank moving on to the next part of it (stick_to_shard=False; DALI refuses True here).
+        shuffle_after_epoch=shuffle,
+        stick_to_shard=not shuffle,
         pad_last_batch=True,
-        random_shuffle=shuffle,
-        initial_fill=SHUFFLE_BUFFER,
+        seed=reader_seed,
     )
     # One component (the test split's image alone) comes back as a node, several as a list.
     jpegs, *labels = outputs if isinstance(outputs, list | tuple) else [outputs]
-    # The GPU-only lines: nvJPEG (hardware decoder where present) and preallocated decode buffers.
+    # The GPU-only lines: nvJPEG (the hardware decoder takes hw_decoder_load of the images where
+    # the GPU has one; affine, jpeg_fancy_upsampling: gpu_decoder) and decode buffers
+    # preallocated for the split's largest frame.
     decode_args = (
         dict(
             device="mixed",
-            hw_decoder_load=0.65,
-            preallocate_width_hint=native_size[1],
-            preallocate_height_hint=native_size[0],
+            preallocate_width_hint=geometry.largest[1],
+            preallocate_height_hint=geometry.largest[0],
+            **(gpu_decoder or {}),
         )
         if gpu
         else dict(device="cpu")
@@ -101,7 +119,7 @@ def affect_pipeline(
     images = fn.decoders.image(jpegs, output_type=types.RGB, **decode_args)
     if decode_only:
         return (images,)
-    images, flip = _augment(images, jpegs, image_size, native_size, augment)
+    images, flip = _geometry(images, geometry, augment)
     images = fn.crop_mirror_normalize(
         images,
         mirror=flip,
@@ -114,39 +132,35 @@ def affect_pipeline(
         fn.pad(label, fill_value=SENTINEL[t], shape=[LABEL_SIZE[t]])
         for t, label in zip(tasks, labels)
     ]
+    if gpu:
+        # GPU-only: labels travel with the images (in the graph, not as several small pageable
+        # copies per step); the masks are then computed on the GPU (_to_batch).
+        padded = [label.gpu() for label in padded]
     if with_keys:
-        # "<tar>:<offset>:<key>.jpg" as bytes, zero-padded to the batch's longest.
+        # "<tar>:<offset>:<key>.jpg" as bytes, zero-padded to the batch's longest (stays on the CPU).
         padded.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
     return (images, *padded)
 
 
-def _augment(
-    images, jpegs, image_size: int, native_size: tuple[int, int], augment: AugmentSpec | None
-):
-    """The geometric part: at most one resampling; returns (images, per-sample flip or 0)."""
-    rotate = augment is not None and augment.degrees > 0
+def _geometry(images, geometry: Geometry, augment: AugmentSpec | None):
+    """Resize where the frames need it, then rotate for training; returns (images, flip or 0)."""
+    size = geometry.image_size
     flip = fn.random.coin_flip(probability=0.5) if augment is not None and augment.flip else 0
-    if not rotate:
-        if native_size != (image_size, image_size):
-            # torchvision's Resize (bilinear, antialiased): what wds/files do.
-            images = fn.resize(
-                images,
-                size=[image_size, image_size],
-                antialias=True,
-                interp_type=types.INTERP_LINEAR,
-            )
+    if geometry.resize:
+        # torchvision's Resize (bilinear, antialiased): what wds/files do, on train and eval alike.
+        images = fn.resize(
+            images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR
+        )
+    if augment is None or augment.degrees == 0:
         return images, flip
-    # Source -> destination: scale to image_size (per sample, from the JPEG header), then rotate
-    # about the output centre; warp_affine inverts it (inverse_map=False). Pixel centres sit at
+    # Rotation about the centre, source -> destination (inverse_map=False). Pixel centres sit at
     # +0.5, so [-1 0 W; 0 1 0] is an exact flip and the identity an exact copy (checked in tests).
-    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)  # H, W, C
-    scale = fn.transforms.scale(scale=float(image_size) / fn.stack(shape[1], shape[0]))
     angle = fn.random.uniform(range=[-augment.degrees, augment.degrees])
-    matrix = fn.transforms.rotation(scale, angle=angle, center=[image_size / 2, image_size / 2])
+    matrix = fn.transforms.rotation(angle=angle, center=[size / 2, size / 2])
     images = fn.warp_affine(
         images,
         matrix=matrix,
-        size=[image_size, image_size],
+        size=[size, size],
         inverse_map=False,
         fill_value=0,
         interp_type=DALI_INTERP[augment.interpolation],
@@ -154,28 +168,26 @@ def _augment(
     return images, flip
 
 
-def native_size(shard: Shard) -> tuple[int, int]:
-    """(height, width) of the first JPEG of a shard; Aff-Wild2's cropped-aligned frames share one."""
-    offset, size = shard.first_jpeg
-    with open(shard.tar, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    try:
-        width, height = Image.open(io.BytesIO(data)).size
-    except OSError as error:
-        raise DataError(shard.tar, f"first JPEG at byte {offset} unreadable: {error}") from None
-    return height, width
+def split_geometry(config: LoaderConfig) -> Geometry:
+    """The resampling the split needs, from the frame sizes the manifest records."""
+    sizes = frame_sizes(config.shards, config.split)
+    square = (config.image_size, config.image_size)
+    largest = (max(h for h, _ in sizes), max(w for _, w in sizes)) if sizes else square
+    return Geometry(config.image_size, set(sizes) != {square}, largest)
 
 
 def build_pipeline(
     config: LoaderConfig,
     shards: list[Shard],
-    epoch: int,
     *,
     decode_only: bool = False,
+    checkpoint: str | None = None,
     prefetch: int = 2,
 ):
-    """The DALI pipeline of one epoch on this rank (built, ready to run)."""
+    """This rank's DALI pipeline over ``shards``, built, ready to run epoch after epoch.
+
+    ``checkpoint``: a ``state_dict()["dali"]`` to continue from (checkpointing is on for training).
+    """
     gpu = config.kind == "dali-gpu"
     # fp16 straight out of the normalize on the GPU; on the CPU DALI's fp16 conversion was slower
     # than its float32 normalize, so the CPU casts in torch (finish_batch) instead.
@@ -184,60 +196,100 @@ def build_pipeline(
         [str(s.tar) for s in shards],
         [str(s.idx) for s in shards],
         config.label_tasks,
-        config.image_size,
-        native_size(shards[0]),
+        split_geometry(config),
         config.augment,
         gpu,
         config.rank,
         config.world_size,
         config.shuffle,
         config.with_keys,
+        epoch_seed(config.seed, 0),  # the same on every rank: one epoch order to split
+        dict(
+            hw_decoder_load=config.hw_decoder_load,
+            affine=config.decoder_affine,
+            jpeg_fancy_upsampling=config.fancy_upsampling,
+        ),
         out_dtype,
         decode_only,
         batch_size=config.batch_size,
         num_threads=config.num_threads,
         device_id=(config.device.index or 0) if gpu else None,
-        seed=epoch_seed(config.seed, epoch, config.rank),
+        seed=epoch_seed(config.seed, 0, config.rank),  # augmentation: its own draws per rank
         prefetch_queue_depth=prefetch,
+        enable_checkpointing=config.shuffle and not decode_only,
+        checkpoint=checkpoint,
     )
     pipe.build()
     return pipe
 
 
 class DaliLoader(EpochLoader):
-    """``dali-gpu`` / ``dali-cpu``: iterate once per epoch; see the module docstring."""
+    """``dali-gpu`` / ``dali-cpu``: iterate once per epoch; see the module docstring.
+
+    The pipeline is built at the first ``iter()`` and kept. Epochs run in order: ``set_epoch(e)``
+    accepts the next epoch only, and ``load_state_dict`` continues a saved run. An epoch abandoned
+    midway (a benchmark's partial pass) makes the next ``iter()`` build the pipeline afresh.
+    """
 
     def __init__(self, config: LoaderConfig):
         self.shards = split_shards(config.shards, config.split)
         samples = int(sample_counts(self.shards, config.label_tasks).sum())
         super().__init__(config, samples, config.shards)
+        self._batches = None  # the DALIGenericIterator, kept across epochs
+        self._checkpoint = None  # DALI state to build from (load_state_dict)
+        self._in_epoch = False
 
-    def pipeline(self, epoch: int = 0, *, decode_only: bool = False):
-        """This loader's DALI pipeline of one epoch, built; benchmarks ``run()`` it bare.
+    def pipeline(self, *, decode_only: bool = False):
+        """A fresh pipeline with this loader's settings, built; benchmarks ``run()`` it bare.
 
         ``decode_only``: reader + decoder alone, same threads and batch size (the decode ceiling).
         """
-        c = self.config
-        order = epoch_shard_order(self.shards, c.seed, epoch, c.shuffle)
-        return build_pipeline(c, order, epoch, decode_only=decode_only)
+        return build_pipeline(self.config, self.shards, decode_only=decode_only)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Check that ``epoch`` is the next one: a built DALI pipeline runs its epochs in order."""
+        if epoch != self.epoch:
+            raise ValueError(
+                f"the DALI loader's next epoch is {self.epoch}, not {epoch}: epochs run in order "
+                "(load_state_dict continues a saved run)"
+            )
+
+    def state_dict(self) -> dict:
+        """The position at an epoch boundary: epochs done, and DALI's checkpoint when training."""
+        state = {"epoch": self.epoch}
+        if self.config.shuffle:
+            built = self._batches is not None
+            state["dali"] = self._batches.checkpoints()[0] if built else self._checkpoint
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()`` of the same run (same settings and rank)."""
+        self._batches = None
+        self.epoch, self._checkpoint = int(state["epoch"]), state.get("dali")
 
     def __iter__(self):
+        if self._batches is None or self._in_epoch:  # first epoch, or the last was abandoned
+            self._open()
+        self._in_epoch = True
+        # len(self) batches on every rank: with drop_last the ranks' parts differ by up to one
+        # sample, so one rank's DALI epoch may hold one batch more, drained below.
+        for _ in range(len(self)):
+            yield self._to_batch(next(self._batches)[0])
+        for _ in self._batches:  # on to DALI's end of epoch, so reset() starts the next cleanly
+            pass
+        self._batches.reset()
+        self._in_epoch = False
+        self.epoch += 1
+
+    def _open(self) -> None:
         c = self.config
-        pipe = build_pipeline(
-            c, epoch_shard_order(self.shards, c.seed, self.epoch, c.shuffle), self.epoch
-        )
+        pipe = build_pipeline(c, self.shards, checkpoint=self._checkpoint)
         names = ["images", *c.label_tasks] + (["keys"] if c.with_keys else [])
         policy = LastBatchPolicy.DROP if c.drop_last else LastBatchPolicy.PARTIAL
-        batches = DALIGenericIterator(
+        self._batches = DALIGenericIterator(
             [pipe], names, reader_name=READER, last_batch_policy=policy, auto_reset=False
         )
-        try:
-            # Stop at len(self): with drop_last every rank yields the same count even though the
-            # contiguous DALI shards differ by up to one sample.
-            for _, outputs in zip(range(len(self)), batches):
-                yield self._to_batch(outputs[0])
-        finally:
-            del batches, pipe
+        self._in_epoch = False
 
     def _to_batch(self, out: dict[str, torch.Tensor]) -> Batch:
         labels, masks = {}, {}
