@@ -60,6 +60,7 @@ from affectfast.tasks import (
 from affectfast.temporal import (
     INTERPOLATION,
     SMOOTHING_FILE,
+    WINDOW_GRID,
     complete_and_smooth,
     complete_video,
     load_windows,
@@ -137,7 +138,7 @@ def evaluate(config: EvalConfig) -> dict:
     if config.tune_smoothing:
         thresholds = checkpoint.get("au_thresholds")
         counts = manifest.get("frame_counts", {})
-        windows, scores = tune_smoothing(preds, run.tasks, counts, thresholds, config.shards)
+        windows, scores = tune_smoothing(preds, run.tasks, counts, thresholds, source=config.shards)
         path = config.checkpoint.parent / SMOOTHING_FILE
         if is_main:
             save_windows(path, windows, scores)
@@ -150,6 +151,8 @@ def tune_smoothing(
     tasks: tuple[str, ...],
     frame_counts: dict[str, int],
     au_thresholds: list[float] | None = None,
+    *,
+    grid: tuple[int, ...] = WINDOW_GRID,
     source: Path = Path("."),
 ) -> tuple[dict[str, int], dict[str, dict]]:
     """``temporal.tune_windows`` on every video of ``preds`` completed to its frame count.
@@ -157,7 +160,8 @@ def tune_smoothing(
     Outputs are completed over frames 1..N (``frame_counts``, else the last predicted frame); the
     frames without a prediction have no label in the shards, so they are masked out of the score.
     AU is scored at ``au_thresholds`` where given (the checkpoint's), as predict will write it.
-    ``source`` (the shards) is named in the error for a malformed key.
+    ``grid``: the windows tried; ``source`` (the shards) is named in the error for a malformed
+    key.
     """
     outputs: dict[str, list] = {t: [] for t in tasks}
     labels: dict[str, list] = {t: [] for t in tasks}
@@ -174,7 +178,7 @@ def tune_smoothing(
             labels[task].append(label)
             masks[task].append(mask)
     thresholds = None if au_thresholds is None else np.asarray(au_thresholds, dtype=np.float64)
-    return tune_windows(outputs, labels, masks, au_thresholds=thresholds)
+    return tune_windows(outputs, labels, masks, grid, au_thresholds=thresholds)
 
 
 def format_smoothing(smoothing: dict) -> str:

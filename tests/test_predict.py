@@ -20,6 +20,7 @@ import affectfast.train as train_module
 from affectfast.cli import main
 from affectfast.config import EvalConfig, TrainConfig
 from affectfast.errors import DataError
+from affectfast.metrics import Predictions, compute_metrics
 from affectfast.predict import (
     FROM_ANNOTATIONS,
     FROM_CSV,
@@ -32,6 +33,7 @@ from affectfast.predict import (
     read_frame_counts,
     resolve_frame_counts,
     split_key,
+    tune_smoothing,
 )
 from affectfast.shards import load_manifest
 from affectfast.synth import FRAME_COUNTS_FILE, TEST_LISTS_DIR
@@ -430,6 +432,36 @@ def test_tune_smoothing_prints_raw_and_smoothed_and_predict_applies_the_windows(
         assert rows(tmp_path / "raw" / FOLDER["expr"] / f"{video}.txt") == rows(
             tmp_path / "smooth" / FOLDER["expr"] / f"{video}.txt"
         )
+
+
+def test_tune_smoothing_completes_each_video_and_scores_au_at_the_checkpoint_thresholds():
+    rng = np.random.default_rng(0)
+    frames = {"v1": [1, 2, 4, 5, 6], "v2": [2, 3, 4]}  # gaps, and v1 runs past its last image
+    keys = [f"{v}/{f:05d}" for v, fs in frames.items() for f in fs]
+    n = len(keys)
+    truth = np.repeat([[0.5, -0.5]], n, axis=0)
+    preds = Predictions(
+        keys,
+        {
+            "va": truth + rng.normal(0, 0.3, (n, 2)),
+            "expr": rng.normal(0, 1, (n, 8)),
+            "au": rng.random((n, 12)),
+        },
+        {
+            "va": truth,
+            "expr": rng.integers(0, 8, n).astype(float),
+            "au": (rng.random((n, 12)) < 0.5).astype(float),
+        },
+        {t: np.ones(n, dtype=bool) for t in TASKS},
+    )
+    windows, scores = tune_smoothing(preds, TASKS, {"v1": 9}, [0.3] * 12, grid=(1, 3))
+    assert set(windows) == set(TASKS) and scores["au"]["metric"] == "f1_au_tuned"
+    assert scores["va"]["grid"] == [1, 3]
+    raw = {"va": "ccc_mean", "expr": "f1_expr"}
+    plain = compute_metrics(preds, TASKS, np.full(12, 0.3))
+    for task, metric in raw.items():  # window 1 scores the predicted frames as they are
+        assert scores[task]["raw"] == pytest.approx(plain[metric])
+    assert scores["au"]["raw"] == pytest.approx(plain["f1_au_tuned"])
 
 
 def test_training_never_reads_the_test_split(packed_holdout, tmp_path, monkeypatch):
