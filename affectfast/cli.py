@@ -663,6 +663,43 @@ def bench_loaders_command(
         write_plot(results, plot, title)
 
 
+# --- doctor ----------------------------------------------------------------------------------------
+
+
+@main.command("doctor")
+@click.argument(
+    "shards", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="REPORT_DIR: report.md, report.json, the profiler trace, and work/ (synthesized packs).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="auto: cuda where torch sees a GPU, else cpu (the GPU-only checks then say 'not run').",
+)
+@click.option("--quick", is_flag=True, help="Shorter: fewer timed steps, no torch.compile.")
+@exits_2_on_data_error
+def doctor_command(shards, out, device, quick):
+    """Prove this node's GPU path: run the library's own checks, write REPORT_DIR/report.md + .json.
+
+    Without SHARDS a small tree is synthesized and packed into REPORT_DIR/work first. Each check is
+    passed, failed or not run (with the reason); exit 1 when a check failed. About 10 minutes on
+    one GPU.
+    """
+    from affectfast.doctor import FAILED, DoctorConfig, format_summary, run_doctor
+
+    checks = run_doctor(DoctorConfig(out=out, shards=shards, device=device, quick=quick))
+    click.echo(format_summary(checks, out))
+    if any(c.status == FAILED for c in checks):
+        sys.exit(1)
+
+
 # --- study -----------------------------------------------------------------------------------------
 
 

@@ -21,12 +21,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pack", "verify", "synth"),
     ("loaders", "model", "losses", "metrics", "temporal"),
     ("rundir", "train", "predict"),
-    ("bench", "study"),
+    ("bench", "study", "doctor"),
     ("cli", "__main__"),
 )
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}
-# The only module allowed to import the shard writer: the CLI that runs it.
-PACK_IMPORTERS = {"cli"}
+# The only modules allowed to import the shard writer: the CLI that runs it, and doctor, which
+# packs its own small synthetic tree when it is given no shards.
+PACK_IMPORTERS = {"cli", "doctor"}
 
 
 def module_name(path: Path) -> str:

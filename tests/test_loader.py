@@ -168,6 +168,31 @@ def test_dali_epochs_reshuffle_in_order_and_resume_from_state(packed):
     assert [_keys(resumed, e) for e in (1, 2)] == orders[1:]
 
 
+def test_dali_loader_epoch_is_the_readers_epoch(packed):
+    """Epoch e of the loader is epoch e of its DALI reader: finishing an epoch reads no further
+    (iter() on a used DALI iterator resets it, which once ran a whole extra epoch per epoch)."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    from affectfast.loaders.dali import READER, _decode_keys, build_pipeline
+
+    loader = _train_loader(packed, "dali-cpu")
+    ours = [_keys(loader, e) for e in range(2)]
+    pipe = build_pipeline(loader.config, loader.shards)
+    raw = DALIGenericIterator(
+        [pipe],
+        ["images", "va", "keys"],
+        reader_name=READER,
+        last_batch_policy=LastBatchPolicy.DROP,
+        auto_reset=False,
+    )
+    theirs = []
+    for _ in range(2):
+        batches = list(iter(lambda: next(raw, None), None))
+        raw.reset()
+        theirs.append([k for b in batches for k in _decode_keys(b[0]["keys"])])
+    assert ours == [t[: len(ours[0])] for t in theirs]
+
+
 def test_dali_ranks_split_every_training_epoch(packed, synth_tree):
     """Two ranks: disjoint parts of one fresh order per epoch, equal batch counts."""
     loaders = [_train_loader(packed, "dali-cpu", rank=r, world_size=2) for r in range(2)]

@@ -275,7 +275,10 @@ class DaliLoader(EpochLoader):
         # sample, so one rank's DALI epoch may hold one batch more, drained below.
         for _ in range(len(self)):
             yield self._to_batch(next(self._batches)[0])
-        for _ in self._batches:  # on to DALI's end of epoch, so reset() starts the next cleanly
+        # On to DALI's end of epoch (at most the one batch drop_last leaves), so reset() starts
+        # the next cleanly. next(), not a for loop: iter() on a used DALI iterator resets it and
+        # would run a whole further epoch.
+        for _ in iter(lambda: next(self._batches, None), None):
             pass
         self._batches.reset()
         self._in_epoch = False

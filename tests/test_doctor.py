@@ -1,0 +1,235 @@
+"""affectfast doctor: the report's promises (GPU-only checks never pass without CUDA) and each check
+that has a CPU meaning, run on its own. The gpu-marked tests run the GPU checks (skipped here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from affectfast import doctor
+from affectfast.cli import main
+from affectfast.doctor import FAILED, GPU_ONLY, NOT_RUN, PASSED, Check
+
+CPU = torch.device("cpu")
+
+
+def tiny_plan(**changes) -> doctor.Plan:
+    """The CPU plan shrunk to seconds on the session's 64 px pack (223 train, 75 val frames)."""
+    base = doctor.make_plan(CPU, quick=True)
+    small = dict(
+        image_size=32,
+        batch_sizes=(8,),
+        threads=(1, 2),
+        decode_batch=16,
+        decode_windows=1,
+        steps=1,
+        repeats=1,
+        warmup=1,
+        small_batch=16,
+        epochs=3,
+    )
+    return dataclasses.replace(base, **{**small, **changes})
+
+
+def test_doctor_cpu_quick_end_to_end(tmp_path):
+    """The command a researcher runs, here without CUDA: every GPU-only check is "not run" with its
+    reason, every CPU check passes, and both reports are written."""
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["doctor", "--out", str(out), "--device", "cpu", "--quick"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    markdown = (out / "report.md").read_text()
+    checks = {c["key"]: c for c in report["checks"]}
+    assert report["device"] == "cpu" and not report["shards_given"]
+    assert [c["number"] for c in report["checks"]] == [
+        *("1", "2a", "2b", "3a", "3b", "4a", "4b", "5", "6", "7a", "7b")
+    ]
+    reason = doctor.no_cuda_reason(CPU)  # "no CUDA" here; "--device cpu (...)" on a GPU node
+    for key in GPU_ONLY:
+        assert (checks[key]["status"], checks[key]["summary"]) == (NOT_RUN, reason), key
+    assert checks["throughput_compiled"]["status"] == NOT_RUN
+    assert "--quick" in checks["throughput_compiled"]["summary"]
+    ran = set(checks) - set(GPU_ONLY) - {"throughput_compiled"}
+    assert ran == {"environment", "decode", "throughput", "epochs", "ddp_gloo"}
+    for key in ran:
+        assert checks[key]["status"] == PASSED, (key, checks[key]["summary"])
+    env = checks["environment"]["details"]
+    assert env["cpus_usable"] >= 1 and env["torch"] == torch.__version__ and env["dali"]
+    assert "nvidia_driver_capabilities" in env
+    assert env["gpu_count"] == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    counts = checks["ddp_gloo"]["details"]["batch_counts"]
+    assert counts[0]["batches"] == counts[1]["batches"] == [counts[0]["expected"]] * 2
+    assert checks["ddp_gloo"]["details"]["epochs"] == [1, 2]
+    assert report["counts"] == {PASSED: 5, FAILED: 0, NOT_RUN: 6}
+    for check in report["checks"]:  # one table row per check, its status in the status column
+        assert f"| {check['number']} | {check['title']} | {check['status']} |" in markdown
+    assert "not run" in result.output and str(out / "report.md") in result.output
+
+
+def test_environment_warns_when_the_container_hides_the_video_capability(monkeypatch):
+    assert doctor.video_capability(None) is None
+    assert doctor.video_capability("compute,utility") is False
+    assert doctor.video_capability("compute, utility, video") is True
+    assert doctor.video_capability("all") is True
+    monkeypatch.setenv("NVIDIA_DRIVER_CAPABILITIES", "compute,utility")
+    cpu = doctor.check_environment(CPU)
+    assert cpu.status == PASSED and cpu.details["warnings"] == []  # the CPU path needs no video
+    assert cpu.details["nvidia_driver_capabilities"] == "compute,utility"
+    assert cpu.details["cpus_usable"] == len(__import__("os").sched_getaffinity(0))
+    # Judged for a GPU run (the CUDA calls it makes are guarded by torch.cuda.is_available()).
+    gpu = doctor.check_environment(torch.device("cuda", 0))
+    assert any("lacks `video`" in w and "silently" in w for w in gpu.details["warnings"])
+
+
+def test_decode_check_times_dali_cpu_over_threads_and_leaves_the_hw_sweep_to_the_gpu(packed):
+    decode, hw = doctor.check_decode(packed, tiny_plan())
+    assert decode.status == PASSED
+    assert [(r["kind"], r["threads"]) for r in decode.details["rows"]] == [
+        ("dali-cpu", 1),
+        ("dali-cpu", 2),
+    ]
+    assert all(
+        r["images_per_s"] > 0 and r["hw_decoder_load"] is None for r in decode.details["rows"]
+    )
+    assert (hw.key, hw.status, hw.summary) == ("hw_decoder", NOT_RUN, doctor.no_cuda_reason(CPU))
+
+
+def rows(rates: dict[float, float], jpg: int | None) -> list[dict]:
+    return [
+        {"hw_decoder_load": load, "threads": 4, "images_per_s": rate, "nvjpg_max_pct": jpg}
+        for load, rate in rates.items()
+    ]
+
+
+def test_hardware_decoder_verdict_trusts_nvjpg_utilisation_not_the_speed_up():
+    verdict = doctor.hardware_decoder_verdict
+    used = verdict(rows({0.0: 1000, 1.0: 3000}, 40), "", "hw", "c")
+    assert used.status == PASSED and "40%" in used.summary and "3.00x" in used.summary
+    idle = verdict(rows({0.0: 1000, 1.0: 3000}, 0), "", "hw", "c")
+    assert idle.status == FAILED and "NVJPG stayed at 0%" in idle.summary
+    unknown = verdict(rows({0.0: 1000, 1.0: 3000}, None), "NVML unavailable (x)", "hw", "c")
+    assert unknown.status == NOT_RUN and "NVML unavailable" in unknown.summary
+    assert "only suggests" in unknown.summary and "3.00x" in unknown.summary
+
+
+def test_throughput_check_times_loader_model_and_fed_training(packed, tmp_path):
+    eager, compiled = doctor.check_throughput(packed, tiny_plan(compile=False), tmp_path, True)
+    assert eager.status == PASSED
+    (row,) = eager.details["rows"]
+    assert row["batch_size"] == 8 and row["amp"] == "off" and not row["compile"]
+    assert all(row[k] > 0 for k in ("loader", "memory", "fed"))
+    assert row["overhead"] == pytest.approx(row["memory"] / row["fed"])
+    assert (compiled.status, compiled.summary) == (NOT_RUN, "--quick skips torch.compile")
+
+
+def test_epochs_check_counts_batches_threads_and_memory_per_epoch(packed):
+    check = doctor.check_epochs(packed, tiny_plan())
+    assert check.status == PASSED, check.summary
+    epochs = check.details["rows"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert len({r["batches"] for r in epochs}) == 1 and epochs[0]["batches"] == 223 // 16
+    assert all(r["threads"] > 0 and r["rss_mib"] > 0 and r["first_batch_s"] >= 0 for r in epochs)
+    assert "cuda_allocated_mib" not in epochs[0]  # no CUDA: GPU memory is not made up
+
+
+def test_pixel_parity_compares_two_decoders_frame_by_frame(packed):
+    plan = tiny_plan(image_size=64)  # the frames' own size: no resize, only the decoders differ
+    same = doctor.check_pixel_parity(packed, plan, kinds=("dali-cpu", "dali-cpu"), batches=2)
+    assert same.status == PASSED and same.details["max_abs_diff"] == 0
+    assert same.details["frames"] == 32
+    # DALI's CPU decoder against PIL (webdataset), the same val frames matched by key and order
+    # (here they agree to float rounding: both are libjpeg-turbo).
+    other = doctor.check_pixel_parity(packed, plan, kinds=("dali-cpu", "wds"), batches=2)
+    assert other.status == PASSED, other.summary
+    assert other.details["mean_abs_diff"] < doctor.PARITY_MEAN_TOLERANCE
+    gpu = doctor.check_pixel_parity(packed, plan)
+    assert (gpu.status, gpu.summary) == (NOT_RUN, doctor.no_cuda_reason(CPU))
+
+
+def test_gpu_only_checks_do_not_run_without_cuda(packed, tmp_path):
+    plan = tiny_plan()
+    for check in (
+        doctor.check_buffer_lifetime(packed, plan),
+        doctor.check_sync_profile(packed, plan, tmp_path),
+        doctor.check_ddp(packed, plan, tmp_path, cuda=True),
+    ):
+        assert check.key in GPU_ONLY and (check.status, check.summary) == (
+            NOT_RUN,
+            doctor.no_cuda_reason(CPU),
+        )
+        assert check.criterion  # the report still says what the check would prove
+
+
+def test_a_gpu_only_check_that_claims_to_pass_on_the_cpu_is_reported_failed():
+    checks = [Check("pixel_parity", "parity", PASSED, "ok"), Check("epochs", "e", PASSED, "ok")]
+    doctor.enforce_gpu_only(checks, CPU)
+    assert [c.status for c in checks] == [FAILED, PASSED]
+    assert "doctor bug" in checks[0].summary
+
+
+def test_a_check_that_raises_becomes_a_failed_row_and_the_run_goes_on():
+    def check_broken():
+        raise RuntimeError("boom\nsecond line")
+
+    (check,) = doctor.guarded("9", "broken", check_broken)
+    assert (check.key, check.number, check.status) == ("broken", "9", FAILED)
+    assert check.summary == "error: RuntimeError: boom"
+    assert "Traceback" in check.details["traceback"]
+    assert math.isfinite(check.seconds)
+
+
+def test_doctor_refuses_cuda_where_there_is_none(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    result = CliRunner().invoke(main, ["doctor", "--out", str(tmp_path), "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+@pytest.mark.gpu
+def test_gpu_checks_pass_on_a_gpu(packed, tmp_path):
+    """What only a GPU node proves: the same functions `affectfast doctor` runs there."""
+    plan = dataclasses.replace(
+        doctor.make_plan(torch.device("cuda", torch.cuda.current_device()), quick=True),
+        image_size=64,
+        batch_sizes=(32,),
+        threads=(2,),
+        hw_loads=(0.0, 1.0),
+        decode_batch=32,
+        small_batch=16,
+        steps=2,
+        repeats=1,
+        warmup=2,
+        epochs=3,
+    )
+    decode, hw = doctor.check_decode(packed, plan)
+    assert decode.status == PASSED and len(decode.details["rows"]) == 2
+    assert hw.key == "hw_decoder"  # passed, failed or not run: that depends on the GPU and driver
+    (eager, _) = doctor.check_throughput(packed, plan, tmp_path, True)
+    assert eager.status == PASSED and eager.details["rows"][0]["amp"] in ("bf16", "fp16")
+    lifetime = doctor.check_buffer_lifetime(packed, plan, batches=5, delay=2)
+    assert lifetime.status == PASSED, lifetime.summary
+    profile = doctor.check_sync_profile(packed, plan, tmp_path, steps=2)
+    assert profile.status == PASSED and (tmp_path / "trace_train_steps.json").exists()
+    parity = doctor.check_pixel_parity(packed, plan, batches=2)
+    assert parity.status == PASSED, parity.summary
+    epochs = doctor.check_epochs(packed, plan)
+    assert epochs.status == PASSED, epochs.summary
+    assert "cuda_allocated_mib" in epochs.details["rows"][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_doctor_quick_on_a_gpu_runs_every_gpu_check(tmp_path):
+    out = tmp_path / "report"
+    CliRunner().invoke(main, ["doctor", "--out", str(out), "--quick"])
+    checks = {c["key"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
+    one_gpu = torch.cuda.device_count() < 2
+    for key in set(GPU_ONLY) - {"hw_decoder"} - ({"ddp_gpus"} if one_gpu else set()):
+        assert checks[key]["status"] == PASSED, (key, checks[key]["summary"])
+    if one_gpu:
+        assert (checks["ddp_gpus"]["status"], checks["ddp_gpus"]["summary"]) == (NOT_RUN, "one GPU")
