@@ -8,6 +8,8 @@ The input tree is described in DESIGN.md §1. The reader does three things:
    requested tasks, checks headers and values, joins the tasks per (video, frame) and keeps the
    frames that have an image and at least one valid label.
 3. :func:`image_path` and :func:`sample_key` name a frame's image and its shard key.
+4. :func:`read_test_set` reads ABAW test-set lists (video names, no labels): every frame with an
+   image of each listed video, for the unlabelled ``test`` split.
 
 Per-frame data lives only in the numpy arrays of :class:`VideoLabels` (about 25 bytes per frame,
 70 MB for the 2.8M frames of the real dataset). Parsing uses ``np.fromstring`` on a whole file at
@@ -91,6 +93,9 @@ class VideoLabels:
     expr: np.ndarray  # int8 N, -1 where ignored or absent
     au: np.ndarray  # int8 N×12, a row of -1 where ignored or absent
     ignored_files: int = 0  # entries of the frames folder that are not frames (hidden ones aside)
+    # Frames of the video by its annotation files: lines after the header (the longest file of the
+    # video's tasks), images or not. 0 where unknown (a test video has no annotation file).
+    frame_count: int = 0
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -291,24 +296,19 @@ def _index_annotations(
 def _read_video(frames_dir: Path, video: str, split: str, files: dict[str, Path]) -> VideoLabels:
     """Join one video's task files with its images; keep frames with an image and a valid label."""
     folder = frames_dir / video
-    frames, ignored = _list_frames(folder)
-    example = f", e.g. {min(ignored)!r}" if ignored else ""
-    if ignored:  # not frames, maybe meant as frames: never drop them without a word
-        tqdm.write(
-            f"ignored {len(ignored)} {'entry' if len(ignored) == 1 else 'entries'} in {folder} "
-            f"that are not frames (regular files named NNNNN.jpg){example}",
-            file=sys.stderr,
-        )
+    frames, ignored = _frames_of(folder)
     if not len(frames):
         raise DataError(
             folder,
             f"no frame image (a regular file named NNNNN.jpg) for the annotations in "
-            f"{next(iter(files.values()))}; {len(ignored)} other entries{example}",
+            f"{next(iter(files.values()))}; {len(ignored)} other entries{_example(ignored)}",
         )
     columns = _ignored_columns(len(frames))
     keep = np.zeros(len(frames), dtype=bool)
+    frame_count = 0
     for task, path in files.items():
         per_line = _parse_annotation(path, task)  # row i = frame i+1
+        frame_count = max(frame_count, len(per_line))
         # Images past the last annotation line have no label; lines past the last image are unused.
         labelled = frames <= len(per_line)
         columns[task][labelled] = per_line[frames[labelled] - 1]
@@ -319,7 +319,24 @@ def _read_video(frames_dir: Path, video: str, split: str, files: dict[str, Path]
         frames=frames[keep],
         **{task: column[keep] for task, column in columns.items()},
         ignored_files=len(ignored),
+        frame_count=frame_count,
     )
+
+
+def _frames_of(folder: Path) -> tuple[np.ndarray, list[str]]:
+    """:func:`_list_frames`, saying on stderr what in the folder is not a frame."""
+    frames, ignored = _list_frames(folder)
+    if ignored:  # not frames, maybe meant as frames: never drop them without a word
+        tqdm.write(
+            f"ignored {len(ignored)} {'entry' if len(ignored) == 1 else 'entries'} in {folder} "
+            f"that are not frames (regular files named NNNNN.jpg){_example(ignored)}",
+            file=sys.stderr,
+        )
+    return frames, ignored
+
+
+def _example(names: list[str]) -> str:
+    return f", e.g. {min(names)!r}" if names else ""
 
 
 def _ignored_columns(n: int) -> dict[str, np.ndarray]:
@@ -354,6 +371,109 @@ def _list_frames(video_dir: Path) -> tuple[np.ndarray, list[str]]:
         names = {f"{frame:0{FRAME_DIGITS}d}.jpg" for frame in frames.tolist()}
         ignored = [n for n in regular + other if n not in names and not n.startswith(".")]
     return frames, ignored
+
+
+# --- the unlabelled test set ---------------------------------------------------------------------
+
+
+def read_test_list(path: str | Path) -> list[tuple[str, int]]:
+    """``(video, line)`` per name of an ABAW test-set list: one video name a line, blank lines and
+    surrounding spaces skipped. A name that is not a video name, a name listed twice or a list
+    naming no video is a DataError naming the file (and line)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        raise DataError(path, f"cannot read the test list: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise DataError(path, "the test list is not UTF-8 text") from None
+    names: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if not is_video_name(name):
+            raise DataError(
+                path,
+                f"{_excerpt(name)!r} is not a video name (a folder name under {FRAMES_DIR}: "
+                "printable ASCII, no space, slash or dot)",
+                number,
+            )
+        if name in names:
+            raise DataError(
+                path, f"video {name} is listed twice (first on line {names[name]})", number
+            )
+        names[name] = number
+    if not names:
+        raise DataError(path, "the test list names no video (expected one video name a line)")
+    return list(names.items())
+
+
+# Printable ASCII without space, slash, backslash or dot: a folder name under cropped_aligned that
+# is also a valid shard key prefix (DALI splits at the first dot) and never leaves that folder.
+_VIDEO_NAME = re.compile(r"(?:(?![/\\.])[!-~])+")
+
+
+def is_video_name(name: str) -> bool:
+    """Whether ``name`` can be a video: one path component of printable ASCII without space,
+    slash, backslash or dot (so ``<folder>/<name>.txt`` never leaves ``<folder>``)."""
+    return _VIDEO_NAME.fullmatch(name) is not None
+
+
+def read_test_set(
+    dirs: AnnotationDirs, lists: dict[str, str | Path]
+) -> tuple[list[VideoLabels], dict[str, list[str]]]:
+    """The videos that ABAW test-set lists name: split "test", every frame with an image, no label.
+
+    ``lists`` maps a task to its list file (:func:`read_test_list`). A listed video without a
+    frames folder or without any frame image, or with an annotation file for the task whose list
+    names it (test leakage: labels for another task are allowed), is a DataError naming the list
+    file and line. Returns the videos sorted by name (``frame_count`` 0: unknown) and each task's
+    names, sorted.
+    """
+    return test_videos(dirs, {task: (Path(p), read_test_list(p)) for task, p in lists.items()})
+
+
+def test_videos(
+    dirs: AnnotationDirs, listed: dict[str, tuple[Path, list[tuple[str, int | None]]]]
+) -> tuple[list[VideoLabels], dict[str, list[str]]]:
+    """:func:`read_test_set` from names already read: ``{task: (where, [(video, line), ...])}``
+    (``where`` and ``line`` name the source in errors; a line may be None)."""
+    tasks = [t for t in TASKS if dirs.task_dir(t) is not None]
+    annotated = _index_annotations(dirs, tasks) if tasks else {}
+    first: dict[str, tuple[Path, int | None]] = {}  # video -> the first (list, line) naming it
+    for task, (path, names) in listed.items():
+        for name, line in names:
+            files = annotated.get(name, ("", {}))[1]
+            if task in files:
+                raise DataError(
+                    path,
+                    f"video {name} is in the {task} test list but has {task} labels in "
+                    f"{files[task]}: test leakage",
+                    line,
+                )
+            if not (dirs.frames / name).is_dir():
+                raise DataError(
+                    path, f"unknown video {name}: no frames folder {dirs.frames / name}", line
+                )
+            first.setdefault(name, (path, line))
+    videos = []
+    for name in sorted(first):
+        frames, ignored = _frames_of(dirs.frames / name)
+        if not len(frames):
+            path, line = first[name]
+            raise DataError(
+                path,
+                f"video {name} has no frame image (a regular file named NNNNN.jpg) in "
+                f"{dirs.frames / name}; {len(ignored)} other entries{_example(ignored)}",
+                line,
+            )
+        videos.append(
+            VideoLabels(
+                name, "test", frames, **_ignored_columns(len(frames)), ignored_files=len(ignored)
+            )
+        )
+    return videos, {task: sorted(n for n, _ in names) for task, (_, names) in listed.items()}
 
 
 # --- parsing one annotation file ------------------------------------------------------------------

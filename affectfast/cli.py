@@ -132,6 +132,20 @@ def main():
     type=click.IntRange(min=1),
     help="Drawing processes (the tree does not depend on it).",
 )
+@config_option(
+    "--noisy-frames",
+    config=SYNTH,
+    type=click.FloatRange(0, 1),
+    help="Fraction of frames whose cues are corrupted (occlusion, exposure jump or blur) while "
+    "their labels stay smooth along the video: what temporal smoothing is for.",
+)
+@config_option(
+    "--test-videos",
+    config=SYNTH,
+    type=click.IntRange(min=0),
+    help="More frame folders held out as an ABAW test set: no annotation file; "
+    "test_lists/{VA,EXPR,AU}_test_set.txt and test_lists/frame_counts.csv name them.",
+)
 @click.option(
     "--overwrite", is_flag=True, help="Write into a non-empty OUT (old files may remain)."
 )
@@ -150,10 +164,42 @@ def synth_command(out, **options):
         synthesize(config, progress=True)
     except FileExistsError as error:
         raise click.UsageError(str(error)) from None
-    click.echo(f"wrote {out}: {config.videos} videos x {config.frames} frames, seed {config.seed}")
+    held_out = f", {config.test_videos} test videos" if config.test_videos else ""
+    click.echo(
+        f"wrote {out}: {config.videos} videos x {config.frames} frames{held_out}, seed {config.seed}"
+    )
 
 
 # --- pack / verify ---------------------------------------------------------------------------------
+
+
+def _test_lists(ctx, param, values):
+    """Parse repeated --test-videos into (task, list file) pairs: one FILE for every task, or
+    TASK=FILE per task (a value whose text before "=" is not a task is a file name)."""
+    if not values:
+        return ()
+    from affectfast.tasks import TASKS
+
+    pairs, files = [], []
+    for value in values:
+        task, sep, path = value.partition("=")
+        if sep and task.strip().lower() in TASKS:
+            if not path:
+                raise click.BadParameter(f"{value!r}: expected TASK=FILE with a file name")
+            pairs.append((task.strip().lower(), Path(path)))
+        else:
+            files.append(Path(value))
+    if files and (pairs or len(files) > 1):
+        raise click.BadParameter(
+            "give one FILE for every task, or TASK=FILE (va, expr, au) per task, not both"
+        )
+    if files:
+        return tuple((task, files[0]) for task in TASKS)
+    tasks = [task for task, _ in pairs]
+    twice = sorted({task for task in tasks if tasks.count(task) > 1})
+    if twice:
+        raise click.BadParameter(f"a second list for {', '.join(twice)}: one list per task")
+    return tuple(pairs)
 
 
 @main.command("pack")
@@ -209,11 +255,22 @@ def synth_command(out, **options):
     default=None,
     help="The AU_Detection_Challenge folder, if not found under ROOT.",
 )
+@click.option(
+    "--test-videos",
+    "test_lists",
+    multiple=True,
+    callback=_test_lists,
+    metavar="[TASK=]FILE",
+    help="An ABAW test-set list (one video name a line): FILE for every task, or TASK=FILE per "
+    "task (repeat it). Packs a test split of those videos' images; a video with labels for the "
+    "task of its list is refused.",
+)
 @exits_2_on_data_error
 def pack_command(root, out, **options):
     """Pack the Aff-Wild2 tree ROOT into WebDataset shards + DALI indexes + manifest.json.
 
     Byte-identical for any --workers; a killed pack run again resumes where it stopped.
+    With --test-videos it also writes the unlabelled test split (images only).
     """
     from affectfast.pack import PackConfig, pack
     from affectfast.shards import manifest_summary
@@ -451,6 +508,14 @@ def _eval_config(**options):
     help="Also report AU F1 at per-AU thresholds tuned on SPLIT.",
 )
 @click.option(
+    "--tune-smoothing",
+    is_flag=True,
+    default=None,
+    help="Also choose a temporal smoothing window per task on SPLIT (every frame completed, "
+    "then a moving average per video), print the raw and smoothed scores and save "
+    "smoothing.json beside CHECKPOINT (what predict --smooth applies).",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -458,14 +523,22 @@ def _eval_config(**options):
 )
 @exits_2_on_data_error
 def evaluate_command(as_json, **options):
-    """Print the ABAW metrics of CHECKPOINT on SHARDS: CCC, F1 per expression and per AU, P_MTL."""
+    """Print the ABAW metrics of CHECKPOINT on SHARDS: CCC, F1 per expression and per AU, P_MTL.
+
+    The test split has no labels: evaluate train or val (predict writes the test files).
+    """
     import json
 
     from affectfast.metrics import format_tables
-    from affectfast.predict import evaluate
+    from affectfast.predict import evaluate, format_smoothing
 
     metrics = evaluate(_eval_config(**options))
-    click.echo(json.dumps(metrics) if as_json else format_tables(metrics))
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    click.echo(format_tables(metrics))
+    if "smoothing" in metrics:
+        click.echo("\n" + format_smoothing(metrics["smoothing"]))
 
 
 @main.command("predict")
@@ -474,15 +547,36 @@ def evaluate_command(as_json, **options):
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Folder for <Challenge>/<video>.txt prediction files.",
+    help="Folder for <Challenge>/<video>.txt prediction files: missing, empty or an earlier "
+    "prediction folder, which is replaced whole once the new files are written and checked.",
+)
+@click.option(
+    "--frame-counts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV with the header video,frames: each video's frame count, faces or not. Overrides "
+    "the manifest's counts (from the annotations); required for every video without one (the "
+    "test set) when given. Without it, such videos end at their last image.",
+)
+@click.option(
+    "--smooth",
+    is_flag=True,
+    default=None,
+    help="Smooth along time with the windows of smoothing.json beside CHECKPOINT "
+    "(evaluate --tune-smoothing writes it).",
 )
 @exits_2_on_data_error
 def predict_command(out, **options):
-    """Write CHECKPOINT's predictions on SHARDS in the ABAW layout, one file per video and task."""
+    """Write CHECKPOINT's predictions on SHARDS as a complete ABAW submission.
+
+    One file per video and task (on the test split: per video its task's test list names), with
+    the task's header and a line for every frame 1..N of the video, faces or not: frames without
+    an image are interpolated from their neighbours, then smoothed with --smooth. Every file is
+    checked against the challenge format before --out is replaced.
+    """
     from affectfast.predict import predict
 
-    written = predict(_eval_config(**options), out)
-    click.echo(f"wrote {len(written)} prediction files under {out}")
+    click.echo(predict(_eval_config(**options), out).summary())
 
 
 # --- bench loaders ---------------------------------------------------------------------------------

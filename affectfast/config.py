@@ -171,10 +171,16 @@ class EvalConfig:
     batch_size: int = 256
     num_threads: int = 2
     tune_au_thresholds: bool = False  # also report AU F1 at per-AU thresholds tuned on split
+    # evaluate: choose a smoothing window per task on split, save smoothing.json beside checkpoint
+    tune_smoothing: bool = False
+    smooth: bool = False  # predict: apply the windows of smoothing.json beside the checkpoint
+    frame_counts: Path | None = None  # predict: a "video,frames" CSV of frames per video
 
     def __post_init__(self):
         object.__setattr__(self, "checkpoint", Path(self.checkpoint))
         object.__setattr__(self, "shards", Path(self.shards))
+        if self.frame_counts is not None:
+            object.__setattr__(self, "frame_counts", Path(self.frame_counts))
         if (
             self.loader not in SHARD_LOADER_KINDS
             or self.split not in SPLITS

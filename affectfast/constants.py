@@ -14,4 +14,7 @@ AMP_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
 DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 VA_LOSSES: tuple[str, ...] = ("ccc", "mse")
 JPEG_CHECKS: tuple[str, ...] = ("full", "header")
-SPLITS: tuple[str, ...] = ("train", "val")
+# Splits with labels (train and val) and the unlabelled ABAW test set (images only, packed from the
+# challenge's test lists). Training reads train and val only; evaluate refuses test; predict reads any.
+LABELLED_SPLITS: tuple[str, ...] = ("train", "val")
+SPLITS: tuple[str, ...] = (*LABELLED_SPLITS, "test")

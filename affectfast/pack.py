@@ -7,9 +7,9 @@ shards of ``shard_size`` samples and lets worker processes write whole shards. T
 DESIGN.md §2 and ``docs/shard-format.md``; its code (names, tar members, ``.idx``) is ``shards.py``.
 
 Guarantees:
-- The output bytes depend only on the source and (shard_size, seed, check, skip_bad): never on the
-  number of workers, on timing or on reruns. Tar headers carry fixed metadata (GNU format, mtime 0,
-  uid/gid 0, no user/group names, mode 0o644) and there are no directory entries.
+- The output bytes depend only on the source and (shard_size, seed, check, skip_bad, test_lists):
+  never on the number of workers, on timing or on reruns. Tar headers carry fixed metadata (GNU
+  format, mtime 0, uid/gid 0, no user/group names, mode 0o644) and there are no directory entries.
 - A shard is written as ``.NAME.tar.tmp`` / ``.NAME.idx.tmp`` and renamed when complete (tar, then
   idx), so nothing partial ever sits under a final name. ``.pack-state.jsonl`` records the source
   fingerprint and settings, then one line per finished shard; a pack killed midway and run again
@@ -18,6 +18,11 @@ Guarantees:
 - One pack at a time per output folder: ``.pack.lock`` (flock) makes a second one a DataError.
 - A bad JPEG is a DataError naming the file, and the shards this run wrote are removed; with
   ``skip_bad`` it is left out, listed and counted in the manifest. ``manifest.json`` comes last.
+
+With ``test_lists`` (ABAW test-set lists, one per task or one for all) it also writes a ``test``
+split: every frame with an image of each listed video, the JPEG alone, in video/frame order. The
+manifest records each task's list and, for every annotated video, its frame count (what a
+submission needs: a line for every frame, faces or not).
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ from affectfast.affwild2 import (
     VideoLabels,
     find_annotation_dirs,
     image_path,
+    read_test_set,
     read_tree,
     sample_key,
 )
+from affectfast.constants import LABELLED_SPLITS
 from affectfast.errors import DataError
 from affectfast.jpeg import CHECKS, JpegError, check_jpeg
 from affectfast.shards import (
@@ -81,7 +88,8 @@ TMP_SUFFIX = ".tmp"
 
 @dataclass(frozen=True)
 class PackConfig:
-    """What to pack and how. Only shard_size, seed, check and skip_bad change the output bytes."""
+    """What to pack and how. Only shard_size, seed, check, skip_bad and test_lists change the
+    output bytes."""
 
     root: Path | None  # the Aff-Wild2 tree; folders are searched below it
     out: Path  # output folder for shards, indexes and manifest.json
@@ -94,12 +102,21 @@ class PackConfig:
     va: Path | None = None
     expr: Path | None = None
     au: Path | None = None
+    # (task, list file) pairs: the ABAW test-set list of each task, packed as the split "test".
+    test_lists: tuple[tuple[str, Path], ...] = ()
 
     def __post_init__(self):
         for name in ("root", "out", "frames", "va", "expr", "au"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
+        lists = tuple((str(task), Path(path)) for task, path in self.test_lists)
+        object.__setattr__(self, "test_lists", lists)
+        tasks = [task for task, _ in lists]
+        if set(tasks) - set(TASKS) or len(set(tasks)) != len(tasks):
+            raise ValueError(
+                f"test_lists must name each of {', '.join(TASKS)} at most once: {lists}"
+            )
         if self.out is None:
             raise ValueError("out is required")
         if self.root is None and self.frames is None:
@@ -115,13 +132,16 @@ class PackConfig:
 
     def settings(self) -> dict:
         """The settings that decide the output bytes (recorded in the state file and manifest)."""
-        return {
+        settings = {
             "format_version": FORMAT_VERSION,  # a state file of another format is not reused
             "shard_size": self.shard_size,
             "seed": self.seed,
             "check": self.check,
             "skip_bad": self.skip_bad,
         }
+        if self.test_lists:  # only then: a pack without a test set keeps the settings it had
+            settings["test_lists"] = {task: str(path) for task, path in sorted(self.test_lists)}
+        return settings
 
 
 # --- the global index -----------------------------------------------------------------------------
@@ -131,10 +151,10 @@ class PackConfig:
 class SampleIndex:
     """Every sample of the tree as numpy columns, row i one frame; no per-frame Python objects."""
 
-    videos: list[str]  # video names, sorted; ``video`` holds indexes into this list
+    videos: list[str]  # video names, sorted per split; ``video`` holds indexes into this list
     video: np.ndarray  # int32 N
     frame: np.ndarray  # int32 N, 1-based
-    train: np.ndarray  # bool N, True for split "train"
+    split: np.ndarray  # int8 N, the index of the row's split in SPLITS
     va: np.ndarray  # float32 N×2 (NaN: ignored)
     expr: np.ndarray  # int8 N (-1: ignored)
     au: np.ndarray  # int8 N×12 (-1 rows: ignored)
@@ -144,7 +164,7 @@ class SampleIndex:
 
     def rows(self, split: str) -> np.ndarray:
         """Row numbers of ``split`` in video/frame order."""
-        return np.flatnonzero(self.train if split == "train" else ~self.train)
+        return np.flatnonzero(self.split == SPLITS.index(split))
 
 
 def build_index(videos: list[VideoLabels], frames_dir: Path) -> SampleIndex:
@@ -162,7 +182,7 @@ def build_index(videos: list[VideoLabels], frames_dir: Path) -> SampleIndex:
         videos=[v.name for v in videos],
         video=np.repeat(np.arange(len(videos), dtype=np.int32), lengths),
         frame=column("frames", np.int32, ()),
-        train=np.repeat(np.array([v.split == "train" for v in videos], dtype=bool), lengths),
+        split=np.repeat(np.array([SPLITS.index(v.split) for v in videos], dtype=np.int8), lengths),
         va=column("va", np.float32, (2,)),
         expr=column("expr", np.int8, ()),
         au=column("au", np.int8, (NUM_AU,)),
@@ -196,8 +216,11 @@ def shuffle_order(index: SampleIndex, split: str, seed: int) -> np.ndarray:
 # --- the source fingerprint -----------------------------------------------------------------------
 
 
-def fingerprint_source(dirs: AnnotationDirs, videos: list[str]) -> str:
-    """sha256 over every annotation file (name and bytes) and the image names of each video."""
+def fingerprint_source(
+    dirs: AnnotationDirs, videos: list[str], test_names: dict[str, list[str]] | None = None
+) -> str:
+    """sha256 over every annotation file (name and bytes), the image names of each video and the
+    videos of each task's test list (``test_names``; none: the digest of a pack without them)."""
     digest = hashlib.sha256()
 
     def add(text: str, data: bytes = b"") -> None:
@@ -219,6 +242,8 @@ def fingerprint_source(dirs: AnnotationDirs, videos: list[str]) -> str:
                 add(f"{task}/{set_dir}/{name}", (folder / set_dir / name).read_bytes())
     for video in videos:
         add(video, "\n".join(sorted(os.listdir(dirs.frames / video))).encode())
+    for task, names in sorted((test_names or {}).items()):
+        add(f"test list {task}", "\n".join(names).encode())
     return "sha256:" + digest.hexdigest()
 
 
@@ -508,7 +533,10 @@ def _difference(found: dict | None, wanted: dict) -> str:
     if not isinstance(found, dict):
         return f"unreadable pack state; {advice}"
     if found.get("fingerprint") != wanted["fingerprint"]:
-        return f"holds shards of another source tree (its annotations or images changed); {advice}"
+        return (
+            "holds shards of another source tree (its annotations, images or test lists "
+            f"changed); {advice}"
+        )
     changed = [
         f"{k} {found.get('settings', {}).get(k)!r} -> {v!r}"
         for k, v in wanted["settings"].items()
@@ -605,7 +633,7 @@ def build_manifest(
     stats of the samples actually written, and per video the entries of its frames folder that
     were not frames (``ignored``)."""
     splits = {}
-    for split in SPLITS:
+    for split in plan:
         shards, bad, kept, sizes = [], [], [], {}
         for number, rows in enumerate(plan[split]):
             record = records[shard_name(split, number)]
@@ -663,13 +691,23 @@ def build_manifest(
     }
 
 
+def add_submission_fields(
+    manifest: dict, frame_counts: dict[str, int], test_names: dict[str, list[str]]
+) -> None:
+    """What a complete submission needs, added to the manifest: ``frame_counts`` (every annotated
+    video's frames by its annotation files) and, with a test split, each task's test list."""
+    manifest["frame_counts"] = dict(sorted(frame_counts.items()))
+    if "test" in manifest["splits"]:
+        manifest["splits"]["test"]["lists"] = test_names
+
+
 # --- the whole pack -------------------------------------------------------------------------------
 
 
 def plan_shards(index: SampleIndex, config: PackConfig) -> dict[str, list[np.ndarray]]:
-    """Per split, the global rows of each shard in write order."""
+    """Per split, the global rows of each shard in write order (``test`` only with test lists)."""
     plan = {}
-    for split in SPLITS:
+    for split in SPLITS if config.test_lists else LABELLED_SPLITS:
         order = shuffle_order(index, split, config.seed)
         plan[split] = [
             order[i : i + config.shard_size] for i in range(0, len(order), config.shard_size)
@@ -700,14 +738,19 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
         config.root, frames=config.frames, va=config.va, expr=config.expr, au=config.au
     )
     videos = read_tree(dirs, progress=progress)
-    ignored = {video.name: video.ignored_files for video in videos if video.ignored_files}
-    index = build_index(videos, dirs.frames)
-    del videos  # the index holds copies of its arrays: 70 MB at full scale
-    if len(index) == 0:
+    if len(videos) == 0:
         raise DataError(
             dirs.frames, "no frame has both an image and a valid label: nothing to pack"
         )
-    fingerprint = fingerprint_source(dirs, index.videos)
+    frame_counts = {video.name: video.frame_count for video in videos}
+    test_videos, test_names = (
+        read_test_set(dirs, dict(config.test_lists)) if config.test_lists else ([], {})
+    )
+    videos += test_videos
+    ignored = {video.name: video.ignored_files for video in videos if video.ignored_files}
+    index = build_index(videos, dirs.frames)
+    del videos  # the index holds copies of its arrays: 70 MB at full scale
+    fingerprint = fingerprint_source(dirs, sorted(set(index.videos)), test_names or None)
     plan = plan_shards(index, config)
 
     config.out.mkdir(parents=True, exist_ok=True)
@@ -720,7 +763,7 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
                 "settings": config.settings(),
             },
         )
-        shards = [(split, n) for split in SPLITS for n in range(len(plan[split]))]
+        shards = [(split, n) for split in plan for n in range(len(plan[split]))]
         names = [shard_name(*s) for s in shards]
         remove_temporaries(config.out, names)  # only now: PackState accepted the folder as ours
         todo = [s for s in shards if state.finished(shard_name(*s)) is None]
@@ -755,5 +798,6 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
 
         records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
         manifest = build_manifest(config, dirs, fingerprint, index, plan, records, ignored)
+        add_submission_fields(manifest, frame_counts, test_names)
         _write_atomic(config.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest

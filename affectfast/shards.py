@@ -119,8 +119,9 @@ class Shard:
     jpeg_bytes: int  # total size of the jpg members
 
     def count(self, tasks: tuple[str, ...]) -> int:
-        """Samples a loader of ``tasks`` reads here: uni-task keeps those with its label."""
-        return self.samples if len(tasks) > 1 else self.counts[tasks[0]]
+        """Samples a loader of ``tasks`` reads here: uni-task keeps those with its label; a
+        multi-task one, or one reading no label (the unlabelled test split), every sample."""
+        return self.samples if len(tasks) != 1 else self.counts[tasks[0]]
 
 
 def split_shards(shards: str | Path, split: str) -> list[Shard]:

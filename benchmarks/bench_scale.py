@@ -72,6 +72,7 @@ import numpy as np
 
 import affectfast
 from affectfast.affwild2 import FRAMES_DIR
+from affectfast.constants import LABELLED_SPLITS
 from affectfast.synth import (
     VideoPlan,
     annotation_path,
@@ -80,7 +81,7 @@ from affectfast.synth import (
     face_masks,
     video_style,
 )
-from affectfast.tasks import HEADERS, NUM_AU, NUM_EXPR, SPLITS, TASKS
+from affectfast.tasks import HEADERS, NUM_AU, NUM_EXPR, TASKS
 
 AFFWILD2_FRAMES = 2_800_000
 AFFWILD2_VIDEOS = 564
@@ -234,7 +235,7 @@ def plan_videos(frames: int, seed: int) -> list[VideoShape]:
     has = {task: rng.random(n) < share for task, share in TASK_SHARE.items()}
     has["va"] |= ~(has["expr"] | has["au"])  # every video has at least one task
     for task in TASKS:  # every (task, split) has at least one video
-        for split in SPLITS:
+        for split in LABELLED_SPLITS:
             if not any(has[task][i] for i in range(n) if splits[i] == split):
                 has[task][splits.index(split)] = True
     return [

@@ -15,6 +15,8 @@ from affectfast.affwild2 import (
     AnnotationDirs,
     find_annotation_dirs,
     image_path,
+    read_test_list,
+    read_test_set,
     read_tree,
     sample_key,
 )
@@ -504,3 +506,41 @@ def test_synthetic_tree_agrees_with_a_naive_reading(synth_tree):
             np.testing.assert_allclose(got[key].pop("va"), entry.pop("va"), rtol=1e-6)
         assert got[key] == entry, key
     assert {v.split for v in videos} == {"train", "val"}
+
+
+# --- the unlabelled test set ----------------------------------------------------------------------
+
+
+def test_frame_count_is_the_longest_annotation_file(tree):
+    (video,) = read_tree(find_annotation_dirs(tree))
+    assert video.frame_count == 6  # 6 lines after each header, though the last image is frame 5
+    write_labels(tree, EXPR_DIR, "v1", ["3", "-1", "4", "0", "-1", "7", "1", "2"], task="expr")
+    assert read_tree(find_annotation_dirs(tree))[0].frame_count == 8
+
+
+def test_test_list_accepts_crlf_bom_spaces_and_blank_lines(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_bytes(b"\xef\xbb\xbft1\r\n\r\n  t2_left \r\nt2_right")
+    assert read_test_list(path) == [("t1", 1), ("t2_left", 3), ("t2_right", 4)]
+
+
+def test_test_set_holds_every_image_of_listed_videos_without_labels(tree, tmp_path):
+    write_frames(tree, "t1", [2, 3, 7])
+    (tree / "cropped_aligned" / "t1" / "notes.txt").write_text("x")
+    va = tmp_path / "va.txt"
+    va.write_text("t1\n")
+    expr = tmp_path / "expr.txt"
+    expr.write_text("t1\n")
+    videos, names = read_test_set(find_annotation_dirs(tree), {"va": va, "expr": expr})
+    (video,) = videos
+    assert (video.name, video.split, video.frame_count, video.ignored_files) == ("t1", "test", 0, 1)
+    np.testing.assert_array_equal(video.frames, [2, 3, 7])
+    assert np.isnan(video.va).all() and (video.expr == -1).all() and (video.au == -1).all()
+    assert names == {"va": ["t1"], "expr": ["t1"]}
+    write_frames(tree, "empty", [])
+    va.write_text("t1\nempty\n")
+    with pytest.raises(DataError, match=r"va.txt:2: video empty has no frame image"):
+        read_test_set(find_annotation_dirs(tree), {"va": va})
+    va.write_text("t1\nv1\n")  # v1 has VA labels: leakage (pack tests the other-task case)
+    with pytest.raises(DataError, match=r"va.txt:2: video v1 is in the va test list but has va"):
+        read_test_set(find_annotation_dirs(tree), {"va": va})

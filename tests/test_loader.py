@@ -354,3 +354,28 @@ def test_damaged_index_is_a_data_error_naming_it(packed, tmp_path, damage):
     idx.write_text(damage)
     with pytest.raises(DataError, match=str(idx)):
         build_loader("wds", folder, "val", TASKS, 8)
+
+
+# --- the unlabelled test split --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS)
+@pytest.mark.parametrize("tasks", [("expr",), TASKS])
+def test_test_split_is_read_as_images_only_by_every_kind(packed_holdout, holdout_tree, kind, tasks):
+    # A uni-task reader skipping samples without its label would yield nothing here.
+    truth = shard_truth(packed_holdout, "test")
+    batches = epoch(kind, packed_holdout, holdout_tree, split="test", tasks=tasks)
+    keys = [key for b in batches for key in b.keys]
+    assert sorted(keys) == sorted(truth) and len(keys) == len(set(keys))
+    assert len(batches) == -(-len(truth) // BATCH)  # every sample once, the last batch partial
+    for b in batches:
+        assert set(b.labels) == set(b.masks) == set(tasks)
+        assert not any(m.any() for m in b.masks.values())
+        assert b.images.shape[1:] == (3, SIZE, SIZE)
+
+
+def test_test_split_on_a_pack_without_one_is_a_data_error(packed, synth_tree):
+    with pytest.raises(DataError, match="test"):
+        build_loader("dali-cpu", packed, "test", TASKS, BATCH)
+    with pytest.raises(DataError, match="no test split"):
+        build_loader("files", packed, "test", TASKS, BATCH, tree=synth_tree)

@@ -603,6 +603,178 @@ def test_cli_pack_smoke(synth_tree, packed, tmp_path):
     assert missing.exit_code == 2
 
 
+# --- the unlabelled test split (--test-videos) ----------------------------------------------------
+
+
+def listed_videos(lists) -> dict[str, list[str]]:
+    """task -> the video names of its list file."""
+    return {task: path.read_text().split() for task, path in lists}
+
+
+def test_test_split_holds_every_image_of_the_listed_videos_alone_in_order(
+    holdout_tree, holdout_lists, packed_holdout, packed
+):
+    names = sorted(set().union(*listed_videos(holdout_lists).values()))
+    frames = holdout_tree / "cropped_aligned"
+    expected = [
+        (f"{video}/{path.stem}", path)
+        for video in names
+        for path in sorted((frames / video).glob("*.jpg"))
+    ]
+    samples = read_shards(packed_holdout, "test")
+    assert [key for _, key, _ in samples] == [key for key, _ in expected]  # video/frame order
+    for (_, _, components), (_, path) in zip(samples, expected):
+        assert components == {"jpg": path.read_bytes()}  # the JPEG alone, never re-encoded
+    # Train and val are the bytes a pack without a test set writes (same tree, same settings).
+    labelled = {k: v for k, v in output_files(packed_holdout).items() if not k.startswith("test")}
+    assert {k: v for k, v in labelled.items() if k != MANIFEST} == {
+        k: v for k, v in output_files(packed).items() if k != MANIFEST
+    }
+    assert verify(packed_holdout, decode=True) == []
+
+
+def test_manifest_records_test_lists_and_frame_counts(holdout_tree, holdout_lists, packed_holdout):
+    manifest = json.loads((packed_holdout / MANIFEST).read_text())
+    test = manifest["splits"]["test"]
+    assert test["lists"] == {
+        task: sorted(names) for task, names in listed_videos(holdout_lists).items()
+    }
+    assert test["samples"] == len(read_shards(packed_holdout, "test"))
+    assert all(test["stats"][task]["valid"] == 0 for task in TASKS)
+    assert manifest["config"]["test_lists"] == {
+        task: str(path) for task, path in sorted(holdout_lists)
+    }
+    # Frame counts: lines after the header of each annotated video's files (the longest).
+    counts = {}
+    for path in (holdout_tree / "annotations").rglob("*.txt"):
+        lines = len(path.read_text().splitlines()) - 1
+        counts[path.stem] = max(counts.get(path.stem, 0), lines)
+    assert manifest["frame_counts"] == counts
+    assert not set(counts) & set(test["lists"]["va"])  # test videos have none
+
+
+def test_a_pack_without_test_lists_has_no_test_split(packed):
+    manifest = json.loads((packed / MANIFEST).read_text())
+    assert list(manifest["splits"]) == ["train", "val"] and "test_lists" not in manifest["config"]
+    assert not list(packed.glob("test-*"))
+
+
+def test_test_split_is_identical_for_two_workers_and_resumes(
+    holdout_tree, holdout_lists, packed_holdout, tmp_path
+):
+    out = tmp_path / "two"
+    pack_quiet(holdout_tree, out, workers=2, test_lists=holdout_lists)
+    assert output_files(out) == output_files(packed_holdout)
+    for path in out.glob("test-*"):  # a pack killed before the test split: only it is redone
+        path.unlink()
+    pack_quiet(holdout_tree, out, test_lists=holdout_lists)
+    assert output_files(out) == output_files(packed_holdout)
+    with pytest.raises(DataError, match="test lists changed"):  # never mixed with another test set
+        pack_quiet(holdout_tree, out, test_lists=holdout_lists[:1])
+
+
+def _list(tmp_path, *lines, name="list.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def _annotated(root: Path) -> dict[str, set[str]]:
+    """video -> tasks that have an annotation file for it."""
+    folders = {"VA": "va", "EXPR": "expr", "AU": "au"}
+    found = {}
+    for path in (root / "annotations").rglob("*.txt"):
+        task = folders[path.parent.parent.name.split("_")[0]]
+        found.setdefault(path.stem, set()).add(task)
+    return found
+
+
+def test_a_listed_video_with_labels_for_its_task_is_leakage_another_task_is_fine(
+    holdout_tree, tmp_path
+):
+    annotated = _annotated(holdout_tree)
+    video = sorted(v for v, tasks in annotated.items() if "va" in tasks)[0]
+    leaky = _list(tmp_path, "# not a comment: a name", video, name="va.txt")
+    leaky.write_text(f"\n{video}\n")
+    with pytest.raises(
+        DataError, match=rf"va.txt:2: video {video} is in the va test list.*leakage"
+    ):
+        pack_quiet(holdout_tree, tmp_path / "out", test_lists=[("va", leaky)])
+    assert not (tmp_path / "out").exists() or final_names(tmp_path / "out") == []
+    # A video lacking one task's labels may be in that task's test list: both splits hold it.
+    video, task = next(
+        (v, t) for v, tasks in sorted(annotated.items()) for t in TASKS if t not in tasks
+    )
+    manifest = pack_quiet(
+        holdout_tree, tmp_path / "ok", test_lists=[(task, _list(tmp_path, video))]
+    )
+    assert manifest["splits"]["test"]["lists"] == {task: [video]}
+    keys = [key for _, key, _ in read_shards(tmp_path / "ok", "test")]
+    assert keys and {key.split("/")[0] for key in keys} == {video}
+    labelled = {
+        key.split("/")[0]
+        for _, key, _ in read_shards(tmp_path / "ok", "train") + read_shards(tmp_path / "ok", "val")
+    }
+    assert video in labelled and video in manifest["frame_counts"]
+
+
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        (
+            ["21-60-480x360", "no-such-video"],
+            r"list.txt:2: unknown video no-such-video: no frames folder",
+        ),
+        (["../tree"], r"list.txt:1: '\.\./tree' is not a video name"),
+        (["a/b"], r"list.txt:1: 'a/b' is not a video name"),
+        (
+            ["21-60-480x360", "", "21-60-480x360"],
+            r"list.txt:3: video 21-60-480x360 is listed twice \(first on line 1\)",
+        ),
+        (["", "  "], r"list.txt: the test list names no video"),
+    ],
+)
+def test_a_bad_test_list_is_an_error_naming_its_line(holdout_tree, tmp_path, lines, match):
+    with pytest.raises(DataError, match=match):
+        pack_quiet(holdout_tree, tmp_path / "out", test_lists=[("expr", _list(tmp_path, *lines))])
+    assert not (tmp_path / "out").exists() or final_names(tmp_path / "out") == []
+
+
+def test_cli_test_videos_one_list_for_every_task_or_one_per_task(
+    holdout_tree, holdout_lists, packed_holdout, tmp_path
+):
+    def run(*options):
+        command = ["pack", str(holdout_tree), "--workers", "1", "--shard-size", str(SHARD_SIZE)]
+        return CliRunner().invoke(main, [*command, *options])
+
+    per_task = [o for task, path in holdout_lists for o in ("--test-videos", f"{task}={path}")]
+    result = run("--out", str(tmp_path / "per-task"), *per_task)
+    assert result.exit_code == 0, result.output
+    assert "test " in result.output
+    assert output_files(tmp_path / "per-task") == output_files(packed_holdout)
+    one = _list(tmp_path, *sorted(set().union(*listed_videos(holdout_lists).values())))
+    result = run("--out", str(tmp_path / "one"), "--test-videos", str(one))
+    assert result.exit_code == 0, result.output
+    lists = json.loads((tmp_path / "one" / MANIFEST).read_text())["splits"]["test"]["lists"]
+    assert lists == dict.fromkeys(TASKS, one.read_text().split())
+    for options, message in (
+        (["--test-videos", str(one), "--test-videos", f"va={one}"], "not both"),
+        (["--test-videos", f"va={one}", "--test-videos", f"VA={one}"], "a second list for va"),
+        (
+            ["--test-videos", str(tmp_path / "missing.txt")],
+            "missing.txt: cannot read the test list",
+        ),
+        (
+            ["--test-videos", f"au={_list(tmp_path, 'nowhere')}"],
+            "list.txt:1: unknown video nowhere",
+        ),
+    ):
+        result = run("--out", str(tmp_path / "bad"), *options)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.output.strip().count("\n") <= 3  # usage + one line, never a traceback
+    assert not list((tmp_path / "bad").glob("*.tar")) if (tmp_path / "bad").exists() else True
+
+
 # --- JPEG checks ----------------------------------------------------------------------------------
 
 

@@ -270,6 +270,29 @@ def test_cli_smoke(tmp_path):
     assert again.exit_code == 2 and "not empty" in again.output
 
 
+def test_cli_noisy_frames_and_test_videos_reach_the_config(tmp_path):
+    common = ["--videos", "4", "--frames", "10", "--seed", "1", "--image-size", "32"]
+    command = ["synth", str(tmp_path / "cli"), *common, "--workers", "1"]
+    result = CliRunner().invoke(main, [*command, "--noisy-frames", "0.3", "--test-videos", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 test videos" in result.output
+    config = SynthConfig(
+        out=tmp_path / "api",
+        videos=4,
+        frames=10,
+        seed=1,
+        image_size=32,
+        workers=1,
+        noisy_frames=0.3,
+        test_videos=2,
+    )
+    assert tree_digest(tmp_path / "cli") == tree_digest(synthesize(config))
+    for option, value in (("--noisy-frames", "1.5"), ("--test-videos", "-1")):
+        bad = CliRunner().invoke(main, ["synth", str(tmp_path / "bad"), *common, option, value])
+        assert bad.exit_code == 2 and option in bad.output
+    assert "[default: 0.0]" in CliRunner().invoke(main, ["synth", "--help"]).output
+
+
 # --- corrupted frames (noisy_frames) -----------------------------------------------------------
 def _combined(digest: dict[str, str]) -> str:
     """One sha256 over a tree_digest."""

@@ -4,7 +4,8 @@ Every kind yields :class:`affectfast.batch.Batch` and follows the same epoch rul
 kind never changes what the trainer sees (only how fast it comes):
 
 - The samples of an epoch: uni-task loaders keep only frames that carry that task's label (and never
-  decode the others); multi-task loaders keep every frame of the split, with a mask per task.
+  decode the others); multi-task loaders keep every frame of the split, with a mask per task. On
+  the unlabelled ``test`` split every kind reads images only and keeps every frame, masks all false.
 - Ranks: each of ``world_size`` ranks reads a disjoint part; together they cover every sample once.
 - Training (``drop_last=True``): every rank yields exactly ``(N // world_size) // batch_size`` full
   batches, so DDP ranks never wait on each other at the end of an epoch.
@@ -225,3 +226,10 @@ class LoaderConfig:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if self.kind == "dali-gpu" and self.device.type != "cuda":
             raise ValueError("kind='dali-gpu' decodes on the GPU: pass a cuda device")
+
+    @property
+    def label_tasks(self) -> tuple[str, ...]:
+        """The tasks whose labels are read: none on the unlabelled test split (its samples hold
+        the image alone, so a uni-task reader must not drop them all), else ``tasks``. Batches
+        still carry every task of ``tasks``, with masks all false where no label was read."""
+        return () if self.split == "test" else self.tasks

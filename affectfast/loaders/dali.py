@@ -85,7 +85,7 @@ def affect_pipeline(
 ):
     """Decode, augment and normalize one batch of frames; outputs (images, *labels[, keys])."""
     exts = [IMAGE_EXT] + [LABEL_EXT[t] for t in tasks]
-    jpegs, *labels = fn.readers.webdataset(
+    outputs = fn.readers.webdataset(
         paths=tars,
         index_paths=idxs,
         ext=exts,
@@ -101,6 +101,8 @@ def affect_pipeline(
         pad_last_batch=True,
         seed=reader_seed,
     )
+    # One component (the test split's image alone) comes back as a node, several as a list.
+    jpegs, *labels = outputs if isinstance(outputs, list | tuple) else [outputs]
     # The GPU-only lines: nvJPEG (the hardware decoder takes hw_decoder_load of the images where
     # the GPU has one; affine, jpeg_fancy_upsampling: gpu_decoder) and decode buffers
     # preallocated for the split's largest frame.
@@ -193,7 +195,7 @@ def build_pipeline(
     pipe = affect_pipeline(
         [str(s.tar) for s in shards],
         [str(s.idx) for s in shards],
-        config.tasks,
+        config.label_tasks,
         split_geometry(config),
         config.augment,
         gpu,
@@ -231,7 +233,8 @@ class DaliLoader(EpochLoader):
 
     def __init__(self, config: LoaderConfig):
         self.shards = split_shards(config.shards, config.split)
-        super().__init__(config, int(sample_counts(self.shards, config.tasks).sum()), config.shards)
+        samples = int(sample_counts(self.shards, config.label_tasks).sum())
+        super().__init__(config, samples, config.shards)
         self._batches = None  # the DALIGenericIterator, kept across epochs
         self._checkpoint = None  # DALI state to build from (load_state_dict)
         self._in_epoch = False
@@ -284,7 +287,7 @@ class DaliLoader(EpochLoader):
     def _open(self) -> None:
         c = self.config
         pipe = build_pipeline(c, self.shards, checkpoint=self._checkpoint)
-        names = ["images", *c.tasks] + (["keys"] if c.with_keys else [])
+        names = ["images", *c.label_tasks] + (["keys"] if c.with_keys else [])
         policy = LastBatchPolicy.DROP if c.drop_last else LastBatchPolicy.PARTIAL
         self._batches = DALIGenericIterator(
             [pipe], names, reader_name=READER, last_batch_policy=policy, auto_reset=False
@@ -294,6 +297,11 @@ class DaliLoader(EpochLoader):
     def _to_batch(self, out: dict[str, torch.Tensor]) -> Batch:
         labels, masks = {}, {}
         for task in self.config.tasks:
+            if task not in out:  # not read (the unlabelled test split): zeros, masked out
+                n = len(out["images"])
+                labels[task] = batch_labels(task, torch.zeros(n, LABEL_SIZE[task]))
+                masks[task] = torch.zeros(n, dtype=torch.bool)
+                continue
             value = out[task]
             mask = value[:, 0] != SENTINEL[task]
             value = torch.where(mask[:, None], value, torch.zeros_like(value))

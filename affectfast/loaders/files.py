@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree, sample_key
+from affectfast.affwild2 import (
+    find_annotation_dirs,
+    image_path,
+    read_tree,
+    sample_key,
+    test_videos,
+)
 from affectfast.errors import DataError
 from affectfast.loaders.base import (
     EpochLoader,
@@ -30,21 +36,31 @@ from affectfast.loaders.base import (
     torch_transform,
     worker_init,
 )
+from affectfast.shards import MANIFEST, load_manifest
 from affectfast.tasks import TASKS, valid_mask
 
 
 class FramesDataset(torch.utils.data.Dataset):
-    """One item per kept frame: ``(key, image CHW float, {task: label array or None})``."""
+    """One item per kept frame: ``(key, image CHW float, {task: label array or None})``.
 
-    def __init__(self, tree: Path, split: str, tasks: tuple[str, ...], transform):
+    The test split has no annotation: its videos are those the test lists of the pack in
+    ``shards`` name (its manifest), every frame with an image, no label.
+    """
+
+    def __init__(
+        self, tree: Path, split: str, tasks: tuple[str, ...], transform, shards: Path | None = None
+    ):
         dirs = find_annotation_dirs(tree)
-        # Every task the tree has, so multi-task keeps the frames the pack keeps (any valid label).
-        videos = [v for v in read_tree(dirs, TASKS) if v.split == split]
+        if split == "test":
+            videos = _test_videos(dirs, shards)
+        else:
+            # Every task the tree has, so multi-task keeps the frames the pack keeps (any valid label).
+            videos = [v for v in read_tree(dirs, TASKS) if v.split == split]
         self.frames_dir, self.tasks, self.transform = dirs.frames, tasks, transform
         self.names = [v.name for v in videos]
         keep = [
             valid_mask(tasks[0], getattr(v, tasks[0]))
-            if len(tasks) == 1
+            if len(tasks) == 1 and split != "test"
             else np.ones(len(v), dtype=bool)
             for v in videos
         ]
@@ -72,6 +88,17 @@ class FramesDataset(torch.utils.data.Dataset):
         return sample_key(name, frame), self.transform(pixels), labels
 
 
+def _test_videos(dirs, shards: Path | None) -> list:
+    """The test videos of the pack in ``shards``: its manifest names them, per task."""
+    lists = load_manifest(shards).get("splits", {}).get("test", {}).get("lists")
+    if not lists:
+        raise DataError(shards / MANIFEST, "no test split: pack the tree with --test-videos")
+    where = shards / MANIFEST
+    return test_videos(
+        dirs, {t: (where, [(n, None) for n in names]) for t, names in lists.items()}
+    )[0]
+
+
 class FilesLoader(EpochLoader):
     """``files``: iterate once per epoch; see the module docstring."""
 
@@ -81,6 +108,7 @@ class FilesLoader(EpochLoader):
             config.split,
             config.tasks,
             torch_transform(config.image_size, config.augment),
+            config.shards,
         )
         super().__init__(config, len(self.dataset), config.tree)
 

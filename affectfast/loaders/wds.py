@@ -46,7 +46,7 @@ class WdsLoader(EpochLoader):
 
     def __init__(self, config: LoaderConfig):
         self.shards = split_shards(config.shards, config.split)
-        counts = sample_counts(self.shards, config.tasks)
+        counts = sample_counts(self.shards, config.label_tasks)
         super().__init__(config, int(counts.sum()), config.shards)
         # Global index (among the samples this task set keeps) of each tar's first sample.
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -84,7 +84,7 @@ class WdsLoader(EpochLoader):
             wds.SimpleShardList(urls),
             wds.split_by_worker,
             wds.tarfile_to_samples(),
-            RankPart(self.offsets, c.tasks, *self.range),
+            RankPart(self.offsets, c.label_tasks, *self.range),
         ]
         if c.shuffle:
             stages.append(_worker_shuffle)
@@ -97,7 +97,8 @@ class WdsLoader(EpochLoader):
 
 
 class RankPart:
-    """Stage: keep samples that carry the task (uni-task) and fall in this rank's [lo, hi)."""
+    """Stage: keep samples that carry the task (uni-task; ``tasks`` empty on the test split: every
+    sample) and fall in this rank's [lo, hi)."""
 
     def __init__(self, offsets: dict[str, int], tasks: tuple[str, ...], lo: int, hi: int):
         self.offsets, self.lo, self.hi = offsets, lo, hi
