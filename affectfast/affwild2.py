@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from affectfast.errors import DataError
+from affectfast.shards import KEY_RULE, check_key
 from affectfast.tasks import (
     AU_IGNORE,
     AU_NAMES,
@@ -105,20 +106,20 @@ def image_path(frames_dir: str | Path, video: str, frame: int) -> Path:
 
 
 def sample_key(video: str, frame: int) -> str:
-    """The shard key ``<video>/<NNNNN>`` of a frame; a video name with a dot is a DataError."""
+    """The shard key ``<video>/<NNNNN>`` of a frame; a video name the key rule refuses
+    (``shards.KEY_RULE``: no dot, slash, colon or space, ...) is a DataError."""
     _check_video_name(video, Path(video))
     if not 1 <= frame < 10**FRAME_DIGITS:
         raise ValueError(f"frame {frame} outside 1..{10**FRAME_DIGITS - 1}")
     return f"{video}/{frame:0{FRAME_DIGITS}d}"
 
 
-def _check_video_name(video: str, path: Path) -> None:
-    # DALI splits a sample's file name at the first dot to find the extension (DESIGN.md §2).
-    if "." in video:
+def _check_video_name(video: str, path: Path, frames: Path | None = None) -> None:
+    """Refuse a video name that cannot make shard keys, naming ``path`` (and its frames folder)."""
+    if not check_key(f"{video}/{1:0{FRAME_DIGITS}d}"):
+        folder = f" (frames folder {frames / video})" if frames is not None else ""
         raise DataError(
-            path,
-            f"video name {video!r} contains a dot; shard keys must not "
-            "(DALI splits the extension at the first dot)",
+            path, f"video name {video!r} cannot be packed{folder}: {KEY_RULE}; rename the video"
         )
 
 
@@ -262,7 +263,7 @@ def _index_annotations(
             for name in names:
                 path = folder / name
                 video = name[: -len(".txt")]
-                _check_video_name(video, path)
+                _check_video_name(video, path, dirs.frames)
                 seen = where.setdefault(video, {})
                 if task in seen:
                     raise DataError(

@@ -17,3 +17,7 @@ class DataError(ValueError):
         self.message = message
         where = f"{self.path}:{line}" if line is not None else f"{self.path}"
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):
+        # Pickled as its arguments, so it crosses process boundaries (DataLoader workers, pools).
+        return type(self), (self.path, self.message, self.line)

@@ -50,8 +50,9 @@ from affectfast.errors import DataError
 from affectfast.jpeg import CHECKS, JpegError, check_jpeg
 from affectfast.shards import (
     FORMAT_VERSION,
+    KEY_RULE,
     MANIFEST,
-    MAX_MEMBER_NAME,
+    check_key,
     index_line,
     index_text,
     shard_name,
@@ -168,19 +169,10 @@ def build_index(videos: list[VideoLabels], frames_dir: Path) -> SampleIndex:
 
 
 def _check_member_names(video: str, frames_dir: Path) -> None:
-    """Refuse video names that would break a tar header or a DALI index line."""
-    longest = len(sample_key(video, 1).encode()) + 1 + max(len(e) for e in LABEL_EXT.values())
-    if not video.isascii() or not video.isprintable() or " " in video:
-        raise DataError(
-            frames_dir / video,
-            "video names must be printable ASCII without spaces "
-            "(DALI index lines are space-separated)",
-        )
-    if longest > MAX_MEMBER_NAME:
-        raise DataError(
-            frames_dir / video,
-            f"video name too long for a tar header (member names up to {MAX_MEMBER_NAME} bytes)",
-        )
+    """Refuse video names that cannot make shard keys (``shards.check_key``: tar headers, DALI
+    index lines and source info, webdataset keys all depend on it)."""
+    if not check_key(f"{video}/{1:0{FRAME_DIGITS}d}"):
+        raise DataError(frames_dir / video, f"video name {video!r} cannot be packed: {KEY_RULE}")
 
 
 def shuffle_order(index: SampleIndex, split: str, seed: int) -> np.ndarray:

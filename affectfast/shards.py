@@ -14,6 +14,7 @@ a reader of shards imports to understand them:
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +31,27 @@ IDX_VERSION = "v1.2"  # the first token of a DALI wds2idx index file
 # A ustar/GNU header holds names up to 99 bytes in one 512-byte block; longer names would need a
 # GNU long-name entry, which DALI's index offsets do not expect.
 MAX_MEMBER_NAME = 99
+
+
+# --- sample keys ---------------------------------------------------------------------------------
+
+# A video name is printable ASCII without '.', '/', ':' or whitespace (0x21-0x7E less those three):
+# DALI and webdataset split a member's extension at its first dot, a '/' would make a path of the
+# key ("../x", "/abs"), DALI's source_info "<tar>:<offset>:<member>" is split at ':', and .idx
+# lines are space-separated.
+KEY_PATTERN = re.compile(r"[!-\-0-9;-~]+/[0-9]{5}")
+# The longest member is "<key>.expr", and a member name must fit one tar header.
+MAX_KEY = MAX_MEMBER_NAME - len(".expr")
+KEY_RULE = (
+    "a sample key is <video>/<NNNNN> (5 digits) of at most "
+    f"{MAX_KEY} characters, the video name printable ASCII without '.', '/', ':' or spaces"
+)
+
+
+def check_key(key: str) -> bool:
+    """True for a well-formed sample key (``KEY_RULE``): the one rule pack, verify and every
+    loader apply to the keys they write or read."""
+    return len(key) <= MAX_KEY and KEY_PATTERN.fullmatch(key) is not None
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -154,6 +176,7 @@ def read_index(tar: Path, idx: Path) -> Shard:
                 "and size and a name with an extension",
                 number,
             )
+        _check_index_names(idx, number, key, groups)
         keys.append(key)
         components.append(frozenset(g[0] for g in groups))
         for ext, offset, size, _ in groups:
@@ -164,9 +187,41 @@ def read_index(tar: Path, idx: Path) -> Shard:
     return Shard(tar, idx, tuple(keys), tuple(components), jpeg_bytes, end, first_jpeg)
 
 
+def _check_index_names(idx: Path, number: int, key: str, groups: list[list[str]]) -> None:
+    """Every member of an index line is ``<key>.<ext>`` of one well-formed key."""
+    for ext, _, _, name in groups:
+        if not check_key(split_member(name)[0]):
+            raise DataError(idx, f"member {name!r} is not a sample's: {KEY_RULE}", number)
+        if split_member(name) != (key, ext):
+            raise DataError(idx, f"member {name!r} is not {key}.{ext}: one sample per line", number)
+
+
+def check_index_matches(shard: Shard) -> None:
+    """The tar header just before the first sample's image must name it: a swapped, stale or
+    foreign .idx is a DataError here, before DALI reads wrong offsets (one 512-byte read)."""
+    if not shard.keys:
+        return
+    offset = shard.first_jpeg[0] - tarfile.BLOCKSIZE
+    try:
+        with open(shard.tar, "rb") as file:
+            file.seek(max(offset, 0))
+            header = file.read(tarfile.BLOCKSIZE)
+    except OSError as error:
+        raise DataError(shard.tar, f"cannot read the shard: {error.strerror}") from None
+    name = header[:100].split(b"\0", 1)[0].decode("ascii", errors="replace")
+    if offset < 0 or name != f"{shard.keys[0]}.{IMAGE_EXT}":
+        raise DataError(
+            shard.idx,
+            f"does not match {shard.tar.name}: its first sample {shard.keys[0]} is {name!r} there "
+            "(a swapped or stale index); run affectfast verify",
+        )
+
+
 @lru_cache(maxsize=64)
 def _cached_index(tar: Path, idx: Path, stamp: tuple) -> Shard:
-    return read_index(tar, idx)
+    shard = read_index(tar, idx)
+    check_index_matches(shard)
+    return shard
 
 
 def split_shards(shards: str | Path, split: str) -> list[Shard]:

@@ -20,7 +20,15 @@ from tqdm import tqdm
 
 from affectfast.errors import DataError
 from affectfast.jpeg import JpegError, check_jpeg
-from affectfast.shards import MANIFEST, index_line, index_text, load_manifest, manifest_summary
+from affectfast.shards import (
+    KEY_RULE,
+    MANIFEST,
+    check_key,
+    index_line,
+    index_text,
+    load_manifest,
+    manifest_summary,
+)
 from affectfast.tasks import (
     IMAGE_EXT,
     LABEL_EXT,
@@ -138,6 +146,8 @@ def _read_tar(
                 problems.append(f"{path}: member {member.name} is not a regular file")
                 continue
             key, ext = split_member(member.name)
+            if not check_key(key):
+                problems.append(f"{path}: member {member.name!r} is not a sample's: {KEY_RULE}")
             if key != last and sample:
                 lines.append(index_line(sample))
                 sample = []

@@ -132,6 +132,32 @@ def collate_examples(examples: list[tuple], tasks: tuple[str, ...]) -> tuple:
     return keys, images, labels, masks
 
 
+@dataclass(frozen=True)
+class WorkerError:
+    """A DataError raised in a DataLoader worker, passed to the main process as data.
+
+    torch re-raises a worker's exception by calling its type with the traceback text, which a
+    DataError (path, message) does not take: the user would get a RuntimeError holding a traceback.
+    """
+
+    error: DataError
+
+
+def carry_errors(items):
+    """Stage (last in a worker): yield ``items``; a DataError ends them as a :class:`WorkerError`."""
+    try:
+        yield from items
+    except DataError as error:
+        yield WorkerError(error)
+
+
+def raise_worker_error(item):
+    """In the main process: ``item``, or the worker's DataError raised again."""
+    if isinstance(item, WorkerError):
+        raise item.error
+    return item
+
+
 def worker_init(worker_id: int) -> None:
     """DataLoader workers: one intra-op thread each (the workers are the parallelism)."""
     torch.set_num_threads(1)

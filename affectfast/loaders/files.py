@@ -23,9 +23,11 @@ from affectfast.errors import DataError
 from affectfast.loaders.base import (
     EpochLoader,
     LoaderConfig,
+    WorkerError,
     collate_examples,
     epoch_seed,
     finish_batch,
+    raise_worker_error,
     rank_range,
     torch_transform,
     worker_init,
@@ -71,6 +73,13 @@ class FramesDataset(torch.utils.data.Dataset):
         labels = {t: self.labels[t][i] if self.valid[t][i] else None for t in self.tasks}
         return sample_key(name, frame), self.transform(pixels), labels
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch's items (what DataLoader workers call); a DataError becomes ``[WorkerError]``."""
+        try:
+            return [self[i] for i in indices]
+        except DataError as error:
+            return [WorkerError(error)]
+
 
 class FilesLoader(EpochLoader):
     """``files``: iterate once per epoch; see the module docstring."""
@@ -106,10 +115,17 @@ class FilesLoader(EpochLoader):
             pin_memory=c.device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)),
         )
-        for _, (keys, images, labels, masks) in zip(range(len(self)), loader):
-            yield finish_batch(
-                images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
-            )
+        batches = iter(loader)  # owns the worker processes
+        try:
+            for _, item in zip(range(len(self)), batches):
+                keys, images, labels, masks = raise_worker_error(item)
+                yield finish_batch(
+                    images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
+                )
+        finally:
+            del batches  # stop the workers now, even while an error's traceback holds this frame
 
-    def _collate(self, examples: list[tuple]) -> tuple:
+    def _collate(self, examples: list) -> tuple | WorkerError:
+        if isinstance(examples[0], WorkerError):
+            return examples[0]
         return collate_examples(examples, self.config.tasks)

@@ -1,0 +1,215 @@
+"""Hostile input: keys that escape or collapse, damaged shards, errors raised in loader workers.
+
+Every case is built from real bytes (tars written with ``affectfast.shards``' own encoders, files
+damaged in place) and must end in a DataError naming the file, never a wrong epoch or a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from affectfast.errors import DataError
+from affectfast.loaders import build_loader
+from affectfast.loaders.dali import _decode_keys
+from affectfast.shards import (
+    MANIFEST,
+    check_key,
+    index_line,
+    index_text,
+    load_manifest,
+    read_index,
+    tar_end,
+    tar_member,
+)
+from affectfast.tasks import TASKS, encode_label
+from affectfast.verify import verify
+
+SHARD_KINDS = ("dali-cpu", "wds")
+CPU_KINDS = ("dali-cpu", "wds", "files")
+
+
+def first_jpeg(packed: Path) -> bytes:
+    with tarfile.open(packed / "val-000000.tar") as tar:
+        member = next(m for m in tar if m.name.endswith(".jpg"))
+        return tar.extractfile(member).read()
+
+
+def write_split(folder: Path, split: str, tar_keys: list[str], idx_keys: list[str], jpeg: bytes):
+    """One shard of ``split`` whose tar members are named by ``tar_keys`` and whose .idx (and the
+    manifest's shard list) by ``idx_keys``, same offsets: a hostile or inconsistent shard."""
+    blob, lines = b"", []
+    for tar_key, idx_key in zip(tar_keys, idx_keys):
+        components = []
+        for ext, payload in (
+            ("jpg", jpeg),
+            ("va", encode_label("va", [0.25, -0.5])),
+            ("expr", encode_label("expr", 3)),
+            ("au", encode_label("au", [0, 1] * 6)),
+        ):
+            components.append((f"{idx_key}.{ext}", len(blob) + tarfile.BLOCKSIZE, len(payload)))
+            blob += tar_member(f"{tar_key}.{ext}", payload)
+        lines.append(index_line(components))
+    blob += tar_end(len(blob))
+    for old in folder.glob(f"{split}-*"):
+        old.unlink()
+    (folder / f"{split}-000000.tar").write_bytes(blob)
+    (folder / f"{split}-000000.idx").write_text(index_text(lines))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["splits"][split]["shards"] = [
+        {
+            "name": f"{split}-000000.tar",
+            "index": f"{split}-000000.idx",
+            "samples": len(lines),
+            "bytes": len(blob),
+            "sha256": "",
+        }
+    ]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def shards_copy(packed, tmp_path):
+    return Path(shutil.copytree(packed, tmp_path / "shards"))
+
+
+def load_all(kind, shards, split="val", tasks=TASKS, tree=None, **kw):
+    kw = {"image_size": 64, "with_keys": True, "num_threads": 1, **kw}
+    return [b for b in build_loader(kind, shards, split, tasks, 4, tree=tree, **kw)]
+
+
+# --- one key rule -------------------------------------------------------------------------------
+
+
+def test_the_key_rule():
+    assert check_key("v/00001") and check_key("10-60-1280x720_left/12345")
+    for key in ("../x/00001", "/abs/00001", "a:b/00001", "a.b/00001", "a b/00001", "v/0001"):
+        assert not check_key(key), key
+    assert check_key("x" * 88 + "/00001") and not check_key("x" * 89 + "/00001")
+
+
+@pytest.mark.parametrize("bad", ["../evil/00002", "/abs/00002", "a:b/00002"])
+def test_every_kind_and_verify_refuse_a_shard_with_keys_that_escape_or_collapse(
+    shards_copy, packed, bad
+):
+    keys = ["v/00001", bad, "b/00002"]  # "a:b/00002" would collapse into "b/00002" in DALI
+    write_split(shards_copy, "val", keys, keys, first_jpeg(packed))
+    idx = shards_copy / "val-000000.idx"
+    with pytest.raises(DataError, match="is not a sample's") as info:
+        read_index(shards_copy / "val-000000.tar", idx)
+    assert (info.value.path, info.value.line) == (idx, 3)
+    for kind in SHARD_KINDS:
+        with pytest.raises(DataError, match="is not a sample's") as info:
+            load_all(kind, shards_copy)
+        assert info.value.path == idx, kind
+    problems = verify(shards_copy)
+    assert any(f"member '{bad}.jpg' is not a sample's" in p for p in problems), problems
+
+
+def test_the_files_kind_and_pack_refuse_a_video_name_with_a_colon(synth_tree, tmp_path):
+    from affectfast.pack import PackConfig, pack
+
+    tree = Path(shutil.copytree(synth_tree, tmp_path / "tree"))
+    video = next(p for p in (tree / "cropped_aligned").iterdir())
+    for annotation in tree.rglob(f"{video.name}.txt"):
+        annotation.rename(annotation.with_name(f"a:{video.name}.txt"))
+    video.rename(video.with_name(f"a:{video.name}"))
+    with pytest.raises(DataError, match="cannot be packed") as info:
+        pack(PackConfig(root=tree, out=tmp_path / "out", workers=1))
+    assert f"a:{video.name}" in str(info.value)
+    with pytest.raises(DataError, match="cannot be packed"):
+        load_all("files", tmp_path / "out", tree=tree)  # the tree is read before the shards
+
+
+def test_wds_refuses_a_tar_member_its_index_does_not_name(shards_copy, packed):
+    # The first sample agrees (the index matches its tar); the second's tar header says "a:b".
+    tar_keys, idx_keys = ["v/00001", "a:b/00002"], ["v/00001", "v/00002"]
+    write_split(shards_copy, "val", tar_keys, idx_keys, first_jpeg(packed))
+    with pytest.raises(DataError, match="'a:b/00002' is not a sample's") as info:
+        load_all("wds", shards_copy)
+    assert info.value.path == shards_copy / "val-000000.tar"
+    assert any("member 'a:b/00002.jpg' is not a sample's" in p for p in verify(shards_copy))
+
+
+def test_dali_keys_are_cut_from_the_right_and_checked():
+    def info(text: str) -> torch.Tensor:
+        rows = [list(t.encode()) for t in text.split("|")]
+        width = max(map(len, rows))
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.uint8)
+
+    tars = {"/data/x:y/val-000000.tar"}  # a tar path may hold ':'
+    assert _decode_keys(info("/data/x:y/val-000000.tar:1536:v/00001.jpg"), tars) == ["v/00001"]
+    for member in ("a:b/00001.jpg", "../v/00001.jpg"):
+        with pytest.raises(DataError, match="does not name a sample"):
+            _decode_keys(info(f"/data/x:y/val-000000.tar:1536:{member}"), tars)
+
+
+# --- damaged shards met by a loader ---------------------------------------------------------------
+
+
+def damage_member(tar: Path, index: int, how: str) -> str:
+    """Damage member ``index`` of ``tar`` (image ``index`` for "jpeg") in place, keeping its size;
+    return the member's name."""
+    data = bytearray(tar.read_bytes())
+    with tarfile.open(tar) as f:
+        members = [m for m in f if how != "jpeg" or m.name.endswith(".jpg")]
+    member = members[index]
+    if how == "jpeg":  # keep the start marker, zero the rest: a corrupt image
+        start = member.offset_data + 200
+        data[start : member.offset_data + member.size] = bytes(member.size - 200)
+    elif how == "checksum":  # tarfile then ends the archive there, silently
+        data[member.offset + 148 : member.offset + 156] = b"0000000\0"
+    elif how == "size":  # the member swallows the next ones
+        data[member.offset + 124 : member.offset + 136] = b"%011o\0" % (member.size + 2048)
+    tar.write_bytes(bytes(data))
+    return member.name
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS)
+def test_a_corrupt_jpeg_is_a_data_error_naming_where_it_is(shards_copy, synth_tree, tmp_path, kind):
+    tar = shards_copy / "val-000000.tar"
+    name = damage_member(tar, 5, "jpeg")
+    tree = synth_tree
+    if kind == "files":
+        tree = Path(shutil.copytree(synth_tree, tmp_path / "tree"))
+        image = tree / "cropped_aligned" / name
+        data = bytearray(image.read_bytes())
+        data[200:] = bytes(len(data) - 200)
+        image.write_bytes(bytes(data))
+    with pytest.raises(DataError) as info:
+        load_all(kind, shards_copy, tree=tree)
+    expected = {"dali-cpu": shards_copy, "wds": tar, "files": tree / "cropped_aligned" / name}
+    assert info.value.path == expected[kind]
+    if kind == "dali-cpu":  # DALI's message names no file: the shards and the way to find it
+        assert "val-000000.tar" in str(info.value) and "--decode" in str(info.value)
+    if kind == "wds":
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["checksum", "size"])
+def test_wds_never_yields_a_short_epoch_from_a_damaged_tar_header(shards_copy, packed, how):
+    damage_member(shards_copy / "val-000000.tar", 21, how)
+    with pytest.raises(DataError) as info:
+        load_all("wds", shards_copy)
+    assert info.value.path == shards_copy / "val-000000.tar"
+    # DALI reads by the index's offsets, which still point at intact data: the same epoch.
+    keys = [k for b in load_all("dali-cpu", shards_copy) for k in b.keys]
+    assert len(keys) == load_manifest(packed)["splits"]["val"]["samples"]
+
+
+def test_swapped_index_files_are_refused_by_every_kind(shards_copy):
+    a, b = shards_copy / "train-000000.idx", shards_copy / "train-000001.idx"
+    first, second = a.read_text(), b.read_text()
+    a.write_text(second)
+    b.write_text(first)
+    for kind in SHARD_KINDS:
+        with pytest.raises(DataError, match="swapped or stale index") as info:
+            load_all(kind, shards_copy, split="train")
+        assert info.value.path == a, kind
+    assert np.any(["does not match its tar" in p for p in verify(shards_copy)])
