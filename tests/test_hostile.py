@@ -213,3 +213,50 @@ def test_swapped_index_files_are_refused_by_every_kind(shards_copy):
             load_all(kind, shards_copy, split="train")
         assert info.value.path == a, kind
     assert np.any(["does not match its tar" in p for p in verify(shards_copy)])
+
+
+# --- non-finite settings ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(lr=float("inf")),
+        dict(lr=float("nan")),
+        dict(weight_decay=float("nan")),
+        dict(weight_decay=float("inf")),
+        dict(task_weights={"va": float("inf")}),
+        dict(task_weights={"va": float("nan")}),
+        dict(rotate_degrees=181.0),
+        dict(rotate_degrees=float("nan")),
+        dict(seed=2**31),
+        dict(seed=-1),
+    ],
+)
+def test_train_config_refuses_non_finite_and_out_of_range_numbers(tmp_path, bad):
+    from affectfast.config import TrainConfig
+
+    with pytest.raises(ValueError):
+        TrainConfig(shards=tmp_path, out=tmp_path / "r", tasks="va", **bad)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--lr", "inf"],
+        ["--lr", "nan"],
+        ["--weight-decay", "nan"],
+        ["--task-weights", "va=inf"],
+        ["--rotate-degrees", "270"],
+        ["--seed", str(2**31)],
+    ],
+)
+def test_cli_refuses_non_finite_numbers_before_training(packed, tmp_path, option):
+    from click.testing import CliRunner
+
+    from affectfast.cli import main
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(packed), "--out", str(out), *option])
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+    assert not out.exists()
