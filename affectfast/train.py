@@ -34,7 +34,7 @@ from affectfast.dist import (
     teardown_distributed,
 )
 from affectfast.errors import DataError
-from affectfast.loaders import Loader, build_loader
+from affectfast.loaders import Loader, build_loader, screen_labels
 from affectfast.losses import TaskLoss, au_pos_weight, expr_class_weights, multitask_loss
 from affectfast.metrics import Predictions, compute_metrics, headline, tune_au_thresholds
 from affectfast.model import AffectNet, build_model
@@ -49,6 +49,7 @@ from affectfast.rundir import (
     truncate_metrics,
 )
 from affectfast.shards import MANIFEST, load_manifest
+from affectfast.verify import first_bad_label
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WARMUP_FRACTION = 0.05  # of all steps: linear LR warm-up, then cosine decay to zero
@@ -166,6 +167,7 @@ def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
     """Run ``step`` over one epoch of ``loader``; return mean train loss, images/s (all ranks), seconds."""
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=info.device)
+    faults = torch.zeros((), dtype=torch.bool, device=info.device)  # a label out of range
     images = 0
     start = time.perf_counter()
     bar = tqdm(
@@ -179,6 +181,7 @@ def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
         dynamic_ncols=True,
     )
     for i, batch in enumerate(bar):
+        faults |= screen_labels(batch.labels, batch.masks)  # before the step: it sees sane labels
         total += step(model, batch)
         images += len(batch)
         if i % 10 == 0:
@@ -192,6 +195,7 @@ def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
         "train_loss": train_loss,
         "images_per_s": images * info.world_size / seconds,
         "epoch_seconds": seconds,
+        "bad_labels": all_reduce_mean(float(faults.item()), info) > 0,  # on any rank
     }
 
 
@@ -216,7 +220,35 @@ def predict_split(model: AffectNet, loader, autocast, info: DistInfo) -> Predict
             )
         )
     mine = Predictions.concat(parts)
-    return Predictions.concat(gather_objects(mine, info))
+    gathered = Predictions.concat(gather_objects(mine, info))
+    _refuse_bad_labels(gathered, loader.config.shards, loader.config.split)  # same on every rank
+    return gathered
+
+
+def _refuse_bad_labels(preds: Predictions, shards: Path, split: str) -> None:
+    """A label out of range in an evaluated split is a DataError (it would make its metrics NaN)."""
+    labels = {t: torch.from_numpy(v) for t, v in preds.labels.items()}
+    masks = {t: torch.from_numpy(v) for t, v in preds.masks.items()}
+    if len(preds) and screen_labels(labels, masks).item():
+        raise bad_label_error(shards, split, tuple(labels))
+
+
+def bad_label_error(shards: Path, split: str, tasks: tuple[str, ...]) -> DataError:
+    """The DataError for a batch that held a label out of range: re-scan the split's tars for the
+    first bad label component and name its shard and key."""
+    found = first_bad_label(shards, split, tasks)
+    if found is None:
+        return DataError(
+            shards,
+            f"a {split} batch held a label out of range, yet every {split} label component in "
+            "the tars is in range: an index (.idx) does not match its tar; run affectfast verify",
+        )
+    tar, member, what = found
+    return DataError(
+        tar,
+        f"{member}: {what} is out of range (VA in [-1, 1], EXPR 0..7, AU 0/1); "
+        "repack from the source or remove the sample; run affectfast verify",
+    )
 
 
 def score(preds: Predictions, tasks, tune: bool) -> dict:
@@ -354,6 +386,7 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
         run.train_loader.set_epoch(epoch)
         desc = f"epoch {epoch + 1}/{config.epochs}"
         stats = train_one_epoch(run.ddp, run.train_loader, run.step, info, desc)
+        _refuse_bad_epoch(config, epoch, stats.pop("bad_labels"), stats["train_loss"])
         broadcast_buffers(run.model, info)
         predictions = predict_split(run.model, run.val_loader, run.autocast, info)
         metrics = score(predictions, config.tasks, config.tune_au_thresholds)
@@ -371,6 +404,21 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
     if writer is not None:
         writer.close()
     return records
+
+
+def _refuse_bad_epoch(config: TrainConfig, epoch: int, bad_labels: bool, loss: float) -> None:
+    """Stop before anything of this epoch is saved (last.pt, best.pt and metrics.jsonl keep the
+    last good epoch) when it met a label out of range or its loss is not finite."""
+    kept = f"last.pt and best.pt still hold epoch {epoch}" if epoch else "no checkpoint was written"
+    if bad_labels:
+        error = bad_label_error(config.shards, "train", config.tasks)
+        raise DataError(error.path, f"{error.message}; {kept}", error.line)
+    if not math.isfinite(loss):
+        raise DataError(
+            config.out,
+            f"epoch {epoch + 1}: the train loss is {loss}: training diverged (try a lower --lr); "
+            f"{kept}",
+        )
 
 
 def _save_checkpoints(

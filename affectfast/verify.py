@@ -36,6 +36,7 @@ from affectfast.tasks import (
     NUM_EXPR,
     TASKS,
     decode_label,
+    labels_in_range,
     split_member,
 )
 
@@ -186,11 +187,7 @@ def _count_component(
     except ValueError as error:
         problems.append(f"{path}: {name}: {error}")
         return
-    if (
-        (task == "expr" and label[0] >= NUM_EXPR)
-        or (task == "au" and label.max() > 1)
-        or (task == "va" and not np.all(np.abs(label) <= 1))
-    ):
+    if not labels_in_range(task, label[None]).all():
         problems.append(f"{path}: {name}: label {label.tolist()} out of range")
         return
     counts.valid[task] += 1
@@ -255,6 +252,36 @@ def _compare_split(manifest: Path, split: str, entry: dict, counts: ShardCounts)
                 f"{stats['va'][name]}"
             )
     return problems
+
+
+def first_bad_label(
+    out: str | Path, split: str, tasks: tuple[str, ...]
+) -> tuple[Path, str, str] | None:
+    """The first label component of ``tasks`` in ``split``'s shards (manifest order) that does not
+    decode or is out of range: (tar, member name, what it holds); None when all are good.
+
+    Reads the tars themselves (tarfile), not the .idx files: when every label is good, a batch's
+    bad label came from an index that does not match its tar.
+    """
+    wanted = {LABEL_EXT[task]: task for task in tasks}
+    for entry in load_manifest(out)["splits"][split]["shards"]:
+        path = Path(out) / entry["name"]
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    task = wanted.get(split_member(member.name)[1])
+                    if task is None:
+                        continue
+                    data = tar.extractfile(member).read()
+                    try:
+                        label = decode_label(task, data)
+                    except ValueError as error:
+                        return path, member.name, str(error)
+                    if not labels_in_range(task, label[None]).all():
+                        return path, member.name, f"{task} label {label.tolist()}"
+        except (OSError, tarfile.TarError) as error:
+            return path, "", f"unreadable ({error})"
+    return None
 
 
 def summary(out: str | Path) -> str:

@@ -260,3 +260,116 @@ def test_cli_refuses_non_finite_numbers_before_training(packed, tmp_path, option
     result = CliRunner().invoke(main, ["train", str(packed), "--out", str(out), *option])
     assert result.exit_code == 2 and "Invalid value" in result.output, result.output
     assert not out.exists()
+
+
+# --- labels out of range and a diverging run ------------------------------------------------------
+
+SMALL = dict(loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def one_good_epoch(packed: Path, tmp_path: Path):
+    """A two-epoch run on a copy of the shards, stopped after its first epoch, and its files."""
+    from affectfast.config import TrainConfig
+    from affectfast.train import train
+
+    shards = Path(shutil.copytree(packed, tmp_path / "shards"))
+    config = TrainConfig(shards=shards, out=tmp_path / "run", epochs=2, **SMALL)
+    train(config, stop_after=1)
+    return config, {name: (config.out / name).read_bytes() for name in RUN_FILES}
+
+
+def set_label(tar: Path, ext: str, payload: bytes, nth: int = 3) -> str:
+    """Overwrite the ``nth`` ``.ext`` member's bytes in place (same size); return its name."""
+    data = bytearray(tar.read_bytes())
+    with tarfile.open(tar) as f:
+        member = [m for m in f if m.name.endswith(f".{ext}")][nth]
+    assert member.size == len(payload)
+    data[member.offset_data : member.offset_data + member.size] = payload
+    tar.write_bytes(bytes(data))
+    return member.name
+
+
+@pytest.mark.parametrize(
+    "ext,payload",
+    [("va", np.array([np.nan, 0.5], "<f4").tobytes()), ("expr", bytes([200]))],
+)
+def test_a_label_out_of_range_stops_training_naming_it_and_keeps_the_last_good_epoch(
+    packed, tmp_path, one_thread, ext, payload
+):
+    from affectfast.train import train
+
+    config, before = one_good_epoch(packed, tmp_path)
+    tar = config.shards / "train-000001.tar"
+    member = set_label(tar, ext, payload)
+    with pytest.raises(DataError, match="out of range") as info:
+        train(config, resume=True)
+    assert info.value.path == tar and member in str(info.value)
+    assert "last.pt and best.pt still hold epoch 1" in str(info.value)
+    assert {name: (config.out / name).read_bytes() for name in RUN_FILES} == before
+
+
+@pytest.mark.parametrize("kind", SHARD_KINDS)
+def test_every_shard_kind_screens_out_a_nan_label_without_a_host_sync(shards_copy, kind):
+    from affectfast.loaders import screen_labels
+
+    good = [bool(screen_labels(b.labels, b.masks)) for b in load_all(kind, shards_copy)]
+    assert not any(good)
+    tar = shards_copy / "val-000000.tar"
+    member = set_label(tar, "va", np.array([0.1, np.inf], "<f4").tobytes())
+    batches = load_all(kind, shards_copy)
+    flags = [screen_labels(b.labels, b.masks) for b in batches]
+    assert all(f.shape == () and f.dtype == torch.bool for f in flags)
+    assert sum(map(bool, flags)) == 1
+    (batch,) = [b for b, f in zip(batches, flags) if f]
+    row = batch.keys.index(member.removesuffix(".va"))
+    assert not batch.masks["va"][row] and torch.isfinite(batch.labels["va"]).all()
+
+
+def test_evaluating_a_split_with_a_label_out_of_range_names_it(packed, tmp_path, one_thread):
+    from affectfast.config import EvalConfig
+    from affectfast.predict import evaluate
+
+    config, _ = one_good_epoch(packed, tmp_path)
+    tar = config.shards / "val-000000.tar"
+    member = set_label(tar, "au", bytes([1, 0, 7] + [0] * 9))
+    with pytest.raises(DataError, match="out of range") as info:
+        evaluate(
+            EvalConfig(config.out / "last.pt", config.shards, loader="dali-cpu", num_threads=1)
+        )
+    assert info.value.path == tar and member in str(info.value)
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing(packed, tmp_path, one_thread):
+    from click.testing import CliRunner
+
+    from affectfast.cli import main
+
+    out = tmp_path / "run"
+    options = ["--loader", "dali-cpu", "--batch-size", "32", "--image-size", "32"]
+    options += ["--num-threads", "1", "--amp", "off", "--epochs", "1", "--lr", "1e30"]
+    result = CliRunner().invoke(main, ["train", str(packed), "--out", str(out), *options])
+    assert result.exit_code == 2, result.output
+    assert "training diverged" in result.output and "Traceback" not in result.output
+    assert not (out / "last.pt").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_a_non_finite_loss_after_a_good_epoch_keeps_its_checkpoints(
+    packed, tmp_path, one_thread, monkeypatch
+):
+    import affectfast.train
+    from affectfast.train import train
+
+    config, before = one_good_epoch(packed, tmp_path)
+    monkeypatch.setattr(affectfast.train, "train_step", lambda *a, **k: torch.tensor(np.inf))
+    with pytest.raises(DataError, match="epoch 2: the train loss is inf"):
+        train(config, resume=True)
+    assert {name: (config.out / name).read_bytes() for name in RUN_FILES} == before
