@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from affectfast.config import TrainConfig, parse_init
 from affectfast.console import say
+from affectfast.errors import DataError
 from affectfast.rundir import RunDir, read_metrics
 from affectfast.tasks import TASKS, parse_tasks
-from affectfast.train import train
+from affectfast.train import config_changes, resolve_device, train
 
 RESULT_COLUMNS = (
     "run",
@@ -121,20 +123,38 @@ def read_records(run_dir: Path) -> list[dict]:
 def run_study(config: StudyConfig) -> list[dict]:
     """Train every run of the study that is not finished yet; return the result rows."""
     runs = plan_runs(config)
+    base, _ = resolve_device(config.base)  # what each run's config.json records
     config.out.mkdir(parents=True, exist_ok=True)
     for index, run in enumerate(runs, 1):
-        done = len(read_records(run.out))
-        if done >= config.base.epochs:
+        weights = tuple((t, w) for t, w in base.task_weights if t in run.tasks)
+        train_config = dataclasses.replace(
+            base, out=run.out, tasks=run.tasks, init=run.init, task_weights=weights
+        )
+        folder = RunDir(run.out)
+        if len(read_records(run.out)) >= base.epochs and folder.config.is_file():
+            _check_finished(folder, train_config)
             say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped")
             continue
         say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}")
-        weights = tuple((t, w) for t, w in config.base.task_weights if t in run.tasks)
-        train_config = dataclasses.replace(
-            config.base, out=run.out, tasks=run.tasks, init=run.init, task_weights=weights
-        )
-        train(train_config, resume=RunDir(run.out).last.exists())
+        train(train_config, resume=folder.config.exists())
         write_summaries(config.out, runs)  # after every run, so a long study shows progress
     return write_summaries(config.out, runs)
+
+
+def _check_finished(folder: RunDir, config: TrainConfig) -> None:
+    """A finished run is skipped only if it was trained as this study asks: a rerun into the same
+    --out with other settings would otherwise print the old results as the new ones."""
+    try:
+        saved = json.loads(folder.config.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(folder.config, f"unreadable run config ({error})") from None
+    changed = config_changes(saved, config)
+    if changed:
+        raise DataError(
+            folder.config,
+            f"this finished run was trained with other settings than this study asks "
+            f"({', '.join(changed)}); choose another --out or ask for the same settings",
+        )
 
 
 def result_row(run: StudyRun, records: list[dict]) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import sys
 import time
@@ -43,6 +44,7 @@ from affectfast.rundir import (
     RunDir,
     append_metrics,
     load_checkpoint,
+    read_metrics,
     rng_state,
     save_atomic,
     set_rng_state,
@@ -362,15 +364,12 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
 
 def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None) -> list[dict]:
     folder = RunDir(config.out)
-    if not resume and folder.last.exists():
-        raise DataError(
-            config.out,
-            "already holds a run (last.pt); pass --resume to continue it or choose another --out",
-        )
+    check_run_folder(folder, config, resume)
     run = build_run(config, info)
     start_epoch, best = 0, -math.inf
     if resume:
-        start_epoch, best = _restore(folder.last, config, run)
+        if folder.last.exists():  # else a run killed before its first checkpoint: start it over
+            start_epoch, best = _restore(folder.last, config, run)
         if info.is_main:
             truncate_metrics(folder.metrics, start_epoch)
     writer = None
@@ -440,17 +439,68 @@ def _save_checkpoints(
         save_atomic(checkpoint, folder.best)
 
 
+def config_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """What differs between a run's saved config (config.json, a checkpoint's) and ``config``,
+    as "FIELD changed (OLD -> NEW)", fields that may change (RESUMABLE_CHANGES) aside.
+
+    Paths compare resolved (shards given relative or absolute are the same shards), and ``out``
+    not at all: a run is where its files are, wherever the folder was moved.
+    """
+
+    def normal(values: dict) -> dict:
+        values = {k: v for k, v in values.items() if k != "out" and k not in RESUMABLE_CHANGES}
+        for key in ("shards", "tree"):
+            if values.get(key) is not None:
+                values[key] = str(Path(values[key]).resolve())
+        kind, _, path = str(values.get("init", "")).partition(":")
+        if path and kind in ("imagenet", "ckpt"):
+            values["init"] = f"{kind}:{Path(path).resolve()}"
+        return values
+
+    old, new = normal(saved), normal(config.to_dict())
+    return [f"{k} changed ({old.get(k)!r} -> {v!r})" for k, v in new.items() if old.get(k) != v]
+
+
+def check_run_folder(folder: RunDir, config: TrainConfig, resume: bool) -> None:
+    """Before anything is built: a fresh run needs a folder without a run's files (it would
+    append to another run's metrics.jsonl); --resume needs the same config, and last.pt or a run
+    killed before its first checkpoint (config.json, at most one epoch logged)."""
+    present = [p for p in (folder.last, folder.config, folder.metrics) if p.exists()]
+    if not resume:
+        if present:
+            raise DataError(
+                present[0],
+                "already holds a run; pass --resume to continue it or choose another --out",
+            )
+        return
+    if folder.config.is_file():
+        try:
+            saved = json.loads(folder.config.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(folder.config, f"unreadable run config ({error})") from None
+        changed = config_changes(saved, config) if isinstance(saved, dict) else ["not a config"]
+        if changed:
+            raise DataError(
+                folder.config, f"cannot resume with a different config: {', '.join(changed)}"
+            )
+    if folder.last.exists():
+        return
+    if not folder.config.is_file():
+        raise DataError(folder.last, "checkpoint not found: no run to resume here")
+    epochs = [r.get("epoch", 0) for r in read_metrics(folder.metrics) if isinstance(r, dict)]
+    if max(epochs, default=0) > 1:
+        raise DataError(
+            folder.metrics,
+            f"logs {max(epochs)} epochs but last.pt is missing; restore it or choose another --out",
+        )
+
+
 def _restore(path: Path, config: TrainConfig, run: Run) -> tuple[int, float]:
     """Load last.pt into the run's objects; return (epochs done, best P_MTL so far)."""
     checkpoint = load_checkpoint(path)
-    saved = checkpoint["config"]
-    changed = sorted(
-        k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUMABLE_CHANGES
-    )
+    changed = config_changes(checkpoint["config"], config)
     if changed:
-        raise DataError(
-            path, f"cannot resume with a different config: {', '.join(changed)} changed"
-        )
+        raise DataError(path, f"cannot resume with a different config: {', '.join(changed)}")
     for name, obj in run.state().items():
         obj.load_state_dict(checkpoint[name])
     set_rng_state(checkpoint["rng"])

@@ -373,3 +373,89 @@ def test_a_non_finite_loss_after_a_good_epoch_keeps_its_checkpoints(
     with pytest.raises(DataError, match="epoch 2: the train loss is inf"):
         train(config, resume=True)
     assert {name: (config.out / name).read_bytes() for name in RUN_FILES} == before
+
+
+# --- run folders: what a run claims is what it measured -------------------------------------------
+
+
+def test_a_fresh_run_never_appends_to_another_runs_files(packed, tmp_path):
+    from affectfast.config import TrainConfig
+    from affectfast.train import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("metrics.jsonl", "config.json"):
+        (out / name).write_text('{"epoch": 1, "p_mtl": 2.5}\n')
+        with pytest.raises(DataError, match="already holds a run") as info:
+            train(TrainConfig(shards=packed, out=out, epochs=1, **SMALL))
+        assert info.value.path == out / name
+        assert (out / name).read_text() == '{"epoch": 1, "p_mtl": 2.5}\n'
+        (out / name).unlink()
+    with pytest.raises(DataError, match="checkpoint not found"):
+        train(TrainConfig(shards=packed, out=out, epochs=1, **SMALL), resume=True)
+
+
+def test_resume_takes_shards_spelled_otherwise_and_a_moved_run_folder(
+    packed, tmp_path, one_thread, monkeypatch
+):
+    from affectfast.config import TrainConfig
+    from affectfast.rundir import load_checkpoint
+    from affectfast.train import train
+
+    train(TrainConfig(shards=packed, out=tmp_path / "a", epochs=2, **SMALL), stop_after=1)
+    (tmp_path / "a").rename(tmp_path / "b")
+    monkeypatch.chdir(packed.parent)
+    relative = TrainConfig(shards=Path(packed.name), out=tmp_path / "b", epochs=2, **SMALL)
+    assert [r["epoch"] for r in train(relative, resume=True)] == [2]
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 2
+    other = TrainConfig(shards=tmp_path / "b", out=tmp_path / "b", epochs=2, **SMALL)
+    with pytest.raises(DataError, match="shards changed") as info:
+        train(other, resume=True)
+    assert info.value.path == tmp_path / "b" / "config.json"
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(
+    packed, tmp_path, one_thread, monkeypatch
+):
+    import affectfast.train
+    from affectfast.config import TrainConfig
+    from affectfast.train import train
+
+    config = TrainConfig(shards=packed, out=tmp_path / "run", epochs=1, **SMALL)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(affectfast.train, "train_one_epoch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(config)
+    assert (config.out / "config.json").is_file() and not (config.out / "last.pt").exists()
+    with pytest.raises(DataError, match="already holds a run"):
+        train(config)
+    assert [r["epoch"] for r in train(config, resume=True)] == [1]
+
+
+def test_a_study_rerun_with_other_settings_is_refused_not_skipped(
+    packed, tmp_path, one_thread, monkeypatch
+):
+    import dataclasses
+
+    from affectfast.config import TrainConfig
+    from affectfast.study import StudyConfig, run_study
+
+    base = TrainConfig(
+        shards=packed, out=tmp_path / "study", epochs=1, **{**SMALL, "image_size": 32}
+    )
+    study = StudyConfig(out=tmp_path / "study", base=base, inits=("scratch",))
+    rows = run_study(study)
+    results = (tmp_path / "study" / "results.md").read_text()
+    monkeypatch.chdir(packed.parent)  # the same shards, spelled relative: still the same study
+    relative = dataclasses.replace(base, shards=Path(packed.name))
+    assert run_study(dataclasses.replace(study, base=relative)) == rows
+    for change in (dict(lr=1e-4), dict(image_size=48), dict(augment=False)):
+        other = dataclasses.replace(study, base=dataclasses.replace(base, **change))
+        with pytest.raises(DataError, match=f"{next(iter(change))} changed") as info:
+            run_study(other)
+        assert info.value.path == tmp_path / "study" / "scratch" / "uni-va" / "config.json"
+    assert (tmp_path / "study" / "results.md").read_text() == results
