@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ HEADINGS = {
     "images_per_s": "images/s",
     "wall_s": "wall time (s)",
 }
+ABSENT = "absent"  # in results.md/.csv: a trained task without a single val label
 CURVE_METRICS = ("ccc_mean", "f1_expr", "f1_au", "p_mtl")
 
 
@@ -159,9 +161,12 @@ def _check_finished(folder: RunDir, config: TrainConfig) -> None:
 
 def result_row(run: StudyRun, records: list[dict]) -> dict:
     """One table row: val metrics of the best epoch (highest P_MTL), median images/s, total wall time."""
-    best = max(records, key=lambda r: r["p_mtl"])
+    best = max(records, key=lambda r: -math.inf if r.get("p_mtl") is None else r["p_mtl"])
     row = {"run": run.name, "init": run.init_label}
-    row.update({k: best.get(k) for k in RESULT_COLUMNS[2:7]})
+    # A task the run trained but val had no label for is "absent"; one it did not train is None.
+    row.update(
+        {k: ABSENT if k in best and best[k] is None else best.get(k) for k in RESULT_COLUMNS[2:7]}
+    )
     row["images_per_s"] = statistics.median(r["images_per_s"] for r in records)
     row["wall_s"] = sum(r["epoch_seconds"] for r in records)
     return row
@@ -183,7 +188,8 @@ def write_summaries(out: Path, runs: list[StudyRun]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The comparison table as Markdown: a dash where a run did not train that task."""
+    """The comparison table as Markdown: a dash where a run did not train that task, "absent"
+    where it did but the val split has no label for it."""
     columns = RESULT_COLUMNS
     header = [c if c not in HEADINGS else HEADINGS[c] for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]

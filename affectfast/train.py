@@ -256,7 +256,7 @@ def bad_label_error(shards: Path, split: str, tasks: tuple[str, ...]) -> DataErr
 def score(preds: Predictions, tasks, tune: bool) -> dict:
     """compute_metrics, with per-AU thresholds tuned on ``preds`` itself when ``tune``."""
     thresholds = None
-    if tune and "au" in tasks:
+    if tune and "au" in tasks and preds.masks["au"].any():
         valid = preds.masks["au"].astype(bool)
         thresholds = tune_au_thresholds(preds.outputs["au"][valid], preds.labels["au"][valid])
     return compute_metrics(preds, tasks, thresholds)
@@ -396,13 +396,18 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
             **headline(metrics),
         }
         records.append(record)
-        best = max(best, metrics["p_mtl"])
+        best = max(best, _p_mtl(metrics))
         if info.is_main:
             _log_epoch(folder, writer, record)
             _save_checkpoints(folder, config, epoch + 1, run.state(), metrics, best)
     if writer is not None:
         writer.close()
     return records
+
+
+def _p_mtl(metrics: dict) -> float:
+    """P_MTL for choosing best.pt; -inf when no trained task had a val label (P_MTL absent)."""
+    return -math.inf if metrics["p_mtl"] is None else metrics["p_mtl"]
 
 
 def _refuse_bad_epoch(config: TrainConfig, epoch: int, bad_labels: bool, loss: float) -> None:
@@ -435,7 +440,7 @@ def _save_checkpoints(
         "au_thresholds": metrics.get("au_thresholds"),
     }
     save_atomic(checkpoint, folder.last)
-    if metrics["p_mtl"] >= best:
+    if _p_mtl(metrics) >= best > -math.inf:
         save_atomic(checkpoint, folder.best)
 
 
@@ -511,12 +516,12 @@ def _log_epoch(folder: RunDir, writer, record: dict) -> None:
     """Append the epoch to metrics.jsonl and TensorBoard, and one summary line to stderr."""
     append_metrics(folder.metrics, record)
     for key, value in record.items():
-        if key != "epoch":
+        if key != "epoch" and value is not None:  # an absent task has no point to plot
             writer.add_scalar(key, value, record["epoch"])
     writer.flush()
     shown = " ".join(
         f"{k}={record[k]:.4f}"
         for k in ("train_loss", "ccc_mean", "f1_expr", "f1_au", "p_mtl")
-        if k in record
+        if record.get(k) is not None
     )
     say(f"epoch {record['epoch']}: {shown} ({record['images_per_s']:.0f} img/s)")

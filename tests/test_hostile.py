@@ -459,3 +459,28 @@ def test_a_study_rerun_with_other_settings_is_refused_not_skipped(
             run_study(other)
         assert info.value.path == tmp_path / "study" / "scratch" / "uni-va" / "config.json"
     assert (tmp_path / "study" / "results.md").read_text() == results
+
+
+def test_a_task_without_labels_is_reported_absent_not_zero(synth_tree, tmp_path, one_thread):
+    from affectfast.config import TrainConfig
+    from affectfast.metrics import format_tables
+    from affectfast.pack import PackConfig, pack
+    from affectfast.rundir import read_metrics
+    from affectfast.study import StudyRun, format_table, result_row
+    from affectfast.train import train
+
+    tree = Path(shutil.copytree(synth_tree, tmp_path / "tree"))
+    shutil.rmtree(next(tree.rglob("VA_Estimation_Challenge")))
+    pack(PackConfig(root=tree, out=tmp_path / "shards", workers=1, shard_size=64), progress=False)
+    config = TrainConfig(shards=tmp_path / "shards", out=tmp_path / "run", epochs=1, **SMALL)
+    (record,) = train(config)
+    (logged,) = read_metrics(config.out / "metrics.jsonl")
+    assert logged == record
+    for key in ("ccc_valence", "ccc_arousal", "ccc_mean"):
+        assert key in logged and logged[key] is None, key
+    assert logged["frames_va"] == 0
+    assert logged["p_mtl"] == pytest.approx(logged["f1_expr"] + logged["f1_au"])
+    assert "ccc_mean" in format_tables(logged) and "absent" in format_tables(logged)
+    row = result_row(StudyRun("multi", "scratch", TASKS, "scratch", config.out), [logged])
+    assert row["ccc_valence"] == row["ccc_arousal"] == "absent"
+    assert "| multi | scratch | absent | absent |" in format_table([row])
