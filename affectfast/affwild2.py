@@ -18,6 +18,7 @@ first with byte searches over the whole body, so they are errors, never labels.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -121,6 +122,35 @@ def _check_video_name(video: str, path: Path, frames: Path | None = None) -> Non
         raise DataError(
             path, f"video name {video!r} cannot be packed{folder}: {KEY_RULE}; rename the video"
         )
+
+
+# --- the source fingerprint (recorded by pack, checked by the files loader) -----------------------
+
+
+def fingerprint_source(dirs: AnnotationDirs, videos: list[str]) -> str:
+    """sha256 over every annotation file (name and bytes) and the image names of each video."""
+    digest = hashlib.sha256()
+
+    def add(text: str, data: bytes = b"") -> None:
+        # Length-prefixed so that no two different sources can hash the same stream.
+        for part in (text.encode(), data):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+
+    for task in TASKS:
+        folder = dirs.task_dir(task)
+        for set_dir in SPLIT_DIRS if folder is not None else ():
+            if not (folder / set_dir).is_dir():
+                continue
+            for name in sorted(
+                n
+                for n in os.listdir(folder / set_dir)
+                if n.endswith(".txt") and not n.startswith(".")
+            ):
+                add(f"{task}/{set_dir}/{name}", (folder / set_dir / name).read_bytes())
+    for video in videos:
+        add(video, "\n".join(sorted(os.listdir(dirs.frames / video))).encode())
+    return "sha256:" + digest.hexdigest()
 
 
 # --- finding the folders --------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from affectfast.affwild2 import (
     AnnotationDirs,
     VideoLabels,
     find_annotation_dirs,
+    fingerprint_source,
     image_path,
     read_tree,
     sample_key,
@@ -67,7 +68,6 @@ from affectfast.tasks import (
     LABEL_SIZE,
     NUM_AU,
     NUM_EXPR,
-    SPLIT_DIRS,
     SPLITS,
     TASKS,
     encode_label,
@@ -181,35 +181,6 @@ def shuffle_order(index: SampleIndex, split: str, seed: int) -> np.ndarray:
     if split == "train":
         rows = rows[np.random.default_rng(seed).permutation(len(rows))]
     return rows
-
-
-# --- the source fingerprint -----------------------------------------------------------------------
-
-
-def fingerprint_source(dirs: AnnotationDirs, videos: list[str]) -> str:
-    """sha256 over every annotation file (name and bytes) and the image names of each video."""
-    digest = hashlib.sha256()
-
-    def add(text: str, data: bytes = b"") -> None:
-        # Length-prefixed so that no two different sources can hash the same stream.
-        for part in (text.encode(), data):
-            digest.update(len(part).to_bytes(8, "little"))
-            digest.update(part)
-
-    for task in TASKS:
-        folder = dirs.task_dir(task)
-        for set_dir in SPLIT_DIRS if folder is not None else ():
-            if not (folder / set_dir).is_dir():
-                continue
-            for name in sorted(
-                n
-                for n in os.listdir(folder / set_dir)
-                if n.endswith(".txt") and not n.startswith(".")
-            ):
-                add(f"{task}/{set_dir}/{name}", (folder / set_dir / name).read_bytes())
-    for video in videos:
-        add(video, "\n".join(sorted(os.listdir(dirs.frames / video))).encode())
-    return "sha256:" + digest.hexdigest()
 
 
 # --- writing one shard (runs in a worker process) -------------------------------------------------

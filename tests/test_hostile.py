@@ -484,3 +484,17 @@ def test_a_task_without_labels_is_reported_absent_not_zero(synth_tree, tmp_path,
     row = result_row(StudyRun("multi", "scratch", TASKS, "scratch", config.out), [logged])
     assert row["ccc_valence"] == row["ccc_arousal"] == "absent"
     assert "| multi | scratch | absent | absent |" in format_table([row])
+
+
+def test_the_files_kind_refuses_a_tree_the_shards_were_not_packed_from(
+    packed, synth_tree, tmp_path
+):
+    tree = Path(shutil.copytree(synth_tree, tmp_path / "tree"))
+    assert len(load_all("files", packed, tree=tree)) > 0  # a copy elsewhere is the same source
+    annotation = next(tree.rglob("EXPR_Recognition_Challenge/Train_Set/*.txt"))
+    lines = annotation.read_text().splitlines()
+    lines[1] = "7" if lines[1] != "7" else "6"  # one label changed
+    annotation.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="is not the tree") as info:
+        load_all("files", packed, tree=tree)
+    assert info.value.path == tree

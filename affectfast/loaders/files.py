@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from affectfast.affwild2 import find_annotation_dirs, image_path, read_tree, sample_key
+from affectfast.affwild2 import (
+    find_annotation_dirs,
+    fingerprint_source,
+    image_path,
+    read_tree,
+    sample_key,
+)
 from affectfast.errors import DataError
 from affectfast.loaders.base import (
     EpochLoader,
@@ -32,6 +38,7 @@ from affectfast.loaders.base import (
     torch_transform,
     worker_init,
 )
+from affectfast.shards import MANIFEST, load_manifest
 from affectfast.tasks import TASKS, valid_mask
 
 
@@ -41,7 +48,10 @@ class FramesDataset(torch.utils.data.Dataset):
     def __init__(self, tree: Path, split: str, tasks: tuple[str, ...], transform):
         dirs = find_annotation_dirs(tree)
         # Every task the tree has, so multi-task keeps the frames the pack keeps (any valid label).
-        videos = [v for v in read_tree(dirs, TASKS) if v.split == split]
+        every = read_tree(dirs, TASKS)
+        videos = [v for v in every if v.split == split]
+        # What pack records as manifest["source"]["fingerprint"]: annotation bytes, frame names.
+        self.fingerprint = fingerprint_source(dirs, [v.name for v in every])
         self.frames_dir, self.tasks, self.transform = dirs.frames, tasks, transform
         self.names = [v.name for v in videos]
         keep = [
@@ -91,6 +101,7 @@ class FilesLoader(EpochLoader):
             config.tasks,
             torch_transform(config.image_size, config.augment),
         )
+        _check_source(config.shards, config.tree, self.dataset.fingerprint)
         super().__init__(config, len(self.dataset), config.tree)
 
     def _indices(self) -> list[int]:
@@ -129,3 +140,19 @@ class FilesLoader(EpochLoader):
         if isinstance(examples[0], WorkerError):
             return examples[0]
         return collate_examples(examples, self.config.tasks)
+
+
+def _check_source(shards: Path, tree: Path, fingerprint: str) -> None:
+    """The tree must be the one the shards were packed from (the manifest's source fingerprint):
+    the files loader stands in for the shards, in benchmarks and training alike."""
+    manifest = load_manifest(shards)
+    packed = (manifest.get("source") or {}).get("fingerprint")
+    if packed is None:
+        raise DataError(shards / MANIFEST, "no source fingerprint to check --tree against")
+    if packed != fingerprint:
+        raise DataError(
+            tree,
+            f"is not the tree {shards} was packed from (its annotation files or frame names "
+            "differ from the manifest's source fingerprint); pass the --tree that was packed, "
+            "or pack this one",
+        )
