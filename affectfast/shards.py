@@ -14,6 +14,7 @@ a reader of shards imports to understand them:
 from __future__ import annotations
 
 import json
+import math
 import re
 import tarfile
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from affectfast.errors import DataError
-from affectfast.tasks import IMAGE_EXT, LABEL_EXT, SPLITS, split_member
+from affectfast.tasks import IMAGE_EXT, LABEL_EXT, NUM_AU, NUM_EXPR, SPLITS, TASKS, split_member
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -227,7 +228,8 @@ def _cached_index(tar: Path, idx: Path, stamp: tuple) -> Shard:
 def split_shards(shards: str | Path, split: str) -> list[Shard]:
     """The shards of ``split`` in a pack folder, in order, checked against truncation.
 
-    The shard list comes from ``manifest.json`` when present (else the ``<split>-*.tar`` files).
+    The shard list comes from ``manifest.json`` when present, and only from it (an empty list is
+    a DataError); without a manifest, from the ``<split>-*.tar`` files.
     A tar shorter than its index says, or than the manifest's byte count, is a DataError naming it:
     DALI would otherwise fail deep inside its reader and webdataset mid-epoch.
     """
@@ -235,6 +237,10 @@ def split_shards(shards: str | Path, split: str) -> list[Shard]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     folder = Path(shards)
     listed = _manifest_shards(folder, split)
+    if listed == {}:  # a manifest is the list: never stray tars that happen to match a glob
+        raise DataError(
+            folder / MANIFEST, f"lists no {split} shards: the {split} split has no samples"
+        )
     tars = [folder / name for name in listed] if listed else sorted(folder.glob(f"{split}-*.tar"))
     if not tars:
         raise DataError(folder, f"no {split} shards ({split}-NNNNNN.tar) in this folder")
@@ -247,7 +253,7 @@ def split_shards(shards: str | Path, split: str) -> list[Shard]:
             raise DataError(idx, "shard index missing (pack writes it beside the tar)")
         stamp = (tar.stat().st_size, tar.stat().st_mtime_ns, idx.stat().st_mtime_ns)
         shard = _cached_index(tar, idx, stamp)
-        expected = max(shard.end, listed.get(tar.name) or 0)
+        expected = max(shard.end, (listed or {}).get(tar.name) or 0)
         if stamp[0] < expected:
             raise DataError(
                 tar,
@@ -258,10 +264,10 @@ def split_shards(shards: str | Path, split: str) -> list[Shard]:
     return result
 
 
-def _manifest_shards(folder: Path, split: str) -> dict[str, int]:
-    """Shard name -> byte count from manifest.json (docs/shard-format.md); {} without a manifest."""
+def _manifest_shards(folder: Path, split: str) -> dict[str, int] | None:
+    """Shard name -> byte count from manifest.json (docs/shard-format.md); None without one."""
     if not (folder / MANIFEST).is_file():
-        return {}
+        return None
     manifest = load_manifest(folder)
     try:
         return {entry["name"]: int(entry["bytes"]) for entry in manifest["splits"][split]["shards"]}
@@ -294,6 +300,51 @@ def load_manifest(out: str | Path) -> dict:
             path, f"format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
     return manifest
+
+
+def check_stats(manifest: dict, path: Path) -> None:
+    """The per-task counts the trainer takes loss weights from must be sane: counts non-negative
+    integers of the right length that add up, VA mean and std finite (std >= 0). A DataError
+    names manifest.json and the first bad entry. (verify compares them with the shards instead.)"""
+    splits = manifest.get("splits")
+    for split, entry in splits.items() if isinstance(splits, dict) else ():
+        stats = entry.get("stats", {}) if isinstance(entry, dict) else None
+        for task in TASKS if isinstance(stats, dict) else ("",):
+            if stats is None or (task in stats and not _sane_stat(task, stats[task])):
+                shown = f"{stats and stats.get(task)!r:.120}"
+                raise DataError(
+                    path,
+                    f"splits.{split}.stats.{task} is not sane ({shown}): counts must be "
+                    "non-negative integers of the right length, VA mean/std finite; re-run pack",
+                )
+
+
+def _is_count(value, limit: float = math.inf) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+def _is_pair(values, low: float = -math.inf) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == 2
+        and all(isinstance(v, (int, float)) and low <= v < math.inf for v in values)
+    )
+
+
+def _sane_stat(task: str, stat) -> bool:
+    """One task's entry of a split's ``stats`` (docs/shard-format.md)."""
+    if not isinstance(stat, dict) or not _is_count(stat.get("valid")):
+        return False
+    if task == "va":
+        return _is_pair(stat.get("mean")) and _is_pair(stat.get("std"), low=0)
+    key, size = ("class_counts", NUM_EXPR) if task == "expr" else ("positive_counts", NUM_AU)
+    values = stat.get(key)
+    return (
+        isinstance(values, list)
+        and len(values) == size
+        and all(_is_count(v, stat["valid"]) for v in values)
+        and (task == "au" or sum(values) == stat["valid"])  # every valid EXPR label has a class
+    )
 
 
 def manifest_summary(manifest: dict) -> str:

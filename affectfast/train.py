@@ -50,7 +50,7 @@ from affectfast.rundir import (
     set_rng_state,
     truncate_metrics,
 )
-from affectfast.shards import MANIFEST, load_manifest
+from affectfast.shards import MANIFEST, check_stats, load_manifest
 from affectfast.verify import first_bad_label
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,6 +85,7 @@ def resolve_device(config: TrainConfig, cuda: bool | None = None):
 
 def build_task_loss(config: TrainConfig, manifest: dict, manifest_path: Path) -> TaskLoss:
     """Loss settings: EXPR class weights and AU pos_weight from the train split's counts in the manifest."""
+    check_stats(manifest, manifest_path)  # weights from negative or non-finite counts train on
     try:
         stats = manifest["splits"]["train"]["stats"]
         expr_weights = (

@@ -498,3 +498,43 @@ def test_the_files_kind_refuses_a_tree_the_shards_were_not_packed_from(
     with pytest.raises(DataError, match="is not the tree") as info:
         load_all("files", packed, tree=tree)
     assert info.value.path == tree
+
+
+# --- the manifest is checked, and it is the list ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "task,key,value",
+    [
+        ("expr", "class_counts", [-5, 10, 0, 0, 0, 0, 0, 0]),
+        ("expr", "class_counts", [1, 2, 3]),
+        ("expr", "class_counts", [1.5, 0, 0, 0, 0, 0, 0, 0]),
+        ("au", "positive_counts", [10**9] * 12),
+        ("au", "valid", -1),
+        ("va", "std", [float("nan"), 0.2]),
+        ("va", "mean", [float("inf"), 0.0]),
+    ],
+)
+def test_insane_manifest_statistics_are_refused_naming_the_manifest(shards_copy, task, key, value):
+    from affectfast.config import TrainConfig
+    from affectfast.train import train
+
+    path = shards_copy / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["splits"]["train"]["stats"][task][key] = value
+    path.write_text(json.dumps(manifest))  # NaN and Infinity as Python's json writes them
+    with pytest.raises(DataError, match=f"stats.{task} is not sane") as info:
+        train(TrainConfig(shards=shards_copy, out=shards_copy / "run", epochs=1, **SMALL))
+    assert info.value.path == path
+    assert not (shards_copy / "run" / "last.pt").exists()
+
+
+def test_a_manifest_listing_no_shards_for_a_split_never_falls_back_to_stray_tars(shards_copy):
+    path = shards_copy / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["splits"]["val"]["shards"] = []
+    path.write_text(json.dumps(manifest))
+    for kind in SHARD_KINDS:  # the val tars are still there, but not the manifest's
+        with pytest.raises(DataError, match="lists no val shards") as info:
+            load_all(kind, shards_copy)
+        assert info.value.path == path
