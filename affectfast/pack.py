@@ -47,7 +47,7 @@ from affectfast.affwild2 import (
     read_tree,
     sample_key,
 )
-from affectfast.errors import DataError
+from affectfast.errors import DataError, check_writable_folder
 from affectfast.jpeg import CHECKS, JpegError, check_jpeg
 from affectfast.shards import (
     FORMAT_VERSION,
@@ -253,10 +253,17 @@ def write_shard(job: ShardJob, context: WriterContext) -> ShardResult:
     except _BadImage as bad:
         tar_tmp.unlink(missing_ok=True)
         return ShardResult(job.name, error={"path": str(bad.path), "message": bad.message})
+    except OSError as error:  # a full disk: a write() error names no file
+        error.filename = error.filename or str(tar_tmp)
+        raise
     if result.samples == 0:  # every image was bad: write no shard at all
         tar_tmp.unlink()
         return result
-    idx_tmp.write_text(index_text(lines), encoding="ascii")
+    try:
+        idx_tmp.write_text(index_text(lines), encoding="ascii")
+    except OSError as error:
+        error.filename = error.filename or str(idx_tmp)
+        raise
     os.replace(tar_tmp, context.out / f"{job.name}.tar")
     os.replace(idx_tmp, context.out / f"{job.name}.idx")
     return result
@@ -469,8 +476,12 @@ def _difference(found: dict | None, wanted: dict) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_temporaries(out: Path, shards: list[str]) -> None:
@@ -609,6 +620,19 @@ def build_manifest(
 # --- the whole pack -------------------------------------------------------------------------------
 
 
+def _check_output_folder(config: PackConfig, dirs: AnnotationDirs) -> None:
+    """Before the tree is read: ``out`` must be writable and outside every input folder (shards
+    written into the tree would be read back as part of it, and change its fingerprint)."""
+    check_writable_folder(config.out)
+    out = config.out.resolve()
+    sources = [config.root, dirs.frames, *(dirs.task_dir(task) for task in TASKS)]
+    for source in (s.resolve() for s in sources if s is not None):
+        if out == source or source in out.parents:
+            raise DataError(
+                config.out, f"is inside the input tree {source}; choose an --out outside it"
+            )
+
+
 def plan_shards(index: SampleIndex, config: PackConfig) -> dict[str, list[np.ndarray]]:
     """Per split, the global rows of each shard in write order."""
     plan = {}
@@ -642,6 +666,7 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     dirs = find_annotation_dirs(
         config.root, frames=config.frames, va=config.va, expr=config.expr, au=config.au
     )
+    _check_output_folder(config, dirs)
     videos = read_tree(dirs, progress=progress)
     ignored = {video.name: video.ignored_files for video in videos if video.ignored_files}
     index = build_index(videos, dirs.frames)

@@ -34,13 +34,14 @@ from affectfast.dist import (
     setup_distributed,
     teardown_distributed,
 )
-from affectfast.errors import DataError
+from affectfast.errors import DataError, check_writable_folder
 from affectfast.loaders import Loader, build_loader, screen_labels
 from affectfast.losses import TaskLoss, au_pos_weight, expr_class_weights, multitask_loss
 from affectfast.metrics import Predictions, compute_metrics, headline, tune_au_thresholds
 from affectfast.model import AffectNet, build_model
 from affectfast.rundir import (
     CHECKPOINT_FORMAT,
+    RESUME_ENTRIES,
     RunDir,
     append_metrics,
     load_checkpoint,
@@ -471,6 +472,7 @@ def check_run_folder(folder: RunDir, config: TrainConfig, resume: bool) -> None:
     """Before anything is built: a fresh run needs a folder without a run's files (it would
     append to another run's metrics.jsonl); --resume needs the same config, and last.pt or a run
     killed before its first checkpoint (config.json, at most one epoch logged)."""
+    check_writable_folder(folder.root)
     present = [p for p in (folder.last, folder.config, folder.metrics) if p.exists()]
     if not resume:
         if present:
@@ -503,14 +505,18 @@ def check_run_folder(folder: RunDir, config: TrainConfig, resume: bool) -> None:
 
 def _restore(path: Path, config: TrainConfig, run: Run) -> tuple[int, float]:
     """Load last.pt into the run's objects; return (epochs done, best P_MTL so far)."""
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, RESUME_ENTRIES)
     changed = config_changes(checkpoint["config"], config)
     if changed:
         raise DataError(path, f"cannot resume with a different config: {', '.join(changed)}")
-    for name, obj in run.state().items():
-        obj.load_state_dict(checkpoint[name])
-    set_rng_state(checkpoint["rng"])
-    return checkpoint["epoch"], checkpoint["best_p_mtl"]
+    try:
+        for name, obj in run.state().items():
+            obj.load_state_dict(checkpoint[name])
+        set_rng_state(checkpoint["rng"])
+        return int(checkpoint["epoch"]), float(checkpoint["best_p_mtl"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(path, f"cannot restore this run from it ({first[:200]})") from None
 
 
 def _log_epoch(folder: RunDir, writer, record: dict) -> None:

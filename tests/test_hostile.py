@@ -6,7 +6,9 @@ damaged in place) and must end in a DataError naming the file, never a wrong epo
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -538,3 +540,245 @@ def test_a_manifest_listing_no_shards_for_a_split_never_falls_back_to_stray_tars
         with pytest.raises(DataError, match="lists no val shards") as info:
             load_all(kind, shards_copy)
         assert info.value.path == path
+
+
+# --- no raw tracebacks: checkpoints, full disks, unwritable and unreadable paths ------------------
+
+
+def cli(*args: str):
+    """Run the affectfast CLI in-process; (exit code, stdout + stderr)."""
+    from click.testing import CliRunner
+
+    from affectfast.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line_exit_2(code: int, output: str, *expected: str) -> None:
+    lines = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1, output
+    assert "Traceback" not in output and "weights_only" not in output, output
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+
+
+def test_checkpoints_without_what_they_need_are_one_line_errors(packed, tmp_path, one_thread):
+    from affectfast.model import build_model
+
+    config, _ = one_good_epoch(packed, tmp_path)
+    checkpoint = torch.load(config.out / "last.pt", weights_only=True)
+    broken = {
+        "no-model.pt": {k: v for k, v in checkpoint.items() if k != "model"},
+        "other-model.pt": {**checkpoint, "model": build_model(("va",)).state_dict()},
+        "bad-config.pt": {**checkpoint, "config": {**checkpoint["config"], "tasks": ["xx"]}},
+        "no-optimizer.pt": {k: v for k, v in checkpoint.items() if k != "optimizer"},
+    }
+    for name, value in broken.items():
+        torch.save(value, tmp_path / name)
+    (tmp_path / "page.pt").write_text("<html>404 not found</html>")
+    (tmp_path / "cut.pt").write_bytes((config.out / "last.pt").read_bytes()[:4096])
+    evaluate = ["evaluate", "--loader", "dali-cpu", "--num-threads", "1"]
+    for name, expected in [
+        ("no-model.pt", "no model"),
+        ("other-model.pt", "do not fit its config"),
+        ("bad-config.pt", "its config is not a run's"),
+        ("page.pt", "saved with torch.save"),
+        ("cut.pt", "damaged torch.save file"),
+    ]:
+        code, output = cli(*evaluate[:1], tmp_path / name, config.shards, *evaluate[1:])
+        assert_one_line_exit_2(code, output, str(tmp_path / name), expected)
+    (config.out / "last.pt").write_bytes((tmp_path / "no-optimizer.pt").read_bytes())
+    options = ["--loader", "dali-cpu", "--batch-size", "32", "--image-size", "48"]
+    options += ["--num-threads", "1", "--amp", "off", "--epochs", "2", "--lr", "0.001"]
+    code, output = cli("train", config.shards, "--out", config.out, *options, "--resume")
+    assert_one_line_exit_2(code, output, "last.pt", "no optimizer")
+    for init in ("ckpt", "imagenet"):
+        out = tmp_path / f"init-{init}"
+        code, output = cli(
+            "train", config.shards, "--out", out, "--init", f"{init}:{tmp_path}/page.pt"
+        )
+        assert_one_line_exit_2(code, output, "page.pt", "saved with torch.save")
+        assert not (out / "last.pt").exists()
+
+
+def test_a_full_disk_while_saving_leaves_no_temporary_and_keeps_the_last_checkpoint(
+    packed, tmp_path, one_thread, monkeypatch
+):
+    from affectfast.train import train
+
+    config, before = one_good_epoch(packed, tmp_path)
+
+    def full_disk(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"\0" * 1000)  # a partial file, as a filling disk leaves it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(config, resume=True)
+    assert (config.out / "last.pt").read_bytes() == before["last.pt"]
+    assert not list(config.out.glob("*.tmp"))
+
+
+def mounted_tmpfs(folder: Path, size: str):
+    """A tmpfs of ``size`` at ``folder`` (a real full disk); skip where it cannot be mounted."""
+    import subprocess
+
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    import subprocess
+
+    disk = mounted_tmpfs(tmp_path / "disk", "1m")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_pack_onto_a_full_disk_is_one_line_and_leaves_no_partial_file(synth_tree, small_disk):
+    out = small_disk / "shards"
+    code, output = cli("pack", synth_tree, "--out", out, "--workers", "1", "--shard-size", "64")
+    assert_one_line_exit_2(code, output, "No space left on device", str(out))
+    left = sorted(p.name for p in out.iterdir())
+    assert not [n for n in left if n.endswith(".tmp") or n == ".pack.lock"], left
+    assert all(n.endswith((".tar", ".idx")) or n == ".pack-state.jsonl" for n in left), left
+
+
+def test_train_onto_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(
+    packed, tmp_path, one_thread
+):
+    import subprocess
+
+    disk = mounted_tmpfs(tmp_path / "disk", "20m")  # config, events and metrics fit; no checkpoint
+    try:
+        out = disk / "run"
+        options = ["--loader", "dali-cpu", "--batch-size", "32", "--image-size", "48"]
+        options += ["--num-threads", "1", "--amp", "off", "--epochs", "1"]
+        code, output = cli("train", packed, "--out", out, *options)
+        assert_one_line_exit_2(code, output, str(out / "last.pt"), "No space left on device")
+        assert not list(out.glob("*.pt*"))
+    finally:  # lazily: the failed run's TensorBoard writer may still hold its events file
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_outputs_below_a_file_inside_the_input_or_in_a_missing_folder_fail_up_front(
+    packed, synth_tree, tmp_path
+):
+    afile = tmp_path / "afile"
+    afile.write_text("a user's file\n")
+    code, output = cli("pack", synth_tree, "--out", afile / "shards", "--workers", "1")
+    assert_one_line_exit_2(code, output, str(afile / "shards"), "is a file")
+    code, output = cli("train", packed, "--out", afile / "run", "--loader", "dali-cpu")
+    assert_one_line_exit_2(code, output, str(afile / "run"), "is a file")
+    assert afile.read_text() == "a user's file\n"
+    tree = Path(shutil.copytree(synth_tree, tmp_path / "tree"))
+    code, output = cli("pack", tree, "--out", tree / "cropped_aligned" / "shards")
+    assert_one_line_exit_2(code, output, "is inside the input tree")
+    assert not (tree / "cropped_aligned" / "shards").exists()
+    csv = tmp_path / "missing" / "bench.csv"
+    code, output = cli("bench", "loaders", packed, "--loaders", "dali-cpu", "--csv", csv)
+    assert_one_line_exit_2(code, output, str(csv), "no folder")
+    assert "timing" not in output
+
+
+# Unreadable and unwritable paths: root ignores permissions, so as root these run in a forked
+# child that has become user nobody (the modules it needs are imported before the fork).
+NOBODY = 65534
+
+
+def as_nobody(function):
+    """``function()``'s result, run as user nobody where this process is root."""
+    import pickle
+
+    if os.geteuid() != 0:
+        return function()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            result = ("ok", function())
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            result = ("error", repr(error))
+        with os.fdopen(write, "wb") as pipe:
+            pickle.dump(result, pipe)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    status, value = pickle.loads(data)
+    assert status == "ok", value
+    return value
+
+
+@pytest.fixture
+def public(tmp_path_factory):
+    """A folder user nobody may enter (pytest's own tmp folders are private to root)."""
+    import tempfile
+
+    import affectfast.pack  # noqa: F401 - imported before any fork (see as_nobody)
+    import affectfast.train  # noqa: F401
+
+    folder = Path(tempfile.mkdtemp(prefix="affectfast-hostile-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_unreadable_inputs_and_unwritable_outputs_are_one_line_errors(synth_tree, packed, public):
+    tree = Path(shutil.copytree(synth_tree, public / "tree"))
+    shards = Path(shutil.copytree(packed, public / "shards"))
+    for path in (tree, shards, *tree.rglob("*"), *shards.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # copies of pytest's private folders
+    readonly, writable = public / "readonly", public / "writable"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    writable.mkdir()
+    writable.chmod(0o777)
+    train = ["--loader", "dali-cpu", "--num-threads", "1", "--epochs", "1"]
+    annotation = next(tree.rglob("AU_Detection_Challenge/Train_Set/*.txt"))
+    video = next((tree / "cropped_aligned").iterdir())
+    tar = shards / "train-000001.tar"
+    cases = [
+        (
+            lambda: annotation.chmod(0),
+            ["pack", tree, "--out", writable / "o1", "--workers", "1"],
+            [str(annotation), "Permission denied"],
+        ),
+        (
+            lambda: (annotation.chmod(0o644), video.chmod(0)),
+            ["pack", tree, "--out", writable / "o2", "--workers", "1"],
+            [str(video), "Permission denied"],
+        ),
+        (
+            lambda: video.chmod(0o755),
+            ["pack", tree, "--out", readonly / "o", "--workers", "1"],
+            [str(readonly), "cannot write into"],
+        ),
+        (
+            lambda: None,
+            ["train", shards, "--out", readonly / "run", *train],
+            [str(readonly), "cannot write into"],
+        ),
+        (
+            lambda: tar.chmod(0),
+            ["train", shards, "--out", writable / "run", *train],
+            [str(tar), "ermission denied"],
+        ),
+    ]
+    for prepare, args, expected in cases:
+        prepare()
+        code, output = as_nobody(functools.partial(cli, *args))
+        assert_one_line_exit_2(code, output, *expected)
+    assert not (writable / "o1").exists() and not (writable / "o2").exists()
