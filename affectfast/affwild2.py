@@ -20,6 +20,7 @@ first with byte searches over the whole body, so they are errors, never labels.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -32,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from affectfast.errors import DataError
+from affectfast.shards import KEY_RULE, check_key
 from affectfast.tasks import (
     AU_IGNORE,
     AU_NAMES,
@@ -110,21 +112,55 @@ def image_path(frames_dir: str | Path, video: str, frame: int) -> Path:
 
 
 def sample_key(video: str, frame: int) -> str:
-    """The shard key ``<video>/<NNNNN>`` of a frame; a video name with a dot is a DataError."""
+    """The shard key ``<video>/<NNNNN>`` of a frame; a video name the key rule refuses
+    (``shards.KEY_RULE``: no dot, slash, colon or space, ...) is a DataError."""
     _check_video_name(video, Path(video))
     if not 1 <= frame < 10**FRAME_DIGITS:
         raise ValueError(f"frame {frame} outside 1..{10**FRAME_DIGITS - 1}")
     return f"{video}/{frame:0{FRAME_DIGITS}d}"
 
 
-def _check_video_name(video: str, path: Path) -> None:
-    # DALI splits a sample's file name at the first dot to find the extension (DESIGN.md §2).
-    if "." in video:
+def _check_video_name(video: str, path: Path, frames: Path | None = None) -> None:
+    """Refuse a video name that cannot make shard keys, naming ``path`` (and its frames folder)."""
+    if not check_key(f"{video}/{1:0{FRAME_DIGITS}d}"):
+        folder = f" (frames folder {frames / video})" if frames is not None else ""
         raise DataError(
-            path,
-            f"video name {video!r} contains a dot; shard keys must not "
-            "(DALI splits the extension at the first dot)",
+            path, f"video name {video!r} cannot be packed{folder}: {KEY_RULE}; rename the video"
         )
+
+
+# --- the source fingerprint (recorded by pack, checked by the files loader) -----------------------
+
+
+def fingerprint_source(
+    dirs: AnnotationDirs, videos: list[str], test_names: dict[str, list[str]] | None = None
+) -> str:
+    """sha256 over every annotation file (name and bytes), the image names of each video and the
+    videos of each task's test list (``test_names``; none: the digest of a pack without them)."""
+    digest = hashlib.sha256()
+
+    def add(text: str, data: bytes = b"") -> None:
+        # Length-prefixed so that no two different sources can hash the same stream.
+        for part in (text.encode(), data):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+
+    for task in TASKS:
+        folder = dirs.task_dir(task)
+        for set_dir in SPLIT_DIRS if folder is not None else ():
+            if not (folder / set_dir).is_dir():
+                continue
+            for name in sorted(
+                n
+                for n in os.listdir(folder / set_dir)
+                if n.endswith(".txt") and not n.startswith(".")
+            ):
+                add(f"{task}/{set_dir}/{name}", (folder / set_dir / name).read_bytes())
+    for video in videos:
+        add(video, "\n".join(sorted(os.listdir(dirs.frames / video))).encode())
+    for task, names in sorted((test_names or {}).items()):
+        add(f"test list {task}", "\n".join(names).encode())
+    return "sha256:" + digest.hexdigest()
 
 
 # --- finding the folders --------------------------------------------------------------------------
@@ -267,7 +303,7 @@ def _index_annotations(
             for name in names:
                 path = folder / name
                 video = name[: -len(".txt")]
-                _check_video_name(video, path)
+                _check_video_name(video, path, dirs.frames)
                 seen = where.setdefault(video, {})
                 if task in seen:
                     raise DataError(

@@ -6,6 +6,7 @@ Bad input (``DataError``) prints one line naming file and line and exits with co
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import importlib
 import os
@@ -24,7 +25,7 @@ from affectfast.constants import (
     SPLITS,
     VA_LOSSES,
 )
-from affectfast.errors import DataError
+from affectfast.errors import DataError, check_writable_folder
 
 # The dataclasses whose fields the options fill, as "module:Class": imported only to show --help.
 TRAIN = "affectfast.config:TrainConfig"
@@ -89,7 +90,46 @@ def exits_2_on_data_error(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# What to do about the OSErrors a user's files and disks cause, by errno.
+OS_ADVICE = {
+    errno.EACCES: "check the permissions of it and of the folders above it",
+    errno.EPERM: "check the permissions of it and of the folders above it",
+    errno.ENOSPC: "free space on that disk or choose a folder on another one",
+    errno.EDQUOT: "free space (disk quota exceeded) or choose a folder on another disk",
+    errno.EROFS: "it is on a read-only file system: choose another folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder where a file was expected",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.EEXIST: "it already exists",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError: the path, what happened and what to do."""
+    where = error.filename if error.filename is not None else "while writing a file"
+    what = error.strerror or str(error)
+    advice = OS_ADVICE.get(error.errno)
+    return f"{where}: {what}" + (f"; {advice}" if advice else "")
+
+
+class SafeGroup(click.Group):
+    """The safety net under every command: a DataError or an OSError (permissions, a full disk,
+    a path through a file, ...) ends in one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DataError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+        except OSError as error:
+            if error.errno == errno.EPIPE:  # stdout closed early (| head): click's to handle
+                raise
+            click.echo(f"error: {describe_os_error(error)}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=SafeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """affectfast: train facial-affect models on the whole of Aff-Wild2, fast.
 
@@ -654,6 +694,10 @@ def bench_loaders_command(
         config = BenchConfig(shards=shards, tree=tree, **options)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+    for path in (p for p in (csv_path, plot) if p is not None):  # before minutes of timing
+        if not path.parent.is_dir():
+            raise DataError(path, f"no folder {path.parent} to write it in; create it first")
+        check_writable_folder(path.parent)
     results = bench_loaders(config)
     click.echo(format_table(results))
     if csv_path:

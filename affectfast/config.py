@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from affectfast.constants import (
     VA_LOSSES,
 )
 from affectfast.tasks import TASKS, parse_tasks
+
+MAX_SEED = 2**31 - 1  # DALI and numpy's legacy seeding take 32-bit seeds
 
 
 def parse_init(init: str) -> tuple[str, Path | None]:
@@ -104,22 +107,26 @@ class TrainConfig:
             (self.loader in LOADER_KINDS, f"loader must be one of {LOADER_KINDS}"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm and CCC need two frames)"),
-            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0"),
+            (
+                0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf,
+                "lr must be finite and > 0, weight_decay finite and >= 0",
+            ),
             (self.image_size >= 32, "image_size must be >= 32 px"),
             (self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}"),
             (self.va_loss in VA_LOSSES, f"va_loss must be one of {VA_LOSSES}"),
             (
-                all(t in self.tasks and w >= 0 for t, w in self.task_weights),
-                "task_weights must name trained tasks with weights >= 0",
+                all(t in self.tasks and 0 <= w < math.inf for t, w in self.task_weights),
+                "task_weights must name trained tasks with finite weights >= 0",
             ),
             (
                 self.interpolation in INTERPOLATIONS,
                 f"interpolation must be one of {INTERPOLATIONS}",
             ),
             (
-                self.rotate_degrees >= 0 and self.num_threads >= 1,
-                "rotate_degrees >= 0, num_threads >= 1",
+                0 <= self.rotate_degrees <= 180 and self.num_threads >= 1,
+                "rotate_degrees must be in [0, 180], num_threads >= 1",
             ),
+            (0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}] (DALI takes int32)"),
             (self.loader != "files" or self.tree is not None, "loader files needs tree"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (0 <= self.hw_decoder_load <= 1, "hw_decoder_load must be in [0, 1]"),

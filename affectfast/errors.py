@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -17,3 +18,23 @@ class DataError(ValueError):
         self.message = message
         where = f"{self.path}:{line}" if line is not None else f"{self.path}"
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):
+        # Pickled as its arguments, so it crosses process boundaries (DataLoader workers, pools).
+        return type(self), (self.path, self.message, self.line)
+
+
+def check_writable_folder(folder: str | Path) -> None:
+    """Before any work: ``folder`` can be created or written to (its nearest existing ancestor
+    is a folder this process may write), else a DataError naming it and the reason."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise DataError(folder, f"cannot be a folder: {existing} is a file; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(existing) else "no permission to write"
+        raise DataError(folder, f"cannot write into {existing} ({reason}); choose another folder")
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)

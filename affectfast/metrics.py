@@ -17,6 +17,12 @@ from sklearn.metrics import f1_score
 
 from affectfast.tasks import AU_NAMES, EXPR_NAMES, NUM_AU, NUM_EXPR, TASKS, VA_NAMES
 
+# The headline metrics of each task (None when a split has no label for it).
+TASK_METRICS = {
+    "va": ("ccc_valence", "ccc_arousal", "ccc_mean"),
+    "expr": ("f1_expr",),
+    "au": ("f1_au",),
+}
 AU_THRESHOLD_GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)  # candidates for --tune-au-thresholds
 
 
@@ -84,18 +90,25 @@ def compute_metrics(
 ) -> dict:
     """The ABAW metrics for ``tasks`` as a flat dict of floats, plus per-class F1 lists.
 
+    A trained task without a single valid label in ``preds`` is absent: its metrics are None and
+    P_MTL sums the others (None when no task has a label).
+
     Keys: ``ccc_valence``, ``ccc_arousal``, ``ccc_mean``, ``f1_expr``, ``f1_expr_per_class``,
     ``f1_au``, ``f1_au_per_class``, ``p_mtl``, ``frames_<task>``; with ``au_thresholds`` also
     ``f1_au_tuned``, ``f1_au_tuned_per_class`` and ``au_thresholds``.
     """
     metrics: dict = {}
-    p_mtl = 0.0
+    p_mtl = None
     for task in TASKS:
         if task not in tasks:
             continue
         valid = preds.masks[task].astype(bool)
         out, label = preds.outputs[task][valid], preds.labels[task][valid]
         metrics[f"frames_{task}"] = int(valid.sum())
+        if not valid.any():  # the split has no label for it: absent (None), not a score of 0
+            metrics.update(dict.fromkeys(TASK_METRICS[task]))
+            continue
+        p_mtl = 0.0 if p_mtl is None else p_mtl
         if task == "va":
             for j, name in enumerate(VA_NAMES):
                 metrics[f"ccc_{name}"] = ccc(out[:, j], label[:, j])
@@ -158,7 +171,10 @@ def format_tables(metrics: dict) -> str:
         if k in metrics
     ]
     lines.append(f"{'metric':<14}{'value':>8}")
-    lines += [f"{k:<14}{metrics[k]:>8.4f}" for k in headline]
+    lines += [
+        f"{k:<14}" + (f"{metrics[k]:>8.4f}" if metrics[k] is not None else f"{'absent':>8}")
+        for k in headline
+    ]
     if "f1_expr_per_class" in metrics:
         lines += [
             "",
@@ -185,5 +201,6 @@ def format_tables(metrics: dict) -> str:
 
 
 def headline(metrics: dict) -> dict[str, float]:
-    """Only the scalar metrics (scores and frame counts) that go into metrics.jsonl and TensorBoard."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    """Only the scalar metrics (scores and frame counts) that go into metrics.jsonl and TensorBoard;
+    an absent task's scores stay in as None (null in metrics.jsonl)."""
+    return {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float))}

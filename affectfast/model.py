@@ -10,6 +10,7 @@ Nothing here ever downloads.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -52,13 +53,25 @@ class AffectNet(nn.Module):
         return {task: head(features) for task, head in self.heads.items()}
 
 
-def _load_state(path: Path, what: str) -> dict:
+def load_weights_file(path: Path, what: str) -> dict:
+    """A dict torch.save wrote (tensors and plain values only: nothing is unpickled); anything
+    else is a one-line DataError saying what the file is not, without torch's advice to load
+    untrusted files with weights_only=False."""
     if not path.is_file():
         raise DataError(path, f"{what} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated download, an HTML error page saved as .pth, ...
-        raise DataError(path, f"cannot read {what}: {error}") from error
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise DataError(path, f"cannot read {what}: {error.strerror or error}") from None
+    except pickle.UnpicklingError:  # objects other than tensors, or bytes that are no pickle
+        state = None
+    except Exception as error:  # a truncated download, an HTML page saved as .pth, ...
+        damaged = "zip archive" in str(error)
+        reason = "a damaged torch.save file (truncated or modified)" if damaged else None
+        raise DataError(path, f"cannot read {what}: {reason or 'not a torch.save file'}") from None
+    if not isinstance(state, dict):
+        raise DataError(path, f"cannot read {what}: not a dict of tensors saved with torch.save")
+    return state
 
 
 def load_imagenet_trunk(model: AffectNet, path: Path | None) -> None:
@@ -72,7 +85,7 @@ def load_imagenet_trunk(model: AffectNet, path: Path | None) -> None:
                 f"on a machine with network and put it at {imagenet_cache_path()}, or pass --init imagenet:PATH"
             ),
         )
-    state = _load_state(path, "ImageNet weights")
+    state = load_weights_file(path, "ImageNet weights")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         model.trunk.load_state_dict(state)
@@ -84,8 +97,8 @@ def load_imagenet_trunk(model: AffectNet, path: Path | None) -> None:
 
 def load_checkpoint_trunk(model: AffectNet, path: Path) -> None:
     """Load the trunk of another affectfast run's checkpoint; its heads are ignored."""
-    checkpoint = _load_state(path, "checkpoint")
-    if "model" not in checkpoint:
+    checkpoint = load_weights_file(path, "checkpoint")
+    if not isinstance(checkpoint.get("model"), dict):
         raise DataError(path, "not an affectfast checkpoint (no 'model' entry)")
     prefix = "trunk."
     state = {k[len(prefix) :]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}

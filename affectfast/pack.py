@@ -47,18 +47,20 @@ from affectfast.affwild2 import (
     AnnotationDirs,
     VideoLabels,
     find_annotation_dirs,
+    fingerprint_source,
     image_path,
     read_test_set,
     read_tree,
     sample_key,
 )
 from affectfast.constants import LABELLED_SPLITS
-from affectfast.errors import DataError
+from affectfast.errors import DataError, check_writable_folder
 from affectfast.jpeg import CHECKS, JpegError, check_jpeg
 from affectfast.shards import (
     FORMAT_VERSION,
+    KEY_RULE,
     MANIFEST,
-    MAX_MEMBER_NAME,
+    check_key,
     index_line,
     index_text,
     shard_name,
@@ -74,7 +76,6 @@ from affectfast.tasks import (
     LABEL_SIZE,
     NUM_AU,
     NUM_EXPR,
-    SPLIT_DIRS,
     SPLITS,
     TASKS,
     encode_label,
@@ -190,19 +191,10 @@ def build_index(videos: list[VideoLabels], frames_dir: Path) -> SampleIndex:
 
 
 def _check_member_names(video: str, frames_dir: Path) -> None:
-    """Refuse video names that would break a tar header or a DALI index line."""
-    longest = len(sample_key(video, 1).encode()) + 1 + max(len(e) for e in LABEL_EXT.values())
-    if not video.isascii() or not video.isprintable() or " " in video:
-        raise DataError(
-            frames_dir / video,
-            "video names must be printable ASCII without spaces "
-            "(DALI index lines are space-separated)",
-        )
-    if longest > MAX_MEMBER_NAME:
-        raise DataError(
-            frames_dir / video,
-            f"video name too long for a tar header (member names up to {MAX_MEMBER_NAME} bytes)",
-        )
+    """Refuse video names that cannot make shard keys (``shards.check_key``: tar headers, DALI
+    index lines and source info, webdataset keys all depend on it)."""
+    if not check_key(f"{video}/{1:0{FRAME_DIGITS}d}"):
+        raise DataError(frames_dir / video, f"video name {video!r} cannot be packed: {KEY_RULE}")
 
 
 def shuffle_order(index: SampleIndex, split: str, seed: int) -> np.ndarray:
@@ -211,40 +203,6 @@ def shuffle_order(index: SampleIndex, split: str, seed: int) -> np.ndarray:
     if split == "train":
         rows = rows[np.random.default_rng(seed).permutation(len(rows))]
     return rows
-
-
-# --- the source fingerprint -----------------------------------------------------------------------
-
-
-def fingerprint_source(
-    dirs: AnnotationDirs, videos: list[str], test_names: dict[str, list[str]] | None = None
-) -> str:
-    """sha256 over every annotation file (name and bytes), the image names of each video and the
-    videos of each task's test list (``test_names``; none: the digest of a pack without them)."""
-    digest = hashlib.sha256()
-
-    def add(text: str, data: bytes = b"") -> None:
-        # Length-prefixed so that no two different sources can hash the same stream.
-        for part in (text.encode(), data):
-            digest.update(len(part).to_bytes(8, "little"))
-            digest.update(part)
-
-    for task in TASKS:
-        folder = dirs.task_dir(task)
-        for set_dir in SPLIT_DIRS if folder is not None else ():
-            if not (folder / set_dir).is_dir():
-                continue
-            for name in sorted(
-                n
-                for n in os.listdir(folder / set_dir)
-                if n.endswith(".txt") and not n.startswith(".")
-            ):
-                add(f"{task}/{set_dir}/{name}", (folder / set_dir / name).read_bytes())
-    for video in videos:
-        add(video, "\n".join(sorted(os.listdir(dirs.frames / video))).encode())
-    for task, names in sorted((test_names or {}).items()):
-        add(f"test list {task}", "\n".join(names).encode())
-    return "sha256:" + digest.hexdigest()
 
 
 # --- writing one shard (runs in a worker process) -------------------------------------------------
@@ -320,10 +278,17 @@ def write_shard(job: ShardJob, context: WriterContext) -> ShardResult:
     except _BadImage as bad:
         tar_tmp.unlink(missing_ok=True)
         return ShardResult(job.name, error={"path": str(bad.path), "message": bad.message})
+    except OSError as error:  # a full disk: a write() error names no file
+        error.filename = error.filename or str(tar_tmp)
+        raise
     if result.samples == 0:  # every image was bad: write no shard at all
         tar_tmp.unlink()
         return result
-    idx_tmp.write_text(index_text(lines), encoding="ascii")
+    try:
+        idx_tmp.write_text(index_text(lines), encoding="ascii")
+    except OSError as error:
+        error.filename = error.filename or str(idx_tmp)
+        raise
     os.replace(tar_tmp, context.out / f"{job.name}.tar")
     os.replace(idx_tmp, context.out / f"{job.name}.idx")
     return result
@@ -549,8 +514,12 @@ def _difference(found: dict | None, wanted: dict) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_temporaries(out: Path, shards: list[str]) -> None:
@@ -704,6 +673,19 @@ def add_submission_fields(
 # --- the whole pack -------------------------------------------------------------------------------
 
 
+def _check_output_folder(config: PackConfig, dirs: AnnotationDirs) -> None:
+    """Before the tree is read: ``out`` must be writable and outside every input folder (shards
+    written into the tree would be read back as part of it, and change its fingerprint)."""
+    check_writable_folder(config.out)
+    out = config.out.resolve()
+    sources = [config.root, dirs.frames, *(dirs.task_dir(task) for task in TASKS)]
+    for source in (s.resolve() for s in sources if s is not None):
+        if out == source or source in out.parents:
+            raise DataError(
+                config.out, f"is inside the input tree {source}; choose an --out outside it"
+            )
+
+
 def plan_shards(index: SampleIndex, config: PackConfig) -> dict[str, list[np.ndarray]]:
     """Per split, the global rows of each shard in write order (``test`` only with test lists)."""
     plan = {}
@@ -737,6 +719,7 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     dirs = find_annotation_dirs(
         config.root, frames=config.frames, va=config.va, expr=config.expr, au=config.au
     )
+    _check_output_folder(config, dirs)
     videos = read_tree(dirs, progress=progress)
     if len(videos) == 0:
         raise DataError(

@@ -9,17 +9,21 @@ files only through :class:`RunDir`.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from affectfast.config import TrainConfig
 from affectfast.errors import DataError
+from affectfast.model import AffectNet, load_weights_file
 
 CHECKPOINT_FORMAT = 1
 
@@ -53,7 +57,11 @@ class RunDir:
     def write_config(self, config: dict) -> None:
         """Write config.json (the run's resolved settings)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(json.dumps(config, indent=2) + "\n")
+        try:
+            self.config.write_text(json.dumps(config, indent=2) + "\n")
+        except OSError as error:  # a write() error names no file
+            error.filename = error.filename or str(self.config)
+            raise
 
 
 # --- checkpoints and RNG state ---------------------------------------------------------------------
@@ -82,25 +90,67 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+DISK_FULL = 1 << 24  # bytes: less free space than this after a failed torch.save means a full disk
+
+
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a
+    file, and a failed save (a full disk) removes its temporary (a checkpoint is ~45 MB)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """An affectfast checkpoint (on the CPU); DataError if missing or not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "checkpoint not found")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise DataError(path, f"cannot read checkpoint: {error}") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except RuntimeError as error:  # torch's writer reports a full disk as "unexpected pos ..."
+        full = shutil.disk_usage(tmp.parent).free < DISK_FULL
+        tmp.unlink(missing_ok=True)
+        reason = os.strerror(errno.ENOSPC) if full else f"write failed ({str(error)[:120]})"
+        raise OSError(errno.ENOSPC if full else errno.EIO, reason, str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# What evaluate and predict read from a checkpoint, and what --resume restores besides.
+EVAL_ENTRIES = ("config", "model")
+RESUME_ENTRIES = (*EVAL_ENTRIES, "optimizer", "scheduler", "scaler", "rng", "epoch", "best_p_mtl")
+
+
+def load_checkpoint(path: Path, entries: tuple[str, ...] = EVAL_ENTRIES) -> dict:
+    """An affectfast checkpoint (on the CPU) holding ``entries``, its config a valid TrainConfig
+    and its model the network that config describes; else a one-line DataError."""
+    path = Path(path)
+    checkpoint = load_weights_file(path, "checkpoint")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise DataError(path, "not an affectfast checkpoint")
+    missing = [name for name in entries if name not in checkpoint]
+    if missing:
+        raise DataError(path, f"not a complete affectfast checkpoint: no {', '.join(missing)}")
+    try:
+        config = TrainConfig.from_dict(checkpoint["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(path, f"its config is not a run's ({error})") from None
+    if "model" in entries:
+        _check_model_state(path, checkpoint["model"], config.tasks)
     return checkpoint
+
+
+def _check_model_state(path: Path, state, tasks: tuple[str, ...]) -> None:
+    """The saved weights must be those of the model its config describes (names and shapes)."""
+    expected = {k: tuple(v.shape) for k, v in AffectNet(tasks).state_dict().items()}
+    found = (
+        {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if isinstance(state, dict)
+        else {}
+    )
+    if found != expected:
+        wrong = sorted(set(expected) ^ set(found)) or [
+            k for k in expected if found[k] != expected[k]
+        ]
+        raise DataError(
+            path,
+            f"its model weights do not fit its config (tasks {','.join(tasks)}): {wrong[0]} and "
+            f"{len(wrong) - 1} more differ",
+        )
 
 
 # --- metrics.jsonl --------------------------------------------------------------------------------
@@ -108,8 +158,12 @@ def load_checkpoint(path: Path) -> dict:
 
 def append_metrics(path: Path, record: dict) -> None:
     """Add one epoch's record as a line of ``metrics.jsonl``."""
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as error:  # a write() error names no file
+        error.filename = error.filename or str(path)
+        raise
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -130,8 +184,12 @@ def truncate_metrics(path: Path, epochs_done: int) -> None:
     if path.is_file():
         lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) <= epochs_done]
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(ln + "\n" for ln in lines))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _epoch_of(line: str) -> float:

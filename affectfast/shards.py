@@ -15,6 +15,8 @@ a reader of shards imports to understand them:
 from __future__ import annotations
 
 import json
+import math
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from affectfast.errors import DataError
-from affectfast.tasks import LABEL_EXT, SPLITS, split_member
+from affectfast.tasks import LABEL_EXT, NUM_AU, NUM_EXPR, SPLITS, TASKS, split_member
 
 # 2: per-shard task counts and JPEG bytes, per-split frame sizes (readers need no .idx parse).
 FORMAT_VERSION = 2
@@ -31,6 +33,27 @@ IDX_VERSION = "v1.2"  # the first token of a DALI wds2idx index file
 # A ustar/GNU header holds names up to 99 bytes in one 512-byte block; longer names would need a
 # GNU long-name entry, which DALI's index offsets do not expect.
 MAX_MEMBER_NAME = 99
+
+
+# --- sample keys ---------------------------------------------------------------------------------
+
+# A video name is printable ASCII without '.', '/', ':' or whitespace (0x21-0x7E less those three):
+# DALI and webdataset split a member's extension at its first dot, a '/' would make a path of the
+# key ("../x", "/abs"), DALI's source_info "<tar>:<offset>:<member>" is split at ':', and .idx
+# lines are space-separated.
+KEY_PATTERN = re.compile(r"[!-\-0-9;-~]+/[0-9]{5}")
+# The longest member is "<key>.expr", and a member name must fit one tar header.
+MAX_KEY = MAX_MEMBER_NAME - len(".expr")
+KEY_RULE = (
+    "a sample key is <video>/<NNNNN> (5 digits) of at most "
+    f"{MAX_KEY} characters, the video name printable ASCII without '.', '/', ':' or spaces"
+)
+
+
+def check_key(key: str) -> bool:
+    """True for a well-formed sample key (``KEY_RULE``): the one rule pack, verify and every
+    loader apply to the keys they write or read."""
+    return len(key) <= MAX_KEY and KEY_PATTERN.fullmatch(key) is not None
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -117,6 +140,7 @@ class Shard:
     counts: dict[str, int]  # per task: samples holding that task's label
     bytes: int  # the tar's size
     jpeg_bytes: int  # total size of the jpg members
+    first_key: str | None = None  # the key the .idx lists first (None: an empty shard)
 
     def count(self, tasks: tuple[str, ...]) -> int:
         """Samples a loader of ``tasks`` reads here: uni-task keeps those with its label; a
@@ -154,25 +178,55 @@ def _checked_shard(folder: Path, entry: dict) -> Shard:
             f"{what}: {size} bytes, the manifest says {entry['bytes']}; re-run pack or copy "
             "it again",
         )
-    if index_samples(idx) != entry["samples"]:
-        raise DataError(
-            idx, f"indexes {index_samples(idx)} samples, the manifest says {entry['samples']}"
-        )
-    return Shard(
-        tar, idx, entry["samples"], dict(entry["counts"]), entry["bytes"], entry["jpeg_bytes"]
-    )
+    samples, first = read_index_head(idx)
+    if samples != entry["samples"]:
+        raise DataError(idx, f"indexes {samples} samples, the manifest says {entry['samples']}")
+    if first is not None:
+        check_index_matches(tar, idx, *first)
+    first_key = split_member(first[0])[0] if first is not None else None
+    counts = dict(entry["counts"])
+    return Shard(tar, idx, entry["samples"], counts, entry["bytes"], entry["jpeg_bytes"], first_key)
 
 
-def index_samples(idx: Path) -> int:
-    """The sample count a ``.idx`` declares on its first line (``v1.2 N``)."""
+def read_index_head(idx: Path) -> tuple[int, tuple[str, int] | None]:
+    """(the sample count a ``.idx`` declares, (its first member's name, data offset) or None).
+
+    Two lines of the file: the readers' whole cost of an index (DALI parses it for itself).
+    """
     try:
         with open(idx, "rb") as f:
-            header = f.readline(64).split()
+            header, first = f.readline(64).split(), f.readline(4096).split()
     except OSError as error:
         raise DataError(idx, f"cannot read the shard index: {error.strerror}") from None
     if len(header) != 2 or not header[0].startswith(b"v1.") or not header[1].isdigit():
         raise DataError(idx, "not a wds2idx index (first line 'v1.2 N')", 1)
-    return int(header[1])
+    if not first:
+        return int(header[1]), None
+    if len(first) < 4 or not first[1].isdigit():
+        raise DataError(idx, "expected groups of 'ext offset size name'", 2)
+    name = first[3].decode("ascii", errors="replace")
+    if not check_key(split_member(name)[0]):
+        raise DataError(idx, f"member {name!r} is not a sample's: {KEY_RULE}", 2)
+    return int(header[1]), (name, int(first[1]))
+
+
+def check_index_matches(tar: Path, idx: Path, name: str, offset: int) -> None:
+    """The tar header just before the first sample's data must name it: a swapped, stale or
+    foreign ``.idx`` is a DataError here, before DALI reads wrong offsets (one 512-byte read)."""
+    start = offset - tarfile.BLOCKSIZE
+    try:
+        with open(tar, "rb") as file:
+            file.seek(max(start, 0))
+            header = file.read(tarfile.BLOCKSIZE)
+    except OSError as error:
+        raise DataError(tar, f"cannot read the shard: {error.strerror}") from None
+    found = header[:100].split(b"\0", 1)[0].decode("ascii", errors="replace")
+    if start < 0 or found != name:
+        raise DataError(
+            idx,
+            f"does not match {tar.name}: its first member {name} is {found!r} there (a swapped "
+            "or stale index); run affectfast verify",
+        )
 
 
 def _manifest_shards(folder: Path, split: str) -> list[dict]:
@@ -246,6 +300,51 @@ def load_manifest(out: str | Path) -> dict:
         )
         raise DataError(path, f"format_version {found!r}, expected {FORMAT_VERSION}: {advice}")
     return manifest
+
+
+def check_stats(manifest: dict, path: Path) -> None:
+    """The per-task counts the trainer takes loss weights from must be sane: counts non-negative
+    integers of the right length that add up, VA mean and std finite (std >= 0). A DataError
+    names manifest.json and the first bad entry. (verify compares them with the shards instead.)"""
+    splits = manifest.get("splits")
+    for split, entry in splits.items() if isinstance(splits, dict) else ():
+        stats = entry.get("stats", {}) if isinstance(entry, dict) else None
+        for task in TASKS if isinstance(stats, dict) else ("",):
+            if stats is None or (task in stats and not _sane_stat(task, stats[task])):
+                shown = f"{stats and stats.get(task)!r:.120}"
+                raise DataError(
+                    path,
+                    f"splits.{split}.stats.{task} is not sane ({shown}): counts must be "
+                    "non-negative integers of the right length, VA mean/std finite; re-run pack",
+                )
+
+
+def _is_count(value, limit: float = math.inf) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+def _is_pair(values, low: float = -math.inf) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == 2
+        and all(isinstance(v, (int, float)) and low <= v < math.inf for v in values)
+    )
+
+
+def _sane_stat(task: str, stat) -> bool:
+    """One task's entry of a split's ``stats`` (docs/shard-format.md)."""
+    if not isinstance(stat, dict) or not _is_count(stat.get("valid")):
+        return False
+    if task == "va":
+        return _is_pair(stat.get("mean")) and _is_pair(stat.get("std"), low=0)
+    key, size = ("class_counts", NUM_EXPR) if task == "expr" else ("positive_counts", NUM_AU)
+    values = stat.get(key)
+    return (
+        isinstance(values, list)
+        and len(values) == size
+        and all(_is_count(v, stat["valid"]) for v in values)
+        and (task == "au" or sum(values) == stat["valid"])  # every valid EXPR label has a class
+    )
 
 
 def manifest_summary(manifest: dict) -> str:

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from affectfast.config import TrainConfig, parse_init
 from affectfast.console import say
+from affectfast.errors import DataError
 from affectfast.rundir import RunDir, read_metrics
 from affectfast.tasks import TASKS, parse_tasks
-from affectfast.train import train
+from affectfast.train import config_changes, resolve_device, train
 
 RESULT_COLUMNS = (
     "run",
@@ -45,6 +48,7 @@ HEADINGS = {
     "images_per_s": "images/s",
     "wall_s": "wall time (s)",
 }
+ABSENT = "absent"  # in results.md/.csv: a trained task without a single val label
 CURVE_METRICS = ("ccc_mean", "f1_expr", "f1_au", "p_mtl")
 
 
@@ -121,27 +125,48 @@ def read_records(run_dir: Path) -> list[dict]:
 def run_study(config: StudyConfig) -> list[dict]:
     """Train every run of the study that is not finished yet; return the result rows."""
     runs = plan_runs(config)
+    base, _ = resolve_device(config.base)  # what each run's config.json records
     config.out.mkdir(parents=True, exist_ok=True)
     for index, run in enumerate(runs, 1):
-        done = len(read_records(run.out))
-        if done >= config.base.epochs:
+        weights = tuple((t, w) for t, w in base.task_weights if t in run.tasks)
+        train_config = dataclasses.replace(
+            base, out=run.out, tasks=run.tasks, init=run.init, task_weights=weights
+        )
+        folder = RunDir(run.out)
+        if len(read_records(run.out)) >= base.epochs and folder.config.is_file():
+            _check_finished(folder, train_config)
             say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped")
             continue
         say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}")
-        weights = tuple((t, w) for t, w in config.base.task_weights if t in run.tasks)
-        train_config = dataclasses.replace(
-            config.base, out=run.out, tasks=run.tasks, init=run.init, task_weights=weights
-        )
-        train(train_config, resume=RunDir(run.out).last.exists())
+        train(train_config, resume=folder.config.exists())
         write_summaries(config.out, runs)  # after every run, so a long study shows progress
     return write_summaries(config.out, runs)
 
 
+def _check_finished(folder: RunDir, config: TrainConfig) -> None:
+    """A finished run is skipped only if it was trained as this study asks: a rerun into the same
+    --out with other settings would otherwise print the old results as the new ones."""
+    try:
+        saved = json.loads(folder.config.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(folder.config, f"unreadable run config ({error})") from None
+    changed = config_changes(saved, config)
+    if changed:
+        raise DataError(
+            folder.config,
+            f"this finished run was trained with other settings than this study asks "
+            f"({', '.join(changed)}); choose another --out or ask for the same settings",
+        )
+
+
 def result_row(run: StudyRun, records: list[dict]) -> dict:
     """One table row: val metrics of the best epoch (highest P_MTL), median images/s, total wall time."""
-    best = max(records, key=lambda r: r["p_mtl"])
+    best = max(records, key=lambda r: -math.inf if r.get("p_mtl") is None else r["p_mtl"])
     row = {"run": run.name, "init": run.init_label}
-    row.update({k: best.get(k) for k in RESULT_COLUMNS[2:7]})
+    # A task the run trained but val had no label for is "absent"; one it did not train is None.
+    row.update(
+        {k: ABSENT if k in best and best[k] is None else best.get(k) for k in RESULT_COLUMNS[2:7]}
+    )
     row["images_per_s"] = statistics.median(r["images_per_s"] for r in records)
     row["wall_s"] = sum(r["epoch_seconds"] for r in records)
     return row
@@ -163,7 +188,8 @@ def write_summaries(out: Path, runs: list[StudyRun]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The comparison table as Markdown: a dash where a run did not train that task."""
+    """The comparison table as Markdown: a dash where a run did not train that task, "absent"
+    where it did but the val split has no label for it."""
     columns = RESULT_COLUMNS
     header = [c if c not in HEADINGS else HEADINGS[c] for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]

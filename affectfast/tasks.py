@@ -108,6 +108,20 @@ def decode_label(task: str, data: bytes) -> np.ndarray:
     return array
 
 
+def labels_in_range(task: str, values):
+    """Per row of shard labels (numpy or torch: VA N×2, EXPR N or N×1, AU N×12), True where the
+    label is one the format allows: VA finite in [-1, 1], EXPR 0..7, AU all 0 or 1.
+
+    Operators only (NaN and inf fail ``abs(x) <= 1``), so the trainer runs it on the device that
+    holds a batch, without a host sync.
+    """
+    if task == "va":
+        return (abs(values) <= 1).all(axis=-1)
+    if task == "expr":
+        return (values >= 0) & (values < NUM_EXPR)
+    return ((values == 0) | (values == 1)).all(axis=-1)
+
+
 def valid_mask(task: str, labels: np.ndarray) -> np.ndarray:
     """Bool mask of frames whose ``task`` label is valid, for the in-memory arrays described above."""
     if task == "va":

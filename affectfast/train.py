@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import sys
 import time
@@ -34,22 +35,25 @@ from affectfast.dist import (
     setup_distributed,
     teardown_distributed,
 )
-from affectfast.errors import DataError
-from affectfast.loaders import Loader, build_loader
+from affectfast.errors import DataError, check_writable_folder
+from affectfast.loaders import Loader, build_loader, screen_labels
 from affectfast.losses import TaskLoss, au_pos_weight, expr_class_weights, multitask_loss
 from affectfast.metrics import Predictions, compute_metrics, headline, tune_au_thresholds
 from affectfast.model import AffectNet, build_model
 from affectfast.rundir import (
     CHECKPOINT_FORMAT,
+    RESUME_ENTRIES,
     RunDir,
     append_metrics,
     load_checkpoint,
+    read_metrics,
     rng_state,
     save_atomic,
     set_rng_state,
     truncate_metrics,
 )
-from affectfast.shards import MANIFEST, load_manifest
+from affectfast.shards import MANIFEST, check_stats, load_manifest
+from affectfast.verify import first_bad_label
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WARMUP_FRACTION = 0.05  # of all steps: linear LR warm-up, then cosine decay to zero
@@ -86,6 +90,7 @@ def resolve_device(config: TrainConfig, cuda: bool | None = None):
 
 def build_task_loss(config: TrainConfig, manifest: dict, manifest_path: Path) -> TaskLoss:
     """Loss settings: EXPR class weights and AU pos_weight from the train split's counts in the manifest."""
+    check_stats(manifest, manifest_path)  # weights from negative or non-finite counts train on
     try:
         stats = manifest["splits"]["train"]["stats"]
         expr_weights = (
@@ -173,6 +178,7 @@ def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
     """Run ``step`` over one epoch of ``loader``; return mean train loss, images/s (all ranks), seconds."""
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=info.device)
+    faults = torch.zeros((), dtype=torch.bool, device=info.device)  # a label out of range
     images = 0
     start = time.perf_counter()
     bar = tqdm(
@@ -186,6 +192,7 @@ def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
         dynamic_ncols=True,
     )
     for i, batch in enumerate(bar):
+        faults |= screen_labels(batch.labels, batch.masks)  # before the step: it sees sane labels
         total += step(model, batch)
         images += len(batch)
         if i % 10 == 0:
@@ -199,6 +206,7 @@ def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
         "train_loss": train_loss,
         "images_per_s": images * info.world_size / seconds,
         "epoch_seconds": seconds,
+        "bad_labels": all_reduce_mean(float(faults.item()), info) > 0,  # on any rank
     }
 
 
@@ -223,13 +231,41 @@ def predict_split(model: AffectNet, loader, autocast, info: DistInfo) -> Predict
             )
         )
     mine = Predictions.concat(parts)
-    return Predictions.concat(gather_objects(mine, info))
+    gathered = Predictions.concat(gather_objects(mine, info))
+    _refuse_bad_labels(gathered, loader.config.shards, loader.config.split)  # same on every rank
+    return gathered
+
+
+def _refuse_bad_labels(preds: Predictions, shards: Path, split: str) -> None:
+    """A label out of range in an evaluated split is a DataError (it would make its metrics NaN)."""
+    labels = {t: torch.from_numpy(v) for t, v in preds.labels.items()}
+    masks = {t: torch.from_numpy(v) for t, v in preds.masks.items()}
+    if len(preds) and screen_labels(labels, masks).item():
+        raise bad_label_error(shards, split, tuple(labels))
+
+
+def bad_label_error(shards: Path, split: str, tasks: tuple[str, ...]) -> DataError:
+    """The DataError for a batch that held a label out of range: re-scan the split's tars for the
+    first bad label component and name its shard and key."""
+    found = first_bad_label(shards, split, tasks)
+    if found is None:
+        return DataError(
+            shards,
+            f"a {split} batch held a label out of range, yet every {split} label component in "
+            "the tars is in range: an index (.idx) does not match its tar; run affectfast verify",
+        )
+    tar, member, what = found
+    return DataError(
+        tar,
+        f"{member}: {what} is out of range (VA in [-1, 1], EXPR 0..7, AU 0/1); "
+        "repack from the source or remove the sample; run affectfast verify",
+    )
 
 
 def score(preds: Predictions, tasks, tune: bool) -> dict:
     """compute_metrics, with per-AU thresholds tuned on ``preds`` itself when ``tune``."""
     thresholds = None
-    if tune and "au" in tasks:
+    if tune and "au" in tasks and preds.masks["au"].any():
         valid = preds.masks["au"].astype(bool)
         thresholds = tune_au_thresholds(preds.outputs["au"][valid], preds.labels["au"][valid])
     return compute_metrics(preds, tasks, thresholds)
@@ -354,15 +390,12 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
 
 def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None) -> list[dict]:
     folder = RunDir(config.out)
-    if not resume and folder.last.exists():
-        raise DataError(
-            config.out,
-            "already holds a run (last.pt); pass --resume to continue it or choose another --out",
-        )
+    check_run_folder(folder, config, resume)
     run = build_run(config, info)
     start_epoch, best = 0, -math.inf
     if resume:
-        start_epoch, best = _restore(folder.last, config, run, info)
+        if folder.last.exists():  # else a run killed before its first checkpoint: start it over
+            start_epoch, best = _restore(folder.last, config, run, info)
         if info.is_main:
             truncate_metrics(folder.metrics, start_epoch)
     writer = None
@@ -372,12 +405,31 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
 
         writer = SummaryWriter(str(folder.tensorboard))
 
+    try:
+        return _run_epochs(config, info, run, folder, writer, start_epoch, best, stop_after)
+    finally:  # a run stopped by an error still closes its TensorBoard file and thread
+        if writer is not None:
+            writer.close()
+
+
+def _run_epochs(
+    config,
+    info,
+    run: Run,
+    folder: RunDir,
+    writer,
+    start_epoch: int,
+    best: float,
+    stop_after: int | None,
+) -> list[dict]:
+    """Train, validate, log and checkpoint epoch after epoch; return this call's records."""
     records = []
     end = config.epochs if stop_after is None else min(config.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end):
         run.train_loader.set_epoch(epoch)
         desc = f"epoch {epoch + 1}/{config.epochs}"
         stats = train_one_epoch(run.ddp, run.train_loader, run.step, info, desc)
+        _refuse_bad_epoch(config, epoch, stats.pop("bad_labels"), stats["train_loss"])
         broadcast_buffers(run.model, info)
         predictions = predict_split(run.model, run.val_loader, run.autocast, info)
         metrics = score(predictions, config.tasks, config.tune_au_thresholds)
@@ -388,15 +440,33 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | 
             **headline(metrics),
         }
         records.append(record)
-        best = max(best, metrics["p_mtl"])
+        best = max(best, _p_mtl(metrics))
         loader_states = gather_objects(run.train_loader.state_dict(), info)
         if info.is_main:
             _log_epoch(folder, writer, record)
             state = {**run.state(), "loader": loader_states}
             _save_checkpoints(folder, config, epoch + 1, state, metrics, best)
-    if writer is not None:
-        writer.close()
     return records
+
+
+def _p_mtl(metrics: dict) -> float:
+    """P_MTL for choosing best.pt; -inf when no trained task had a val label (P_MTL absent)."""
+    return -math.inf if metrics["p_mtl"] is None else metrics["p_mtl"]
+
+
+def _refuse_bad_epoch(config: TrainConfig, epoch: int, bad_labels: bool, loss: float) -> None:
+    """Stop before anything of this epoch is saved (last.pt, best.pt and metrics.jsonl keep the
+    last good epoch) when it met a label out of range or its loss is not finite."""
+    kept = f"last.pt and best.pt still hold epoch {epoch}" if epoch else "no checkpoint was written"
+    if bad_labels:
+        error = bad_label_error(config.shards, "train", config.tasks)
+        raise DataError(error.path, f"{error.message}; {kept}", error.line)
+    if not math.isfinite(loss):
+        raise DataError(
+            config.out,
+            f"epoch {epoch + 1}: the train loss is {loss}: training diverged (try a lower --lr); "
+            f"{kept}",
+        )
 
 
 def _save_checkpoints(
@@ -415,8 +485,65 @@ def _save_checkpoints(
         "au_thresholds": metrics.get("au_thresholds"),
     }
     save_atomic(checkpoint, folder.last)
-    if metrics["p_mtl"] >= best:
+    if _p_mtl(metrics) >= best > -math.inf:
         save_atomic(checkpoint, folder.best)
+
+
+def config_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """What differs between a run's saved config (config.json, a checkpoint's) and ``config``,
+    as "FIELD changed (OLD -> NEW)", fields that may change (RESUMABLE_CHANGES) aside.
+
+    Paths compare resolved (shards given relative or absolute are the same shards), and ``out``
+    not at all: a run is where its files are, wherever the folder was moved.
+    """
+
+    def normal(values: dict) -> dict:
+        values = {k: v for k, v in values.items() if k != "out" and k not in RESUMABLE_CHANGES}
+        for key in ("shards", "tree"):
+            if values.get(key) is not None:
+                values[key] = str(Path(values[key]).resolve())
+        kind, _, path = str(values.get("init", "")).partition(":")
+        if path and kind in ("imagenet", "ckpt"):
+            values["init"] = f"{kind}:{Path(path).resolve()}"
+        return values
+
+    old, new = normal(saved), normal(config.to_dict())
+    return [f"{k} changed ({old.get(k)!r} -> {v!r})" for k, v in new.items() if old.get(k) != v]
+
+
+def check_run_folder(folder: RunDir, config: TrainConfig, resume: bool) -> None:
+    """Before anything is built: a fresh run needs a folder without a run's files (it would
+    append to another run's metrics.jsonl); --resume needs the same config, and last.pt or a run
+    killed before its first checkpoint (config.json, at most one epoch logged)."""
+    check_writable_folder(folder.root)
+    present = [p for p in (folder.last, folder.config, folder.metrics) if p.exists()]
+    if not resume:
+        if present:
+            raise DataError(
+                present[0],
+                "already holds a run; pass --resume to continue it or choose another --out",
+            )
+        return
+    if folder.config.is_file():
+        try:
+            saved = json.loads(folder.config.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(folder.config, f"unreadable run config ({error})") from None
+        changed = config_changes(saved, config) if isinstance(saved, dict) else ["not a config"]
+        if changed:
+            raise DataError(
+                folder.config, f"cannot resume with a different config: {', '.join(changed)}"
+            )
+    if folder.last.exists():
+        return
+    if not folder.config.is_file():
+        raise DataError(folder.last, "checkpoint not found: no run to resume here")
+    epochs = [r.get("epoch", 0) for r in read_metrics(folder.metrics) if isinstance(r, dict)]
+    if max(epochs, default=0) > 1:
+        raise DataError(
+            folder.metrics,
+            f"logs {max(epochs)} epochs but last.pt is missing; restore it or choose another --out",
+        )
 
 
 def _restore(path: Path, config: TrainConfig, run: Run, info: DistInfo) -> tuple[int, float]:
@@ -425,15 +552,12 @@ def _restore(path: Path, config: TrainConfig, run: Run, info: DistInfo) -> tuple
     Only rank 0 reads the file (``--out`` may be on rank 0's node alone) and sends it to the others.
     Each rank continues its own loader state, so the number of processes cannot change.
     """
-    checkpoint = broadcast_object(load_checkpoint(path) if info.is_main else None, info)
-    saved = checkpoint["config"]
-    changed = sorted(
-        k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUMABLE_CHANGES
+    checkpoint = broadcast_object(
+        load_checkpoint(path, RESUME_ENTRIES) if info.is_main else None, info
     )
+    changed = config_changes(checkpoint["config"], config)
     if changed:
-        raise DataError(
-            path, f"cannot resume with a different config: {', '.join(changed)} changed"
-        )
+        raise DataError(path, f"cannot resume with a different config: {', '.join(changed)}")
     if checkpoint.get("world_size") != info.world_size or "loader" not in checkpoint:
         raise DataError(
             path,
@@ -441,23 +565,27 @@ def _restore(path: Path, config: TrainConfig, run: Run, info: DistInfo) -> tuple
             f"with {info.world_size}: each rank continues its own part of the epoch order, so "
             "resume with the same number of processes (or start a new run)",
         )
-    for name, obj in run.state().items():
-        obj.load_state_dict(checkpoint[name])
-    run.train_loader.load_state_dict(checkpoint["loader"][info.rank])
-    set_rng_state(checkpoint["rng"])
-    return checkpoint["epoch"], checkpoint["best_p_mtl"]
+    try:
+        for name, obj in run.state().items():
+            obj.load_state_dict(checkpoint[name])
+        run.train_loader.load_state_dict(checkpoint["loader"][info.rank])
+        set_rng_state(checkpoint["rng"])
+        return int(checkpoint["epoch"]), float(checkpoint["best_p_mtl"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(path, f"cannot restore this run from it ({first[:200]})") from None
 
 
 def _log_epoch(folder: RunDir, writer, record: dict) -> None:
     """Append the epoch to metrics.jsonl and TensorBoard, and one summary line to stderr."""
     append_metrics(folder.metrics, record)
     for key, value in record.items():
-        if key != "epoch":
+        if key != "epoch" and value is not None:  # an absent task has no point to plot
             writer.add_scalar(key, value, record["epoch"])
     writer.flush()
     shown = " ".join(
         f"{k}={record[k]:.4f}"
         for k in ("train_loss", "ccc_mean", "f1_expr", "f1_au", "p_mtl")
-        if k in record
+        if record.get(k) is not None
     )
     say(f"epoch {record['epoch']}: {shown} ({record['images_per_s']:.0f} img/s)")

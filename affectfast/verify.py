@@ -20,7 +20,15 @@ from tqdm import tqdm
 
 from affectfast.errors import DataError
 from affectfast.jpeg import JpegError, check_jpeg
-from affectfast.shards import MANIFEST, index_line, index_text, load_manifest, manifest_summary
+from affectfast.shards import (
+    KEY_RULE,
+    MANIFEST,
+    check_key,
+    index_line,
+    index_text,
+    load_manifest,
+    manifest_summary,
+)
 from affectfast.tasks import (
     IMAGE_EXT,
     LABEL_EXT,
@@ -28,6 +36,7 @@ from affectfast.tasks import (
     NUM_EXPR,
     TASKS,
     decode_label,
+    labels_in_range,
     split_member,
 )
 
@@ -140,6 +149,8 @@ def _read_tar(
                 problems.append(f"{path}: member {member.name} is not a regular file")
                 continue
             key, ext = split_member(member.name)
+            if not check_key(key):
+                problems.append(f"{path}: member {member.name!r} is not a sample's: {KEY_RULE}")
             if key != last and sample:
                 lines.append(index_line(sample))
                 sample = []
@@ -178,11 +189,7 @@ def _count_component(
     except ValueError as error:
         problems.append(f"{path}: {name}: {error}")
         return
-    if (
-        (task == "expr" and label[0] >= NUM_EXPR)
-        or (task == "au" and label.max() > 1)
-        or (task == "va" and not np.all(np.abs(label) <= 1))
-    ):
+    if not labels_in_range(task, label[None]).all():
         problems.append(f"{path}: {name}: label {label.tolist()} out of range")
         return
     counts.valid[task] += 1
@@ -247,6 +254,36 @@ def _compare_split(manifest: Path, split: str, entry: dict, counts: ShardCounts)
                 f"{stats['va'][name]}"
             )
     return problems
+
+
+def first_bad_label(
+    out: str | Path, split: str, tasks: tuple[str, ...]
+) -> tuple[Path, str, str] | None:
+    """The first label component of ``tasks`` in ``split``'s shards (manifest order) that does not
+    decode or is out of range: (tar, member name, what it holds); None when all are good.
+
+    Reads the tars themselves (tarfile), not the .idx files: when every label is good, a batch's
+    bad label came from an index that does not match its tar.
+    """
+    wanted = {LABEL_EXT[task]: task for task in tasks}
+    for entry in load_manifest(out)["splits"][split]["shards"]:
+        path = Path(out) / entry["name"]
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    task = wanted.get(split_member(member.name)[1])
+                    if task is None:
+                        continue
+                    data = tar.extractfile(member).read()
+                    try:
+                        label = decode_label(task, data)
+                    except ValueError as error:
+                        return path, member.name, str(error)
+                    if not labels_in_range(task, label[None]).all():
+                        return path, member.name, f"{task} label {label.tolist()}"
+        except (OSError, tarfile.TarError) as error:
+            return path, "", f"unreadable ({error})"
+    return None
 
 
 def summary(out: str | Path) -> str:

@@ -189,7 +189,7 @@ def test_dali_loader_epoch_is_the_readers_epoch(packed):
     for _ in range(2):
         batches = list(iter(lambda: next(raw, None), None))
         raw.reset()
-        theirs.append([k for b in batches for k in _decode_keys(b[0]["keys"])])
+        theirs.append([k for b in batches for k in _decode_keys(b[0]["keys"], loader.tars)])
     assert ours == [t[: len(ours[0])] for t in theirs]
 
 

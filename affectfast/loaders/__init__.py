@@ -17,10 +17,10 @@ import torch
 from affectfast.batch import Batch
 from affectfast.config import AugmentSpec
 from affectfast.constants import LOADER_KINDS
-from affectfast.loaders.base import LoaderConfig
+from affectfast.loaders.base import LoaderConfig, screen_labels
 from affectfast.tasks import parse_tasks
 
-__all__ = ["LOADER_KINDS", "AugmentSpec", "Loader", "LoaderConfig", "build_loader"]
+__all__ = ["LOADER_KINDS", "AugmentSpec", "Loader", "LoaderConfig", "build_loader", "screen_labels"]
 
 
 class Loader(Protocol):

@@ -30,7 +30,7 @@ from affectfast.batch import Batch
 from affectfast.config import AugmentSpec
 from affectfast.constants import LOADER_KINDS
 from affectfast.errors import DataError
-from affectfast.tasks import LABEL_SIZE, SPLITS, TASKS
+from affectfast.tasks import LABEL_SIZE, SPLITS, TASKS, labels_in_range
 
 # ImageNet statistics (0..1 scale): the trunk may start from ImageNet weights.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -120,6 +120,32 @@ def collate_examples(examples: list[tuple], tasks: tuple[str, ...]) -> tuple:
     return keys, images, labels, masks
 
 
+@dataclass(frozen=True)
+class WorkerError:
+    """A DataError raised in a DataLoader worker, passed to the main process as data.
+
+    torch re-raises a worker's exception by calling its type with the traceback text, which a
+    DataError (path, message) does not take: the user would get a RuntimeError holding a traceback.
+    """
+
+    error: DataError
+
+
+def carry_errors(items):
+    """Stage (last in a worker): yield ``items``; a DataError ends them as a :class:`WorkerError`."""
+    try:
+        yield from items
+    except DataError as error:
+        yield WorkerError(error)
+
+
+def raise_worker_error(item):
+    """In the main process: ``item``, or the worker's DataError raised again."""
+    if isinstance(item, WorkerError):
+        raise item.error
+    return item
+
+
 def worker_init(worker_id: int) -> None:
     """DataLoader workers: one intra-op thread each (the workers are the parallelism)."""
     torch.set_num_threads(1)
@@ -156,6 +182,23 @@ class EpochLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``."""
         self.epoch = int(state["epoch"])
+
+
+def screen_labels(labels: dict, masks: dict) -> torch.Tensor:
+    """Take labels marked valid but out of range or not finite (``tasks.labels_in_range``) out of
+    a batch, in place (mask off, value 0), and return a 0-dim bool on their device: True if any.
+
+    No host sync: the trainer folds the flag per batch and reads it with the epoch's loss, while
+    the step only ever sees sane labels (cross-entropy on class 200 is an IndexError on the CPU
+    and a device-side assert on a GPU; a NaN target's gradient is NaN even where masked).
+    """
+    faults = torch.zeros((), dtype=torch.bool, device=next(iter(labels.values())).device)
+    for task, values in labels.items():
+        bad = masks[task] & ~labels_in_range(task, values)
+        faults = faults | bad.any()
+        masks[task] = masks[task] & ~bad
+        labels[task] = torch.where(bad.view(-1, *[1] * (values.dim() - 1)), 0, values)
+    return faults
 
 
 def finish_batch(

@@ -29,7 +29,9 @@ The graph, per sample (DESIGN.md §3):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from affectfast.batch import Batch
 from affectfast.config import AugmentSpec
+from affectfast.errors import DataError
 from affectfast.loaders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -47,7 +50,7 @@ from affectfast.loaders.base import (
     epoch_seed,
     finish_batch,
 )
-from affectfast.shards import Shard, frame_sizes, sample_counts, split_shards
+from affectfast.shards import KEY_RULE, Shard, check_key, frame_sizes, sample_counts, split_shards
 from affectfast.tasks import IMAGE_EXT, LABEL_DTYPE, LABEL_EXT, LABEL_SIZE, VA_IGNORE, split_member
 
 READER = "reader"
@@ -233,6 +236,7 @@ class DaliLoader(EpochLoader):
 
     def __init__(self, config: LoaderConfig):
         self.shards = split_shards(config.shards, config.split)
+        self.tars = {str(s.tar) for s in self.shards}  # the sources DALI may name in source_info
         samples = int(sample_counts(self.shards, config.label_tasks).sum())
         super().__init__(config, samples, config.shards)
         self._batches = None  # the DALIGenericIterator, kept across epochs
@@ -268,6 +272,19 @@ class DaliLoader(EpochLoader):
         self.epoch, self._checkpoint = int(state["epoch"]), state.get("dali")
 
     def __iter__(self):
+        try:
+            yield from self._epoch()
+            return
+        except RuntimeError as error:
+            if "pipeline" not in str(error):  # not DALI's: a bug, keep its traceback
+                raise
+            failure = _unreadable(self.shards, self.config.shards, error)
+        self._batches = None  # a failed pipeline is never reused
+        # Raised outside the handler, so it holds no reference to DALI's error, whose traceback
+        # keeps the failed pipeline alive (a DataLoader forked meanwhile would hang destroying it).
+        raise failure
+
+    def _epoch(self):
         if self._batches is None or self._in_epoch:  # first epoch, or the last was abandoned
             self._open()
         self._in_epoch = True
@@ -307,16 +324,44 @@ class DaliLoader(EpochLoader):
             value = torch.where(mask[:, None], value, torch.zeros_like(value))
             labels[task] = batch_labels(task, value)
             masks[task] = mask
-        keys = _decode_keys(out["keys"]) if self.config.with_keys else None
+        keys = _decode_keys(out["keys"], self.tars) if self.config.with_keys else None
         return finish_batch(
             out["images"], labels, masks, keys, self.config.device, self.config.dtype
         )
 
 
-def _decode_keys(source_info: torch.Tensor) -> list[str]:
-    """Sample keys from zero-padded ``<tar>:<offset>:<video>/<NNNNN>.jpg`` source-info bytes."""
+def _unreadable(shards: list[Shard], folder: Path, error: RuntimeError) -> DataError:
+    """DALI's reader or decoder failed (a corrupt JPEG, a tar unlike its index): name the shards
+    (its message names none) with DALI's reason in one line."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and "no longer valid" not in line]
+    after = lines.index("encountered:") + 1 if "encountered:" in lines else len(lines) - 1
+    reason = lines[after] if 0 <= after < len(lines) else "no reason given"
+    names = ", ".join(s.tar.name for s in shards[:3])
+    names += f" and {len(shards) - 3} more" if len(shards) > 3 else ""
+    return DataError(
+        shards[0].tar if len(shards) == 1 else folder,
+        f"DALI could not read a sample of {names} ({reason}); "
+        f"find it with `affectfast verify {folder} --decode`",
+    )
+
+
+def _decode_keys(source_info: torch.Tensor, tars: set[str]) -> list[str]:
+    """Sample keys from zero-padded ``<tar>:<offset>:<video>/<NNNNN>.jpg`` source-info bytes.
+
+    Cut from the right (a tar path may hold ':'); a key that breaks ``check_key``, or a source that
+    is not one of ``tars``, is a DataError naming the shard: keys must never collapse or escape.
+    """
     keys = []
     for row in source_info.cpu().numpy():
-        name = bytes(row).rstrip(b"\0").decode().rsplit(":", 1)[1]
-        keys.append(split_member(name)[0])
+        info = os.fsdecode(bytes(row).rstrip(b"\0"))  # as str(Path) decodes the tar path
+        tar, offset, member = (info.rsplit(":", 2) + ["", ""])[:3]
+        key = split_member(member)[0]
+        if tar not in tars or not offset.isdigit() or not check_key(key):
+            raise DataError(
+                tar if tar in tars else Path(next(iter(tars))).parent,
+                f"sample {member!r} (source {info!r}) does not name a sample: {KEY_RULE}; "
+                "run affectfast verify",
+            )
+        keys.append(key)
     return keys

@@ -20,6 +20,7 @@ from PIL import Image
 
 from affectfast.affwild2 import (
     find_annotation_dirs,
+    fingerprint_source,
     image_path,
     read_tree,
     sample_key,
@@ -29,9 +30,11 @@ from affectfast.errors import DataError
 from affectfast.loaders.base import (
     EpochLoader,
     LoaderConfig,
+    WorkerError,
     collate_examples,
     epoch_seed,
     finish_batch,
+    raise_worker_error,
     rank_range,
     torch_transform,
     worker_init,
@@ -51,11 +54,17 @@ class FramesDataset(torch.utils.data.Dataset):
         self, tree: Path, split: str, tasks: tuple[str, ...], transform, shards: Path | None = None
     ):
         dirs = find_annotation_dirs(tree)
+        # Every task the tree has, so multi-task keeps the frames the pack keeps (any valid label).
+        every = read_tree(dirs, TASKS)
         if split == "test":
             videos = _test_videos(dirs, shards)
         else:
-            # Every task the tree has, so multi-task keeps the frames the pack keeps (any valid label).
-            videos = [v for v in read_tree(dirs, TASKS) if v.split == split]
+            videos = [v for v in every if v.split == split]
+        # What pack records as manifest["source"]["fingerprint"]: annotation bytes, the frame
+        # names of every packed video (test videos too) and each task's test list.
+        lists = load_manifest(shards)["splits"].get("test", {}).get("lists") or {}
+        names = {v.name for v in every} | {name for listed in lists.values() for name in listed}
+        self.fingerprint = fingerprint_source(dirs, sorted(names), lists or None)
         self.frames_dir, self.tasks, self.transform = dirs.frames, tasks, transform
         self.names = [v.name for v in videos]
         keep = [
@@ -87,6 +96,13 @@ class FramesDataset(torch.utils.data.Dataset):
         labels = {t: self.labels[t][i] if self.valid[t][i] else None for t in self.tasks}
         return sample_key(name, frame), self.transform(pixels), labels
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch's items (what DataLoader workers call); a DataError becomes ``[WorkerError]``."""
+        try:
+            return [self[i] for i in indices]
+        except DataError as error:
+            return [WorkerError(error)]
+
 
 def _test_videos(dirs, shards: Path | None) -> list:
     """The test videos of the pack in ``shards``: its manifest names them, per task."""
@@ -110,6 +126,7 @@ class FilesLoader(EpochLoader):
             torch_transform(config.image_size, config.augment),
             config.shards,
         )
+        _check_source(config.shards, config.tree, self.dataset.fingerprint)
         super().__init__(config, len(self.dataset), config.tree)
 
     def _indices(self) -> list[int]:
@@ -134,11 +151,34 @@ class FilesLoader(EpochLoader):
             pin_memory=c.device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)),
         )
-        for _, (keys, images, labels, masks) in zip(range(len(self)), loader):
-            yield finish_batch(
-                images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
-            )
+        batches = iter(loader)  # owns the worker processes
+        try:
+            for _, item in zip(range(len(self)), batches):
+                keys, images, labels, masks = raise_worker_error(item)
+                yield finish_batch(
+                    images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
+                )
+        finally:
+            del batches  # stop the workers now, even while an error's traceback holds this frame
         self.epoch += 1  # a finished pass: state_dict() names the next epoch, as DALI's does
 
-    def _collate(self, examples: list[tuple]) -> tuple:
+    def _collate(self, examples: list) -> tuple | WorkerError:
+        if isinstance(examples[0], WorkerError):
+            return examples[0]
         return collate_examples(examples, self.config.tasks)
+
+
+def _check_source(shards: Path, tree: Path, fingerprint: str) -> None:
+    """The tree must be the one the shards were packed from (the manifest's source fingerprint):
+    the files loader stands in for the shards, in benchmarks and training alike."""
+    manifest = load_manifest(shards)
+    packed = (manifest.get("source") or {}).get("fingerprint")
+    if packed is None:
+        raise DataError(shards / MANIFEST, "no source fingerprint to check --tree against")
+    if packed != fingerprint:
+        raise DataError(
+            tree,
+            f"is not the tree {shards} was packed from (its annotation files or frame names "
+            "differ from the manifest's source fingerprint); pass the --tree that was packed, "
+            "or pack this one",
+        )

@@ -25,19 +25,23 @@ from functools import partial
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.autodecode import DecodingError
 
+from affectfast.errors import DataError
 from affectfast.loaders.base import (
     SHUFFLE_BUFFER,
     EpochLoader,
     LoaderConfig,
+    carry_errors,
     collate_examples,
     epoch_seed,
     finish_batch,
+    raise_worker_error,
     rank_range,
     torch_transform,
     worker_init,
 )
-from affectfast.shards import sample_counts, split_shards
+from affectfast.shards import KEY_RULE, check_key, sample_counts, split_shards
 from affectfast.tasks import IMAGE_EXT, LABEL_EXT, decode_label
 
 
@@ -57,6 +61,10 @@ class WdsLoader(EpochLoader):
             if n and start < hi and start + n > lo
         }
         self.range = (lo, hi)
+        # What each tar must hold, from its index: sample count, first and last key.
+        self.expected = {
+            str(s.tar): (s.samples, s.first_key) for s in self.shards if str(s.tar) in self.offsets
+        }
 
     def __iter__(self):
         c = self.config
@@ -72,10 +80,15 @@ class WdsLoader(EpochLoader):
             generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)),
             prefetch_factor=4 if workers else None,
         )
-        for keys, images, labels, masks in _rebatch(loader, c.batch_size, len(self)):
-            yield finish_batch(
-                images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
-            )
+        batches = iter(loader)  # owns the worker processes
+        try:
+            merged = _rebatch(map(raise_worker_error, batches), c.batch_size, len(self))
+            for keys, images, labels, masks in merged:
+                yield finish_batch(
+                    images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
+                )
+        finally:
+            del batches  # stop the workers now, even while an error's traceback holds this frame
         self.epoch += 1  # a finished pass: state_dict() names the next epoch, as DALI's does
 
     def _dataset(self, urls: list[str]) -> wds.DataPipeline:
@@ -83,17 +96,56 @@ class WdsLoader(EpochLoader):
         stages = [
             wds.SimpleShardList(urls),
             wds.split_by_worker,
-            wds.tarfile_to_samples(),
+            ReadShards(self.expected),
             RankPart(self.offsets, c.label_tasks, *self.range),
         ]
         if c.shuffle:
             stages.append(_worker_shuffle)
         stages += [
-            wds.decode("pil", only=[IMAGE_EXT]),
+            wds.decode("pil", only=[IMAGE_EXT], handler=_decode_error),
             wds.map(partial(_example, c.tasks, torch_transform(c.image_size, c.augment))),
             wds.batched(c.batch_size, collation_fn=partial(_collate, c.tasks), partial=True),
+            carry_errors,  # a DataError reaches the main process as one (raise_worker_error)
         ]
         return wds.DataPipeline(*stages)
+
+
+class ReadShards:
+    """Stage: the samples of each tar, checked against its index as they are read.
+
+    tarfile ends an archive silently at a damaged header, and a sample's key is whatever its tar
+    header says: each tar must yield exactly the samples its .idx lists (their count, the first
+    key), each key well-formed (``shards.check_key``), else a DataError names the tar.
+    """
+
+    def __init__(self, expected: dict[str, tuple[int, str]]):
+        self.expected = expected
+
+    def __call__(self, sources):
+        for source in sources:
+            url = source["url"]
+            count, first = self.expected[url]
+            seen, key = 0, None
+            try:
+                for sample in wds.tarfile_samples([source]):
+                    key = sample["__key__"]
+                    if not check_key(key):
+                        raise DataError(url, f"member {key!r} is not a sample's: {KEY_RULE}")
+                    if (seen == 0 and key != first) or seen == count:
+                        break
+                    seen += 1
+                    yield sample
+            except DataError:
+                raise
+            except Exception as error:  # tarfile's, or opening the file
+                reason = str(error.args[0] if error.args else error).split(" @ ")[0]
+                raise DataError(url, f"unreadable tar ({reason}); run affectfast verify") from None
+            if seen != count:
+                raise DataError(
+                    url,
+                    f"does not hold the samples its index lists ({count}, from {first}): "
+                    f"read {seen}, up to {key}; a damaged tar or a stale .idx: run affectfast verify",
+                )
 
 
 class RankPart:
@@ -117,10 +169,23 @@ class RankPart:
 
 
 def _example(tasks: tuple[str, ...], transform, sample: dict) -> tuple:
-    labels = {
-        t: decode_label(t, sample[LABEL_EXT[t]]) if LABEL_EXT[t] in sample else None for t in tasks
-    }
+    try:
+        labels = {
+            t: decode_label(t, sample[LABEL_EXT[t]]) if LABEL_EXT[t] in sample else None
+            for t in tasks
+        }
+    except ValueError as error:  # a component of the wrong length
+        raise DataError(sample["__url__"], f"sample {sample['__key__']}: {error}") from None
     return sample["__key__"], transform(sample[IMAGE_EXT]), labels
+
+
+def _decode_error(error: Exception) -> bool:
+    """wds.decode's handler: an image that does not decode is a DataError naming tar and key."""
+    if isinstance(error, DecodingError):
+        raise DataError(
+            error.url, f"{error.key}.{error.k}: cannot decode the image ({error.__cause__})"
+        ) from None
+    raise error
 
 
 def _collate(tasks: tuple[str, ...], examples: list[tuple]) -> tuple:
