@@ -249,6 +249,33 @@ def verify_command(out, decode, workers):
     click.echo(summary(out))
 
 
+@main.command("stage")
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--to",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Node-local folder for the copy (LOCAL_DIR; created if needed).",
+)
+@click.option(
+    "--recheck",
+    is_flag=True,
+    help="Also re-hash the files already staged (slower; catches a change that kept size and mtime).",
+)
+@exits_2_on_data_error
+def stage_command(shards, to, recheck):
+    """Copy pack SHARDS to node-local disk (--to), verified against its manifest.
+
+    Each tar must have the size and sha256 the manifest lists. Run again, it copies only what
+    changed (nothing while the pack is unchanged); a second stage into the same folder waits for
+    the first. For shared filesystems, where DALI's memory-mapped reads are slow; `affectfast
+    train --stage-dir` does this itself, once per node.
+    """
+    from affectfast.stage import stage
+
+    click.echo(f"staged {shards} -> {stage(shards, to, progress=True, recheck=recheck).summary()}")
+
+
 # --- train / evaluate / predict --------------------------------------------------------------------
 
 
