@@ -352,6 +352,24 @@ def _training_options(command):
                 default=None,
                 help="The raw Aff-Wild2 root (loader files only).",
             ),
+            config_option(
+                "--stage-dir",
+                config=TRAIN,
+                type=click.Path(file_okay=False, path_type=Path),
+                help="Node-local folder: copy the pack there first (once per node, verified, "
+                "reused while unchanged; see `affectfast stage`) and train from the copy.",
+            ),
+            config_option(
+                "--dont-use-mmap/--use-mmap",
+                config=TRAIN,
+                help="DALI reader: plain file reads instead of memory-mapped tars (faster on "
+                "shared filesystems).",
+            ),
+            config_option(
+                "--read-ahead/--no-read-ahead",
+                config=TRAIN,
+                help="DALI reader: read each tar ahead on first access.",
+            ),
         ]
     ):
         command = option(command)

@@ -80,12 +80,17 @@ class TrainConfig:
     num_threads: int = 2  # DALI threads / DataLoader workers per rank
     tune_au_thresholds: bool = False  # also report AU F1 at per-AU thresholds tuned on val
     tree: Path | None = None  # the raw Aff-Wild2 root, for loader "files" only
+    # Storage: neither changes the results, so a run may --resume with other values.
+    stage_dir: Path | None = None  # node-local folder to copy the pack into first (stage.py)
+    dont_use_mmap: bool = False  # DALI reader: plain reads instead of mmap (shared filesystems)
+    read_ahead: bool = False  # DALI reader: read each tar ahead on first access
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
         set_("shards", Path(self.shards))
         set_("out", Path(self.out))
         set_("tree", None if self.tree is None else Path(self.tree))
+        set_("stage_dir", None if self.stage_dir is None else Path(self.stage_dir))
         set_("tasks", parse_tasks(self.tasks))
         set_("task_weights", tuple((str(t), float(w)) for t, w in dict(self.task_weights).items()))
         parse_init(self.init)
@@ -122,6 +127,7 @@ class TrainConfig:
             shards=str(self.shards),
             out=str(self.out),
             tree=None if self.tree is None else str(self.tree),
+            stage_dir=None if self.stage_dir is None else str(self.stage_dir),
             tasks=list(self.tasks),
             task_weights=[list(p) for p in self.task_weights],
         )

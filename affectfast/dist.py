@@ -36,6 +36,14 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def local_rank() -> int:
+    """This process's rank on its node as torchrun set it (0 when not launched by torchrun).
+
+    For the work done once per node before the process group forms (staging the pack).
+    """
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def setup_distributed(use_cuda: bool) -> DistInfo:
     """Join the torchrun process group if launched by torchrun; pick this rank's device.
 
@@ -43,10 +51,9 @@ def setup_distributed(use_cuda: bool) -> DistInfo:
     """
     rank = launched_rank()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(local_rank())
+        device = torch.device("cuda", local_rank())
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():

@@ -30,6 +30,7 @@ from affectfast.dist import (
     broadcast_buffers,
     gather_objects,
     launched_rank,
+    local_rank,
     setup_distributed,
     teardown_distributed,
 )
@@ -49,11 +50,12 @@ from affectfast.rundir import (
     truncate_metrics,
 )
 from affectfast.shards import MANIFEST, load_manifest
+from affectfast.stage import stage
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WARMUP_FRACTION = 0.05  # of all steps: linear LR warm-up, then cosine decay to zero
 # Config fields that may change between a run and its --resume without changing its results.
-RESUMABLE_CHANGES = ("num_threads",)
+RESUMABLE_CHANGES = ("num_threads", "stage_dir", "dont_use_mmap", "read_ahead")
 
 
 def resolve_device(config: TrainConfig, cuda: bool | None = None):
@@ -75,6 +77,24 @@ def resolve_device(config: TrainConfig, cuda: bool | None = None):
     if (loader, amp) != (config.loader, config.amp) and launched_rank() == 0:
         say(f"affectfast: no CUDA device, falling back to the CPU (loader {loader}, amp {amp})")
     return dataclasses.replace(config, loader=loader, amp=amp), False
+
+
+# --- the machine: where the pack is read from -----------------------------------------------------
+
+
+def stage_shards(config: TrainConfig) -> Path:
+    """The pack this process reads: ``config.shards``, or its copy in ``config.stage_dir``.
+
+    Called before the process group forms. Every process of a node calls ``stage``; its lock lets
+    one copy (usually LOCAL_RANK 0, which shows the progress) while the others wait, then find the
+    copy in place. ``config.shards`` stays the user's path (config.json, checkpoints, --resume).
+    """
+    if config.stage_dir is None:
+        return config.shards
+    result = stage(config.shards, config.stage_dir, progress=local_rank() == 0)
+    if local_rank() == 0:
+        say(f"affectfast: training from the staged copy {result.summary()}")
+    return result.path
 
 
 # --- pieces built once per run ---------------------------------------------------------------------
@@ -141,6 +161,8 @@ def build_eval_loader(
         seed=config.seed,
         num_threads=config.num_threads,
         tree=config.tree,
+        dont_use_mmap=config.dont_use_mmap,
+        read_ahead=config.read_ahead,
     )
 
 
@@ -239,9 +261,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     for ``resume`` (for schedulers with wall-time limits).
     """
     config, use_cuda = resolve_device(config)
+    shards = stage_shards(config)  # before the process group forms: a copy may take minutes
     info = setup_distributed(use_cuda)
     try:
-        return _train(config, info, resume, stop_after)
+        return _train(config, info, resume, stop_after, shards)
     finally:
         teardown_distributed()
 
@@ -270,10 +293,14 @@ class Run:
         }
 
 
-def build_run(config: TrainConfig, info: DistInfo) -> Run:
-    """Build everything a run needs on this rank (config already resolved for the machine)."""
-    manifest = load_manifest(config.shards)
-    loss_spec = build_task_loss(config, manifest, config.shards / MANIFEST).to(info.device)
+def build_run(config: TrainConfig, info: DistInfo, shards: Path | None = None) -> Run:
+    """Build everything a run needs on this rank (config already resolved for the machine).
+
+    ``shards``: where to read the pack (its staged copy); ``config.shards`` when None.
+    """
+    shards = config.shards if shards is None else shards
+    manifest = load_manifest(shards)
+    loss_spec = build_task_loss(config, manifest, shards / MANIFEST).to(info.device)
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP broadcasts too)
     model = build_model(config.tasks, config.init)
     model = model.to(
@@ -289,7 +316,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     )
     train_loader = build_loader(
         config.loader,
-        config.shards,
+        shards,
         "train",
         config.tasks,
         config.batch_size,
@@ -304,11 +331,13 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
         seed=config.seed,
         num_threads=config.num_threads,
         tree=config.tree,
+        dont_use_mmap=config.dont_use_mmap,
+        read_ahead=config.read_ahead,
     )
-    val_loader = build_eval_loader(config, config.shards, "val", info, config.batch_size)
+    val_loader = build_eval_loader(config, shards, "val", info, config.batch_size)
     if len(train_loader) == 0:
         raise DataError(
-            config.shards,
+            shards,
             f"the train split has fewer frames per rank than one batch ({config.batch_size})",
         )
     optimizer = torch.optim.AdamW(
@@ -328,14 +357,16 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     return Run(model, ddp, train_loader, val_loader, optimizer, scheduler, scaler, autocast, step)
 
 
-def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None) -> list[dict]:
+def _train(
+    config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None, shards: Path
+) -> list[dict]:
     folder = RunDir(config.out)
     if not resume and folder.last.exists():
         raise DataError(
             config.out,
             "already holds a run (last.pt); pass --resume to continue it or choose another --out",
         )
-    run = build_run(config, info)
+    run = build_run(config, info, shards)
     start_epoch, best = 0, -math.inf
     if resume:
         start_epoch, best = _restore(folder.last, config, run)

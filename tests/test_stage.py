@@ -1,7 +1,7 @@
-"""Staging a pack to node-local disk (affectfast.stage).
+"""Staging a pack to node-local disk (affectfast.stage), train --stage-dir, DALI's storage options.
 
 Stages copy the session's packed synthetic shards (tests/conftest.py) between temporary folders and
-compare bytes, stamps and mtimes.
+compare bytes, stamps and mtimes; the training test runs one tiny dali-cpu epoch.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from affectfast.cli import main
+from affectfast.config import TrainConfig
 from affectfast.errors import DataError
+from affectfast.loaders import build_loader
 from affectfast.shards import MANIFEST, load_manifest
 from affectfast.stage import LOCK, STAMP, TEMP_SUFFIX, stage
+from affectfast.train import train
 from affectfast.verify import verify
 
 
@@ -224,3 +228,48 @@ def test_two_concurrent_stages_both_succeed_with_one_copy(source, tmp_path):
     reuses = [line for line in outputs if "reused the staged copy" in line]
     assert len(copies) == 1 and len(reuses) == 1, outputs
     assert_same_pack(source, local)
+
+
+@pytest.mark.parametrize("options", [dict(dont_use_mmap=True), dict(read_ahead=True)])
+def test_dali_storage_options_read_the_same_samples(packed, options):
+    def read(**kw):
+        loader = build_loader(
+            "dali-cpu", packed, "val", ("va", "expr", "au"), 16, image_size=32, with_keys=True, **kw
+        )
+        return list(loader)
+
+    default, other = read(num_threads=1), read(num_threads=1, **options)
+    assert len(default) == len(other) > 1
+    for a, b in zip(default, other):
+        assert a.keys == b.keys
+        assert torch.equal(a.images, b.images)
+        for task in a.labels:
+            assert torch.equal(a.labels[task], b.labels[task])
+            assert torch.equal(a.masks[task], b.masks[task])
+
+
+def test_train_from_a_staged_copy_and_resume_without_it(source, packed, tmp_path):
+    """The staged copy is what is read; config.json keeps the user's path; --resume accepts either."""
+    small = dict(
+        loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off", epochs=2
+    )
+    reference = train(TrainConfig(shards=source, out=tmp_path / "direct", **small), stop_after=1)
+
+    local = tmp_path / "local"
+    stage(source, local)
+    for name in pack_files(source)[::2]:  # from here on only the staged copy holds the tars
+        (source / name).write_bytes(b"")
+    out = tmp_path / "staged"
+    staged = train(TrainConfig(shards=source, out=out, stage_dir=local, **small), stop_after=1)
+    timing = ("images_per_s", "epoch_seconds")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in staged] == [
+        {k: v for k, v in r.items() if k not in timing} for r in reference
+    ]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["shards"] == str(source) and saved["stage_dir"] == str(local)
+
+    # --resume without --stage-dir (the source readable again) continues the same run.
+    for name in pack_files(source)[::2]:
+        shutil.copyfile(packed / name, source / name)
+    resumed = train(TrainConfig(shards=source, out=out, **small), resume=True)
+    assert [r["epoch"] for r in resumed] == [2]

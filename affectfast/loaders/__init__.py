@@ -54,6 +54,8 @@ def build_loader(
     seed: int = 0,
     num_threads: int = 2,  # DALI threads / DataLoader workers
     tree: Path | None = None,  # the raw Aff-Wild2 root, needed by kind="files" only
+    dont_use_mmap: bool = False,  # DALI kinds: plain file reads instead of mmap (shared filesystems)
+    read_ahead: bool = False,  # DALI kinds: read each tar ahead on first access
 ) -> Loader:
     """Build a loader of ``Batch`` for one split and task set."""
     config = LoaderConfig(
@@ -74,6 +76,8 @@ def build_loader(
         seed=seed,
         num_threads=num_threads,
         tree=None if tree is None else Path(tree),
+        dont_use_mmap=dont_use_mmap,
+        read_ahead=read_ahead,
     )
     # Imported here so a wds user never loads DALI, and a DALI user never forks DataLoader workers.
     if kind in ("dali-gpu", "dali-cpu"):

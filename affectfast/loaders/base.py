@@ -203,6 +203,9 @@ class LoaderConfig:
     seed: int
     num_threads: int
     tree: Path | None
+    # DALI's reader only (the shared-filesystem case): plain reads instead of mmap; read ahead.
+    dont_use_mmap: bool = False
+    read_ahead: bool = False
 
     def __post_init__(self):
         if self.kind not in LOADER_KINDS:

@@ -68,6 +68,8 @@ def affect_pipeline(
     with_keys: bool,
     out_dtype=types.FLOAT,
     decode_only: bool = False,
+    dont_use_mmap: bool = False,
+    read_ahead: bool = False,
 ):
     """Decode, augment and normalize one batch of frames; outputs (images, *labels[, keys])."""
     exts = [IMAGE_EXT] + [LABEL_EXT[t] for t in tasks]
@@ -84,6 +86,8 @@ def affect_pipeline(
         pad_last_batch=True,
         random_shuffle=shuffle,
         initial_fill=SHUFFLE_BUFFER,
+        dont_use_mmap=dont_use_mmap,
+        read_ahead=read_ahead,
     )
     # The GPU-only lines: nvJPEG (hardware decoder where present) and preallocated decode buffers.
     decode_args = (
@@ -197,6 +201,8 @@ def build_pipeline(
         device_id=(config.device.index or 0) if gpu else None,
         seed=epoch_seed(config.seed, epoch, config.rank),
         prefetch_queue_depth=prefetch,
+        dont_use_mmap=config.dont_use_mmap,
+        read_ahead=config.read_ahead,
     )
     pipe.build()
     return pipe
