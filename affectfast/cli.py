@@ -74,6 +74,25 @@ def given(options: dict) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _thread_count(ctx, param, value):
+    """Parse --num-threads: "auto" or an integer >= 1 (None when not given)."""
+    if value is None or value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f'expected "auto" or an integer >= 1, got {value!r}')
+
+
+def use_passive_openmp() -> None:
+    """Let idle OpenMP threads sleep at once instead of spinning (unless the user chose a policy).
+
+    A spinning thread holds a core that a thread doing work, or another process, needs: CPU
+    training beside one busy process kept about a third of its speed. libgomp reads the policy
+    once, when torch loads, so this runs before any command imports torch.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def exits_2_on_data_error(command):
     """Turn a DataError into a one-line message on stderr and exit code 2."""
 
@@ -99,6 +118,7 @@ def main():
       affectfast verify shards/demo
       affectfast train shards/demo --tasks va,expr,au --out runs/demo
     """
+    use_passive_openmp()
 
 
 # --- synth ----------------------------------------------------------------------------------------
@@ -338,8 +358,9 @@ def _training_options(command):
             config_option(
                 "--num-threads",
                 config=TRAIN,
-                type=click.IntRange(min=1),
-                help="Loader threads/workers per process.",
+                callback=_thread_count,
+                help="Loader threads/workers per process, or auto: from the CPUs this process "
+                "may use (all of them per GPU process; a quarter on the CPU, the rest to torch).",
             ),
             config_option(
                 "--tune-au-thresholds/--no-tune-au-thresholds",
@@ -438,7 +459,12 @@ def _eval_options(command):
                 help="Without CUDA dali-gpu falls back to dali-cpu.",
             ),
             config_option("--batch-size", config=EVAL, type=click.IntRange(min=1)),
-            config_option("--num-threads", config=EVAL, type=click.IntRange(min=1)),
+            config_option(
+                "--num-threads",
+                config=EVAL,
+                callback=_thread_count,
+                help="Loader threads/workers, or auto (from the CPUs this process may use).",
+            ),
         ]
     ):
         command = option(command)

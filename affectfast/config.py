@@ -33,6 +33,11 @@ def parse_init(init: str) -> tuple[str, Path | None]:
     raise ValueError(f"init must be scratch, imagenet, imagenet:PATH or ckpt:PATH; got {init!r}")
 
 
+def valid_threads(num_threads) -> bool:
+    """A thread count setting: "auto" (resolved on the machine that runs) or an int >= 1."""
+    return num_threads == "auto" or (type(num_threads) is int and num_threads >= 1)
+
+
 @dataclass(frozen=True)
 class AugmentSpec:
     """Training augmentation shared by every loader kind; ``None`` instead of a spec means off."""
@@ -77,7 +82,7 @@ class TrainConfig:
     flip: bool = True
     interpolation: str = "nearest"  # nearest | linear
     seed: int = 0
-    num_threads: int = 2  # DALI threads / DataLoader workers per rank
+    num_threads: int | str = "auto"  # DALI threads / DataLoader workers per rank (train.py)
     tune_au_thresholds: bool = False  # also report AU F1 at per-AU thresholds tuned on val
     tree: Path | None = None  # the raw Aff-Wild2 root, for loader "files" only
     # Storage: neither changes the results, so a run may --resume with other values.
@@ -110,10 +115,8 @@ class TrainConfig:
                 self.interpolation in INTERPOLATIONS,
                 f"interpolation must be one of {INTERPOLATIONS}",
             ),
-            (
-                self.rotate_degrees >= 0 and self.num_threads >= 1,
-                "rotate_degrees >= 0, num_threads >= 1",
-            ),
+            (self.rotate_degrees >= 0, "rotate_degrees must be >= 0"),
+            (valid_threads(self.num_threads), 'num_threads must be "auto" or >= 1'),
             (self.loader != "files" or self.tree is not None, "loader files needs tree"),
         ]
         for ok, message in checks:
@@ -162,7 +165,7 @@ class EvalConfig:
     split: str = "val"
     loader: str = "dali-gpu"  # one of SHARD_LOADER_KINDS ("files" needs the raw tree)
     batch_size: int = 256
-    num_threads: int = 2
+    num_threads: int | str = "auto"  # as TrainConfig.num_threads
     tune_au_thresholds: bool = False  # also report AU F1 at per-AU thresholds tuned on split
 
     def __post_init__(self):
@@ -172,6 +175,6 @@ class EvalConfig:
             self.loader not in SHARD_LOADER_KINDS
             or self.split not in SPLITS
             or self.batch_size < 1
-            or self.num_threads < 1
+            or not valid_threads(self.num_threads)
         ):
             raise ValueError(f"bad evaluation settings: {self!r}")

@@ -28,9 +28,11 @@ from affectfast.dist import (
     DistInfo,
     all_reduce_mean,
     broadcast_buffers,
+    cpu_budget,
     gather_objects,
     launched_rank,
     local_rank,
+    omp_num_threads,
     setup_distributed,
     teardown_distributed,
 )
@@ -79,7 +81,7 @@ def resolve_device(config: TrainConfig, cuda: bool | None = None):
     return dataclasses.replace(config, loader=loader, amp=amp), False
 
 
-# --- the machine: where the pack is read from -----------------------------------------------------
+# --- the machine: where the pack is read from, how many threads ---------------------------------
 
 
 def stage_shards(config: TrainConfig) -> Path:
@@ -95,6 +97,34 @@ def stage_shards(config: TrainConfig) -> Path:
     if local_rank() == 0:
         say(f"affectfast: training from the staged copy {result.summary()}")
     return result.path
+
+
+def loader_threads(config: TrainConfig, info: DistInfo) -> int:
+    """``config.num_threads``, with "auto" resolved from this process's CPU budget (``cpu_budget``).
+
+    On a GPU all of it: DALI's CPU threads read and (partly) decode what the GPU trains on. On the
+    CPU a quarter of it, at least 1: the model step is the work there, and the loader decodes far
+    faster than the CPU step consumes (README: 6,000 vs under 300 images/s on 2 cores).
+    """
+    if config.num_threads != "auto":
+        return config.num_threads
+    budget = cpu_budget()
+    return budget if info.device.type == "cuda" else max(1, budget // 4)
+
+
+def set_torch_threads(info: DistInfo) -> None:
+    """On the CPU, cap torch's intra-op threads at the CPU budget less a quarter for the loader.
+
+    A quarter rounded down: with 2 or 3 CPUs nothing is kept, the loader's thread (a few per cent
+    of a core at CPU training speeds) shares them; with 16, torch gets at most 12. Never more
+    threads than the budget: OpenMP threads wait for the slowest one at the end of every operation,
+    and one that shares its core with another thread or process is slow. Only ever lowered, so a
+    smaller count a caller set (``torch.set_num_threads``) stays, and so does OMP_NUM_THREADS
+    (torch took its count from it when it loaded). GPU runs are left alone.
+    """
+    if info.device.type == "cpu" and omp_num_threads() is None:
+        budget = cpu_budget()
+        torch.set_num_threads(min(torch.get_num_threads(), budget - budget // 4))
 
 
 # --- pieces built once per run ---------------------------------------------------------------------
@@ -159,7 +189,7 @@ def build_eval_loader(
         with_keys=True,
         drop_last=False,
         seed=config.seed,
-        num_threads=config.num_threads,
+        num_threads=loader_threads(config, info),
         tree=config.tree,
         dont_use_mmap=config.dont_use_mmap,
         read_ahead=config.read_ahead,
@@ -263,9 +293,12 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     config, use_cuda = resolve_device(config)
     shards = stage_shards(config)  # before the process group forms: a copy may take minutes
     info = setup_distributed(use_cuda)
+    threads = torch.get_num_threads()
     try:
+        set_torch_threads(info)
         return _train(config, info, resume, stop_after, shards)
     finally:
+        torch.set_num_threads(threads)
         teardown_distributed()
 
 
@@ -329,7 +362,7 @@ def build_run(config: TrainConfig, info: DistInfo, shards: Path | None = None) -
         dtype=AMP_DTYPES.get(config.amp, torch.float32),
         drop_last=True,
         seed=config.seed,
-        num_threads=config.num_threads,
+        num_threads=loader_threads(config, info),
         tree=config.tree,
         dont_use_mmap=config.dont_use_mmap,
         read_ahead=config.read_ahead,
