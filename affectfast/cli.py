@@ -86,9 +86,10 @@ def _thread_count(ctx, param, value):
 def use_passive_openmp() -> None:
     """Let idle OpenMP threads sleep at once instead of spinning (unless the user chose a policy).
 
-    A spinning thread holds a core that a thread doing work, or another process, needs: CPU
-    training beside one busy process kept about a third of its speed. libgomp reads the policy
-    once, when torch loads, so this runs before any command imports torch.
+    A spinning thread holds a core that a thread doing work, or another process, needs: on 2
+    cores, CPU training beside one busy process kept 31% of its speed spinning, 55% passive
+    (benchmarks/bench_contention.py). libgomp reads the policy once, when torch loads, so this
+    runs before any command imports torch.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
