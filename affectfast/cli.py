@@ -360,6 +360,7 @@ def _training_options(command):
                 "--num-threads",
                 config=TRAIN,
                 callback=_thread_count,
+                metavar="auto|N",
                 help="Loader threads/workers per process, or auto: from the CPUs this process "
                 "may use (all of them per GPU process; a quarter on the CPU, the rest to torch).",
             ),
@@ -464,6 +465,7 @@ def _eval_options(command):
                 "--num-threads",
                 config=EVAL,
                 callback=_thread_count,
+                metavar="auto|N",
                 help="Loader threads/workers, or auto (from the CPUs this process may use).",
             ),
         ]
