@@ -76,6 +76,26 @@ def given(options: dict) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _thread_count(ctx, param, value):
+    """Parse --num-threads: "auto" or an integer >= 1 (None when not given)."""
+    if value is None or value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f'expected "auto" or an integer >= 1, got {value!r}')
+
+
+def use_passive_openmp() -> None:
+    """Let idle OpenMP threads sleep at once instead of spinning (unless the user chose a policy).
+
+    A spinning thread holds a core that a thread doing work, or another process, needs: on 2
+    cores, CPU training beside one busy process kept 31% of its speed spinning, 55% passive
+    (benchmarks/bench_contention.py). libgomp reads the policy once, when torch loads, so this
+    runs before any command imports torch.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def exits_2_on_data_error(command):
     """Turn a DataError into a one-line message on stderr and exit code 2."""
 
@@ -140,6 +160,7 @@ def main():
       affectfast verify shards/demo
       affectfast train shards/demo --tasks va,expr,au --out runs/demo
     """
+    use_passive_openmp()
 
 
 # --- synth ----------------------------------------------------------------------------------------
@@ -347,6 +368,33 @@ def verify_command(out, decode, workers):
     click.echo(summary(out))
 
 
+@main.command("stage")
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--to",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Node-local folder for the copy (LOCAL_DIR; created if needed).",
+)
+@click.option(
+    "--recheck",
+    is_flag=True,
+    help="Also re-hash the files already staged (slower; catches a change that kept size and mtime).",
+)
+@exits_2_on_data_error
+def stage_command(shards, to, recheck):
+    """Copy pack SHARDS to node-local disk (--to), verified against its manifest.
+
+    Each tar must have the size and sha256 the manifest lists. Run again, it copies only what
+    changed (nothing while the pack is unchanged); a second stage into the same folder waits for
+    the first. For shared filesystems, where DALI's memory-mapped reads are slow; `affectfast
+    train --stage-dir` does this itself, once per node.
+    """
+    from affectfast.stage import stage
+
+    click.echo(f"staged {shards} -> {stage(shards, to, progress=True, recheck=recheck).summary()}")
+
+
 # --- train / evaluate / predict --------------------------------------------------------------------
 
 
@@ -410,8 +458,10 @@ def _training_options(command):
             config_option(
                 "--num-threads",
                 config=TRAIN,
-                type=click.IntRange(min=1),
-                help="Loader threads/workers per process.",
+                callback=_thread_count,
+                metavar="auto|N",
+                help="Loader threads/workers per process, or auto: from the CPUs this process "
+                "may use (all of them per GPU process; a quarter on the CPU, the rest to torch).",
             ),
             config_option(
                 "--tune-au-thresholds/--no-tune-au-thresholds",
@@ -457,6 +507,24 @@ def _training_options(command):
                 "--fancy-upsampling/--no-fancy-upsampling",
                 config=TRAIN,
                 help="dali-gpu: chroma upsampling as the CPU decoder does (closer GPU/CPU pixels).",
+            ),
+            config_option(
+                "--stage-dir",
+                config=TRAIN,
+                type=click.Path(file_okay=False, path_type=Path),
+                help="Node-local folder: copy the pack there first (once per node, verified, "
+                "reused while unchanged; see `affectfast stage`) and train from the copy.",
+            ),
+            config_option(
+                "--dont-use-mmap/--use-mmap",
+                config=TRAIN,
+                help="DALI reader: plain file reads instead of memory-mapped tars (faster on "
+                "shared filesystems).",
+            ),
+            config_option(
+                "--read-ahead/--no-read-ahead",
+                config=TRAIN,
+                help="DALI reader: read each tar ahead on first access.",
             ),
         ]
     ):
@@ -526,7 +594,13 @@ def _eval_options(command):
                 help="Without CUDA dali-gpu falls back to dali-cpu.",
             ),
             config_option("--batch-size", config=EVAL, type=click.IntRange(min=1)),
-            config_option("--num-threads", config=EVAL, type=click.IntRange(min=1)),
+            config_option(
+                "--num-threads",
+                config=EVAL,
+                callback=_thread_count,
+                metavar="auto|N",
+                help="Loader threads/workers, or auto (from the CPUs this process may use).",
+            ),
         ]
     ):
         command = option(command)

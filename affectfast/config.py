@@ -37,6 +37,11 @@ def parse_init(init: str) -> tuple[str, Path | None]:
     raise ValueError(f"init must be scratch, imagenet, imagenet:PATH or ckpt:PATH; got {init!r}")
 
 
+def valid_threads(num_threads) -> bool:
+    """A thread count setting: "auto" (resolved on the machine that runs) or an int >= 1."""
+    return num_threads == "auto" or (type(num_threads) is int and num_threads >= 1)
+
+
 @dataclass(frozen=True)
 class AugmentSpec:
     """Training augmentation shared by every loader kind; ``None`` instead of a spec means off."""
@@ -81,7 +86,7 @@ class TrainConfig:
     flip: bool = True
     interpolation: str = "nearest"  # nearest | linear
     seed: int = 0
-    num_threads: int = 2  # DALI threads / DataLoader workers per rank
+    num_threads: int | str = "auto"  # DALI threads / DataLoader workers per rank (train.py)
     tune_au_thresholds: bool = False  # also report AU F1 at per-AU thresholds tuned on val
     tree: Path | None = None  # the raw Aff-Wild2 root, for loader "files" only
     device: str = "auto"  # auto (CUDA where present) | cuda | cpu
@@ -94,12 +99,17 @@ class TrainConfig:
     # dali-gpu: libjpeg-turbo's chroma upsampling, so GPU and CPU decodes agree more closely; off
     # (DALI's default) until `affectfast doctor` has measured parity and speed on a GPU node.
     fancy_upsampling: bool = False
+    # Storage: neither changes the results, so a run may --resume with other values.
+    stage_dir: Path | None = None  # node-local folder to copy the pack into first (stage.py)
+    dont_use_mmap: bool = False  # DALI reader: plain reads instead of mmap (shared filesystems)
+    read_ahead: bool = False  # DALI reader: read each tar ahead on first access
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
         set_("shards", Path(self.shards))
         set_("out", Path(self.out))
         set_("tree", None if self.tree is None else Path(self.tree))
+        set_("stage_dir", None if self.stage_dir is None else Path(self.stage_dir))
         set_("tasks", parse_tasks(self.tasks))
         set_("task_weights", tuple((str(t), float(w)) for t, w in dict(self.task_weights).items()))
         parse_init(self.init)
@@ -122,10 +132,8 @@ class TrainConfig:
                 self.interpolation in INTERPOLATIONS,
                 f"interpolation must be one of {INTERPOLATIONS}",
             ),
-            (
-                0 <= self.rotate_degrees <= 180 and self.num_threads >= 1,
-                "rotate_degrees must be in [0, 180], num_threads >= 1",
-            ),
+            (0 <= self.rotate_degrees <= 180, "rotate_degrees must be in [0, 180]"),
+            (valid_threads(self.num_threads), 'num_threads must be "auto" or >= 1'),
             (0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}] (DALI takes int32)"),
             (self.loader != "files" or self.tree is not None, "loader files needs tree"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
@@ -142,6 +150,7 @@ class TrainConfig:
             shards=str(self.shards),
             out=str(self.out),
             tree=None if self.tree is None else str(self.tree),
+            stage_dir=None if self.stage_dir is None else str(self.stage_dir),
             tasks=list(self.tasks),
             task_weights=[list(p) for p in self.task_weights],
         )
@@ -176,7 +185,7 @@ class EvalConfig:
     split: str = "val"
     loader: str = "dali-gpu"  # one of SHARD_LOADER_KINDS ("files" needs the raw tree)
     batch_size: int = 256
-    num_threads: int = 2
+    num_threads: int | str = "auto"  # as TrainConfig.num_threads
     tune_au_thresholds: bool = False  # also report AU F1 at per-AU thresholds tuned on split
     # evaluate: choose a smoothing window per task on split, save smoothing.json beside checkpoint
     tune_smoothing: bool = False
@@ -192,6 +201,6 @@ class EvalConfig:
             self.loader not in SHARD_LOADER_KINDS
             or self.split not in SPLITS
             or self.batch_size < 1
-            or self.num_threads < 1
+            or not valid_threads(self.num_threads)
         ):
             raise ValueError(f"bad evaluation settings: {self!r}")

@@ -36,6 +36,34 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def local_rank() -> int:
+    """This process's rank on its node as torchrun set it (0 when not launched by torchrun).
+
+    For the work done once per node before the process group forms (staging the pack).
+    """
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def cpu_budget() -> int:
+    """How many CPUs this process may use: its affinity mask shared among its node's processes.
+
+    The affinity mask is what the OS lets it run on (a scheduler's cpuset narrows it, unlike
+    ``os.cpu_count()``); torchrun's LOCAL_WORLD_SIZE processes of a node share it evenly. At least 1.
+    """
+    affinity = getattr(os, "sched_getaffinity", None)
+    cpus = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def omp_num_threads() -> int | None:
+    """OMP_NUM_THREADS where set (torchrun sets 1 for several processes a node unless given).
+
+    torch takes its intra-op thread count from it when it loads; ``None`` when unset.
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) >= 1 else None
+
+
 def setup_distributed(use_cuda: bool) -> DistInfo:
     """Join the torchrun process group if launched by torchrun; pick this rank's device.
 
@@ -43,10 +71,9 @@ def setup_distributed(use_cuda: bool) -> DistInfo:
     """
     rank = launched_rank()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(local_rank())
+        device = torch.device("cuda", local_rank())
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():

@@ -30,8 +30,11 @@ from affectfast.dist import (
     all_reduce_mean,
     broadcast_buffers,
     broadcast_object,
+    cpu_budget,
     gather_objects,
     launched_rank,
+    local_rank,
+    omp_num_threads,
     setup_distributed,
     teardown_distributed,
 )
@@ -53,12 +56,13 @@ from affectfast.rundir import (
     truncate_metrics,
 )
 from affectfast.shards import MANIFEST, check_stats, load_manifest
+from affectfast.stage import stage
 from affectfast.verify import first_bad_label
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WARMUP_FRACTION = 0.05  # of all steps: linear LR warm-up, then cosine decay to zero
 # Config fields that may change between a run and its --resume without changing its results.
-RESUMABLE_CHANGES = ("num_threads",)
+RESUMABLE_CHANGES = ("num_threads", "stage_dir", "dont_use_mmap", "read_ahead")
 
 
 def resolve_device(config: TrainConfig, cuda: bool | None = None):
@@ -83,6 +87,52 @@ def resolve_device(config: TrainConfig, cuda: bool | None = None):
     if (loader, amp) != (config.loader, config.amp) and launched_rank() == 0:
         say(f"affectfast: no CUDA device, falling back to the CPU (loader {loader}, amp {amp})")
     return dataclasses.replace(config, loader=loader, amp=amp), False
+
+
+# --- the machine: where the pack is read from, how many threads ---------------------------------
+
+
+def stage_shards(config: TrainConfig) -> Path:
+    """The pack this process reads: ``config.shards``, or its copy in ``config.stage_dir``.
+
+    Called before the process group forms. Every process of a node calls ``stage``; its lock lets
+    one copy (usually LOCAL_RANK 0, which shows the progress) while the others wait, then find the
+    copy in place. ``config.shards`` stays the user's path (config.json, checkpoints, --resume).
+    """
+    if config.stage_dir is None:
+        return config.shards
+    result = stage(config.shards, config.stage_dir, progress=local_rank() == 0)
+    if local_rank() == 0:
+        say(f"affectfast: training from the staged copy {result.summary()}")
+    return result.path
+
+
+def loader_threads(config: TrainConfig, info: DistInfo) -> int:
+    """``config.num_threads``, with "auto" resolved from this process's CPU budget (``cpu_budget``).
+
+    On a GPU all of it: DALI's CPU threads read and (partly) decode what the GPU trains on. On the
+    CPU a quarter of it, at least 1: the model step is the work there, and the loader decodes far
+    faster than the CPU step consumes (README: 6,000 vs under 300 images/s on 2 cores).
+    """
+    if config.num_threads != "auto":
+        return config.num_threads
+    budget = cpu_budget()
+    return budget if info.device.type == "cuda" else max(1, budget // 4)
+
+
+def set_torch_threads(info: DistInfo) -> None:
+    """On the CPU, cap torch's intra-op threads at the CPU budget less a quarter for the loader.
+
+    A quarter rounded down: with 2 or 3 CPUs nothing is kept, the loader's thread (a few per cent
+    of a core at CPU training speeds) shares them; with 16, torch gets at most 12. Never more
+    threads than the budget: OpenMP threads wait for the slowest one at the end of every operation,
+    and one that shares its core with another thread or process is slow. Only ever lowered, so a
+    smaller count a caller set (``torch.set_num_threads``) stays, and so does OMP_NUM_THREADS
+    (torch took its count from it when it loaded). GPU runs are left alone.
+    """
+    if info.device.type == "cpu" and omp_num_threads() is None:
+        budget = cpu_budget()
+        torch.set_num_threads(min(torch.get_num_threads(), budget - budget // 4))
 
 
 # --- pieces built once per run ---------------------------------------------------------------------
@@ -148,11 +198,13 @@ def build_eval_loader(
         with_keys=True,
         drop_last=False,
         seed=config.seed,
-        num_threads=config.num_threads,
+        num_threads=loader_threads(config, info),
         tree=config.tree,
         hw_decoder_load=config.hw_decoder_load,
         decoder_affine=config.decoder_affine,
         fancy_upsampling=config.fancy_upsampling,
+        dont_use_mmap=config.dont_use_mmap,
+        read_ahead=config.read_ahead,
     )
 
 
@@ -282,12 +334,16 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     for ``resume`` (for schedulers with wall-time limits).
     """
     config, use_cuda = resolve_device(config)
+    shards = stage_shards(config)  # before the process group forms: a copy may take minutes
     info = setup_distributed(use_cuda)
     if use_cuda:
         set_cuda_numerics(config.deterministic)
+    threads = torch.get_num_threads()
     try:
-        return _train(config, info, resume, stop_after)
+        set_torch_threads(info)
+        return _train(config, info, resume, stop_after, shards)
     finally:
+        torch.set_num_threads(threads)
         teardown_distributed()
 
 
@@ -323,10 +379,14 @@ def set_cuda_numerics(deterministic: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = not deterministic
 
 
-def build_run(config: TrainConfig, info: DistInfo) -> Run:
-    """Build everything a run needs on this rank (config already resolved for the machine)."""
-    manifest = load_manifest(config.shards)
-    loss_spec = build_task_loss(config, manifest, config.shards / MANIFEST).to(info.device)
+def build_run(config: TrainConfig, info: DistInfo, shards: Path | None = None) -> Run:
+    """Build everything a run needs on this rank (config already resolved for the machine).
+
+    ``shards``: where to read the pack (its staged copy); ``config.shards`` when None.
+    """
+    shards = config.shards if shards is None else shards
+    manifest = load_manifest(shards)
+    loss_spec = build_task_loss(config, manifest, shards / MANIFEST).to(info.device)
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP broadcasts too)
     model = build_model(config.tasks, config.init)
     model = model.to(
@@ -346,7 +406,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
         ddp = torch.compile(ddp)  # default mode: no CUDA graphs (the loader's buffers change)
     train_loader = build_loader(
         config.loader,
-        config.shards,
+        shards,
         "train",
         config.tasks,
         config.batch_size,
@@ -359,16 +419,18 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
         dtype=AMP_DTYPES.get(config.amp, torch.float32),
         drop_last=True,
         seed=config.seed,
-        num_threads=config.num_threads,
+        num_threads=loader_threads(config, info),
         tree=config.tree,
         hw_decoder_load=config.hw_decoder_load,
         decoder_affine=config.decoder_affine,
         fancy_upsampling=config.fancy_upsampling,
+        dont_use_mmap=config.dont_use_mmap,
+        read_ahead=config.read_ahead,
     )
-    val_loader = build_eval_loader(config, config.shards, "val", info, config.batch_size)
+    val_loader = build_eval_loader(config, shards, "val", info, config.batch_size)
     if len(train_loader) == 0:
         raise DataError(
-            config.shards,
+            shards,
             f"the train split has fewer frames per rank than one batch ({config.batch_size})",
         )
     optimizer = torch.optim.AdamW(
@@ -388,10 +450,12 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     return Run(model, ddp, train_loader, val_loader, optimizer, scheduler, scaler, autocast, step)
 
 
-def _train(config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None) -> list[dict]:
+def _train(
+    config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None, shards: Path
+) -> list[dict]:
     folder = RunDir(config.out)
     check_run_folder(folder, config, resume)
-    run = build_run(config, info)
+    run = build_run(config, info, shards)
     start_epoch, best = 0, -math.inf
     if resume:
         if folder.last.exists():  # else a run killed before its first checkpoint: start it over

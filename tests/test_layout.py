@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "affectfast"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "constants", "tasks", "jpeg", "dist", "console", "batch"),
     ("affwild2", "shards", "config"),
-    ("pack", "verify", "synth"),
+    ("pack", "verify", "synth", "stage"),
     ("loaders", "model", "losses", "metrics", "temporal"),
     ("rundir", "train", "predict"),
     ("bench", "study", "doctor"),

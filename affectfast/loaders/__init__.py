@@ -60,6 +60,8 @@ def build_loader(
     hw_decoder_load: float = 0.65,  # dali-gpu: share for the hardware JPEG decoder (DALI's default)
     decoder_affine: bool = True,  # dali-gpu: pin decoder threads to cores (DALI's default)
     fancy_upsampling: bool = False,  # dali-gpu: chroma upsampling as the CPU decoder does it
+    dont_use_mmap: bool = False,  # DALI kinds: plain file reads instead of mmap (shared filesystems)
+    read_ahead: bool = False,  # DALI kinds: read each tar ahead on first access
 ) -> Loader:
     """Build a loader of ``Batch`` for one split and task set."""
     config = LoaderConfig(
@@ -83,6 +85,8 @@ def build_loader(
         hw_decoder_load=hw_decoder_load,
         decoder_affine=decoder_affine,
         fancy_upsampling=fancy_upsampling,
+        dont_use_mmap=dont_use_mmap,
+        read_ahead=read_ahead,
     )
     # Imported here so a wds user never loads DALI, and a DALI user never forks DataLoader workers.
     if kind in ("dali-gpu", "dali-cpu"):

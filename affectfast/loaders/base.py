@@ -249,6 +249,9 @@ class LoaderConfig:
     hw_decoder_load: float = 0.65  # dali-gpu: share of images for the hardware JPEG decoder
     decoder_affine: bool = True  # dali-gpu: pin decoder threads to cores (DALI's default)
     fancy_upsampling: bool = False  # dali-gpu: chroma upsampling as libjpeg-turbo (CPU) does
+    # DALI's reader only (the shared-filesystem case): plain reads instead of mmap; read ahead.
+    dont_use_mmap: bool = False
+    read_ahead: bool = False
 
     def __post_init__(self):
         if self.kind not in LOADER_KINDS:

@@ -85,6 +85,8 @@ def affect_pipeline(
     gpu_decoder: dict | None = None,
     out_dtype=types.FLOAT,
     decode_only: bool = False,
+    dont_use_mmap: bool = False,
+    read_ahead: bool = False,
 ):
     """Decode, augment and normalize one batch of frames; outputs (images, *labels[, keys])."""
     exts = [IMAGE_EXT] + [LABEL_EXT[t] for t in tasks]
@@ -103,6 +105,8 @@ def affect_pipeline(
         stick_to_shard=not shuffle,
         pad_last_batch=True,
         seed=reader_seed,
+        dont_use_mmap=dont_use_mmap,
+        read_ahead=read_ahead,
     )
     # One component (the test split's image alone) comes back as a node, several as a list.
     jpegs, *labels = outputs if isinstance(outputs, list | tuple) else [outputs]
@@ -221,6 +225,8 @@ def build_pipeline(
         prefetch_queue_depth=prefetch,
         enable_checkpointing=config.shuffle and not decode_only,
         checkpoint=checkpoint,
+        dont_use_mmap=config.dont_use_mmap,
+        read_ahead=config.read_ahead,
     )
     pipe.build()
     return pipe
