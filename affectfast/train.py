@@ -178,6 +178,26 @@ def build_schedule(optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def loader_options(config: TrainConfig, info: DistInfo) -> dict:
+    """build_loader's settings that a run's train and val loaders share: size, rank, device,
+    precision, seed, threads, and the decoder's and reader's options."""
+    return dict(
+        image_size=config.image_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=info.device,
+        dtype=AMP_DTYPES.get(config.amp, torch.float32),
+        seed=config.seed,
+        num_threads=loader_threads(config, info),
+        tree=config.tree,
+        hw_decoder_load=config.hw_decoder_load,
+        decoder_affine=config.decoder_affine,
+        fancy_upsampling=config.fancy_upsampling,
+        dont_use_mmap=config.dont_use_mmap,
+        read_ahead=config.read_ahead,
+    )
+
+
 def build_eval_loader(
     config: TrainConfig, shards: Path, split: str, info: DistInfo, batch_size: int
 ):
@@ -188,23 +208,11 @@ def build_eval_loader(
         split,
         config.tasks,
         batch_size,
-        image_size=config.image_size,
         augment=None,
         shuffle=False,
-        rank=info.rank,
-        world_size=info.world_size,
-        device=info.device,
-        dtype=AMP_DTYPES.get(config.amp, torch.float32),
         with_keys=True,
         drop_last=False,
-        seed=config.seed,
-        num_threads=loader_threads(config, info),
-        tree=config.tree,
-        hw_decoder_load=config.hw_decoder_load,
-        decoder_affine=config.decoder_affine,
-        fancy_upsampling=config.fancy_upsampling,
-        dont_use_mmap=config.dont_use_mmap,
-        read_ahead=config.read_ahead,
+        **loader_options(config, info),
     )
 
 
@@ -410,22 +418,10 @@ def build_run(config: TrainConfig, info: DistInfo, shards: Path | None = None) -
         "train",
         config.tasks,
         config.batch_size,
-        image_size=config.image_size,
         augment=config.augment_spec,
         shuffle=True,
-        rank=info.rank,
-        world_size=info.world_size,
-        device=info.device,
-        dtype=AMP_DTYPES.get(config.amp, torch.float32),
         drop_last=True,
-        seed=config.seed,
-        num_threads=loader_threads(config, info),
-        tree=config.tree,
-        hw_decoder_load=config.hw_decoder_load,
-        decoder_affine=config.decoder_affine,
-        fancy_upsampling=config.fancy_upsampling,
-        dont_use_mmap=config.dont_use_mmap,
-        read_ahead=config.read_ahead,
+        **loader_options(config, info),
     )
     val_loader = build_eval_loader(config, shards, "val", info, config.batch_size)
     if len(train_loader) == 0:
