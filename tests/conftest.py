@@ -22,6 +22,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: the DALI/DataLoader threads need the other
+    yield
+    torch.set_num_threads(previous)
+
+
+one_thread = pytest.fixture(_one_torch_thread)
+one_thread_per_module = pytest.fixture(
+    _one_torch_thread, scope="module", name="one_thread_per_module"
+)
+
+
 @pytest.fixture(scope="session")
 def synth_tree(tmp_path_factory):
     """A small synthetic Aff-Wild2-layout tree."""

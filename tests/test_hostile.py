@@ -278,14 +278,6 @@ SMALL = dict(loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def one_good_epoch(packed: Path, tmp_path: Path):
     """A two-epoch run on a copy of the shards, stopped after its first epoch, and its files."""
     from affectfast.config import TrainConfig

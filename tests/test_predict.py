@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 import affectfast.train as train_module
@@ -43,16 +42,13 @@ from affectfast.train import build_run, resolve_device
 
 EXAMPLE = Path(__file__).parent / "data" / "abaw_submission"  # written by hand
 EXAMPLE_FRAMES = {"va": {"video1": 4}, "expr": {"video1": 4}, "au": {"video2_left": 3}}
-SMALL = dict(loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off")
+SMALL = dict(
+    loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off", device="cpu"
+)
 FOLDER = {task: names[0] for task, names in CHALLENGE_DIRS.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

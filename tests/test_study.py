@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from affectfast.config import TrainConfig
 from affectfast.study import StudyConfig, format_table, plan_runs, read_records, run_study
@@ -23,12 +22,7 @@ SMALL = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(shards, out, inits):
