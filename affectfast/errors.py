@@ -5,16 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The longest message an error carries: whatever a caller quotes, one line stays readable
+# (callers quote rejected values with ``safe_files.excerpt``; this is the backstop).
+MAX_MESSAGE = 1000
+
 
 class DataError(ValueError):
     """Bad input data. The CLI prints ``str(error)`` on one line and exits with code 2.
 
-    ``path`` is the offending file, ``line`` its 1-based line number where one applies.
+    ``path`` is the offending file, ``line`` its 1-based line number where one applies. A message
+    longer than ``MAX_MESSAGE`` characters is cut there.
     """
 
     def __init__(self, path: str | Path, message: str, line: int | None = None):
         self.path = Path(path)
         self.line = line
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 14] + " ... (cut off)"
         self.message = message
         where = f"{self.path}:{line}" if line is not None else f"{self.path}"
         super().__init__(f"{where}: {message}")

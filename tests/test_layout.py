@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "affectfast"
 
 # Lowest first; a module may import from its own layer (without a cycle) or any layer below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "constants", "tasks", "jpeg", "dist", "console", "batch"),
+    ("errors", "constants", "tasks", "jpeg", "dist", "console", "batch", "safe_files"),
     ("affwild2", "shards", "config"),
     ("pack", "verify", "synth", "stage"),
     ("loaders", "model", "losses", "metrics", "temporal"),

@@ -1,0 +1,146 @@
+"""safe_files: regular files only (a FIFO never hangs a reader), bounded reads, links refused where
+asked, locks never opened through a planted link, bounded excerpts in error messages."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from affectfast.errors import MAX_MESSAGE, DataError
+from affectfast.safe_files import (
+    check_regular,
+    excerpt,
+    exclusive_lock,
+    read_bytes,
+    read_text,
+)
+
+
+def test_read_bytes_reads_a_regular_file_and_through_a_link(tmp_path):
+    path = tmp_path / "counts.csv"
+    path.write_bytes(b"video,frames\nv1,10\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(path)
+    assert read_bytes(path, limit=100) == b"video,frames\nv1,10\n"
+    assert read_bytes(link, limit=100) == b"video,frames\nv1,10\n"
+    with pytest.raises(DataError, match="symbolic link; the manifest must be a regular file"):
+        read_bytes(link, limit=100, follow_links=False, what="manifest")
+
+
+def test_a_fifo_is_refused_at_once_not_read(tmp_path):
+    fifo = tmp_path / "list.txt"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"FIFO \(named pipe\); the test list must be a regular"):
+        read_text(fifo, limit=100, what="test list")
+    with pytest.raises(DataError, match="is a FIFO"):
+        check_regular(fifo)
+    assert time.monotonic() - start < 5  # no writer ever opens it: a blocking open would hang
+
+
+def test_a_device_and_a_folder_are_refused(tmp_path):
+    with pytest.raises(DataError, match="character device"):
+        read_bytes("/dev/zero", limit=1 << 20)
+    with pytest.raises(DataError, match="is a folder"):
+        read_bytes(tmp_path, limit=10)
+    with pytest.raises(FileNotFoundError):
+        read_bytes(tmp_path / "missing", limit=10)
+
+
+def test_reads_are_bounded(tmp_path):
+    path = tmp_path / "big"
+    path.write_bytes(b"x" * 101)
+    assert len(read_bytes(path, limit=101)) == 101
+    with pytest.raises(DataError, match="101 bytes: a smoothing file holds at most 100"):
+        read_bytes(path, limit=100, what="smoothing file")
+
+
+def test_read_text_names_undecodable_bytes(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_bytes(b"ok\n\xff\n")
+    with pytest.raises(DataError, match="not utf-8 text .byte 3"):
+        read_text(path, limit=100)
+
+
+def test_a_lock_through_a_planted_link_is_refused_and_its_target_kept(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    lock = tmp_path / ".stage.lock"
+    lock.symlink_to(victim)
+    with pytest.raises(DataError, match="symbolic link"):
+        with exclusive_lock(lock, on_busy=lambda holder: None):
+            pass
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_lock_that_is_a_fifo_is_refused(tmp_path):
+    lock = tmp_path / ".pack.lock"
+    os.mkfifo(lock)
+    with pytest.raises(DataError, match="FIFO"):
+        with exclusive_lock(lock, on_busy=lambda holder: None):
+            pass
+
+
+def test_a_held_lock_names_its_holder_and_can_refuse_or_wait(tmp_path):
+    lock = tmp_path / ".lock"
+    seen = []
+
+    def refuse(holder):
+        raise DataError(tmp_path, f"locked by process {holder}")
+
+    with exclusive_lock(lock, on_busy=refuse):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        # flock locks belong to the open file: a second open in this process conflicts too.
+        with pytest.raises(DataError, match=f"locked by process {os.getpid()}"):
+            with exclusive_lock(lock, on_busy=refuse):
+                pass
+    # Free again: a waiter gets it without calling on_busy.
+    with exclusive_lock(lock, on_busy=seen.append):
+        pass
+    assert seen == []
+
+
+def test_a_waiting_lock_gets_it_when_released(tmp_path):
+    lock = tmp_path / ".lock"
+    entered = threading.Event()
+    holders = []
+
+    def hold():
+        with exclusive_lock(lock, on_busy=lambda h: None):
+            entered.set()
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    entered.wait(5)
+    start = time.monotonic()
+    with exclusive_lock(lock, on_busy=holders.append):
+        waited = time.monotonic() - start
+    thread.join()
+    assert holders == [str(os.getpid())] and waited > 0.1
+
+
+def test_remove_deletes_the_lock_file_on_exit(tmp_path):
+    lock = tmp_path / ".pack.lock"
+    with exclusive_lock(lock, on_busy=lambda h: None, remove=True):
+        assert lock.is_file()
+    assert not lock.exists()
+
+
+def test_excerpt_is_bounded_for_huge_and_deeply_shared_values():
+    shared: list = [0]
+    for _ in range(60):  # 2**60 paths through the structure: a full repr would never end
+        shared = [shared, shared]
+    start = time.monotonic()
+    text = excerpt({"task_weights": shared, "name": "x" * 10_000_000})
+    assert len(text) <= 160 and time.monotonic() - start < 1
+    assert excerpt("short") == "'short'"
+
+
+def test_data_error_messages_are_cut_to_a_line_of_bounded_length(tmp_path):
+    error = DataError(tmp_path / "list.txt", "unknown video " + "v" * 10_000_000, 3)
+    assert len(error.message) == MAX_MESSAGE and error.message.endswith("(cut off)")
+    assert str(error).startswith(f"{tmp_path / 'list.txt'}:3: unknown video vvv")
