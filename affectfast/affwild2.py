@@ -1,6 +1,6 @@
 """The Aff-Wild2 reader: find the annotation folders and frames, parse and join the three tasks.
 
-The input tree is described in DESIGN.md §1. The reader does three things:
+The input tree is described in docs/design.md §1. The reader does three things:
 
 1. :func:`find_annotation_dirs` locates ``cropped_aligned`` and the challenge folders under a root
    (a few levels down, never walking into the 2.8M-frame folder), or takes each explicitly.

@@ -1,4 +1,4 @@
-"""The Batch every loader yields, whatever its kind (DESIGN.md §3)."""
+"""The Batch every loader yields, whatever its kind (docs/design.md §3)."""
 
 from __future__ import annotations
 

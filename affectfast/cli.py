@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import importlib
 import os
 import sys
@@ -94,20 +93,6 @@ def use_passive_openmp() -> None:
     runs before any command imports torch.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def exits_2_on_data_error(command):
-    """Turn a DataError into a one-line message on stderr and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except DataError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 # What to do about the OSErrors a user's files and disks cause, by errno.
@@ -326,7 +311,6 @@ def _test_lists(ctx, param, values):
     "task (repeat it). Packs a test split of those videos' images; a video with labels for the "
     "task of its list is refused.",
 )
-@exits_2_on_data_error
 def pack_command(root, out, **options):
     """Pack the Aff-Wild2 tree ROOT into WebDataset shards + DALI indexes + manifest.json.
 
@@ -381,7 +365,6 @@ def verify_command(out, decode, workers):
     is_flag=True,
     help="Also re-hash the files already staged (slower; catches a change that kept size and mtime).",
 )
-@exits_2_on_data_error
 def stage_command(shards, to, recheck):
     """Copy pack SHARDS to node-local disk (--to), verified against its manifest.
 
@@ -565,7 +548,6 @@ def _train_config(**options):
     default=None,
     help="Train at most this many epochs now, leaving last.pt for --resume (wall-time limits).",
 )
-@exits_2_on_data_error
 def train_command(shards, out, resume, stop_after, **options):
     """Train ResNet-18 on packed SHARDS (uni- or multi-task); multi-GPU via torchrun.
 
@@ -635,7 +617,6 @@ def _eval_config(**options):
     is_flag=True,
     help="Print the metrics as one JSON object instead of tables.",
 )
-@exits_2_on_data_error
 def evaluate_command(as_json, **options):
     """Print the ABAW metrics of CHECKPOINT on SHARDS: CCC, F1 per expression and per AU, P_MTL.
 
@@ -679,7 +660,6 @@ def evaluate_command(as_json, **options):
     help="Smooth along time with the windows of smoothing.json beside CHECKPOINT "
     "(evaluate --tune-smoothing writes it).",
 )
-@exits_2_on_data_error
 def predict_command(out, **options):
     """Write CHECKPOINT's predictions on SHARDS as a complete ABAW submission.
 
@@ -747,7 +727,6 @@ def bench_group():
 @click.option(
     "--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG bar chart."
 )
-@exits_2_on_data_error
 def bench_loaders_command(
     shards, tree, loaders, interpolation, no_augment, csv_path, plot, **options
 ):
@@ -802,7 +781,6 @@ def bench_loaders_command(
     help="auto: cuda where torch sees a GPU, else cpu (the GPU-only checks then say 'not run').",
 )
 @click.option("--quick", is_flag=True, help="Shorter: fewer timed steps, no torch.compile.")
-@exits_2_on_data_error
 def doctor_command(shards, out, device, quick):
     """Prove this node's GPU path: run the library's own checks, write REPORT_DIR/report.md + .json.
 
@@ -838,7 +816,6 @@ def doctor_command(shards, out, device, quick):
     "from the first one's uni-TASK run.",
 )
 @_training_options
-@exits_2_on_data_error
 def study_command(shards, out, inits, **options):
     """Run the uni- vs multi-task study on SHARDS and print the comparison table.
 

@@ -1,4 +1,4 @@
-"""``affectfast doctor``: the acceptance run for a fresh node (DESIGN.md §5), and its report.
+"""``affectfast doctor``: the acceptance run for a fresh node (docs/design.md §5), and its report.
 
 What a 2-core development machine cannot prove, the product proves on the user's node: this module
 runs the library's own checks there and writes ``REPORT_DIR/report.md`` and ``report.json``. Every

@@ -1,4 +1,4 @@
-"""Masked per-task losses and their weighted sum (DESIGN.md §4).
+"""Masked per-task losses and their weighted sum (docs/design.md §4).
 
 Each task's loss covers only the frames whose label for that task is valid, and is normalized by
 that count. A batch with no valid label for a task contributes exactly 0 for it, never NaN, and

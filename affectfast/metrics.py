@@ -1,4 +1,4 @@
-"""The ABAW metrics over a whole split, and the per-class tables (DESIGN.md §4).
+"""The ABAW metrics over a whole split, and the per-class tables (docs/design.md §4).
 
 - VA: Lin's concordance correlation coefficient (CCC) for valence and for arousal, and their mean.
 - EXPR: macro F1 over the 8 classes (over those present in labels or predictions, as ABAW's code does).

@@ -1,4 +1,4 @@
-"""The model: a torchvision ResNet-18 trunk and one small linear head per trained task (DESIGN.md §4).
+"""The model: a torchvision ResNet-18 trunk and one small linear head per trained task (docs/design.md §4).
 
 Initialization is one string, parsed by :func:`parse_init`:
 - ``scratch``: torchvision's default random init;

@@ -4,7 +4,7 @@
 into one columnar numpy index (about 35 bytes per frame: 100 MB for the 2.8M frames of the real
 dataset), orders it (val in video/frame order, train shuffled globally with the seed), cuts it into
 shards of ``shard_size`` samples and lets worker processes write whole shards. The shard format is
-DESIGN.md §2 and ``docs/shard-format.md``; its code (names, tar members, ``.idx``) is ``shards.py``.
+docs/design.md §2 and ``docs/shard-format.md``; its code (names, tar members, ``.idx``) is ``shards.py``.
 
 Guarantees:
 - The output bytes depend only on the source and (shard_size, seed, check, skip_bad, test_lists):

@@ -4,14 +4,14 @@
 training runs (``train.predict_split`` + ``train.score``); with ``tune_smoothing`` it also chooses a
 smoothing window per task on that split and saves it beside the checkpoint (``smoothing.json``).
 ``predict(EvalConfig, out)`` writes one file per video and task in the challenge layout, with a line
-for *every* frame of the video, faces or not (DESIGN.md §6). The checkpoint carries the run's
+for *every* frame of the video, faces or not (docs/design.md §6). The checkpoint carries the run's
 config (tasks, image size, precision), so nothing else is needed.
 
-Per video and task, always in this order (``docs/temporal.md``):
+Per video and task, always in this order (``docs/smoothing.md``):
 
 1. the model's outputs on the frames that have an image (VA values, EXPR softmax probabilities,
    AU probabilities);
-2. complete: every frame 1..N gets a row (``temporal.complete_video``: linear for VA, the nearest
+2. complete: every frame 1..N gets a row (``smoothing.complete_video``: linear for VA, the nearest
    frame for EXPR and AU), N the video's frame count;
 3. smooth (``--smooth``: the windows tuned on val), then score (evaluate) or write (predict):
    VA clipped to [-1, 1], EXPR the most probable class, AU 1 above the checkpoint's per-AU
@@ -48,16 +48,7 @@ from affectfast.metrics import Predictions
 from affectfast.model import AffectNet
 from affectfast.rundir import load_checkpoint
 from affectfast.shards import MANIFEST, load_manifest, split_shards
-from affectfast.tasks import (
-    CHALLENGE_DIRS,
-    EXPR_NAMES,
-    HEADERS,
-    NUM_AU,
-    NUM_EXPR,
-    TASKS,
-    split_member,
-)
-from affectfast.temporal import (
+from affectfast.smoothing import (
     INTERPOLATION,
     SMOOTHING_FILE,
     WINDOW_GRID,
@@ -66,6 +57,15 @@ from affectfast.temporal import (
     load_windows,
     save_windows,
     tune_windows,
+)
+from affectfast.tasks import (
+    CHALLENGE_DIRS,
+    EXPR_NAMES,
+    HEADERS,
+    NUM_AU,
+    NUM_EXPR,
+    TASKS,
+    split_member,
 )
 from affectfast.train import (
     build_autocast,
@@ -155,7 +155,7 @@ def tune_smoothing(
     grid: tuple[int, ...] = WINDOW_GRID,
     source: Path = Path("."),
 ) -> tuple[dict[str, int], dict[str, dict]]:
-    """``temporal.tune_windows`` on every video of ``preds`` completed to its frame count.
+    """``smoothing.tune_windows`` on every video of ``preds`` completed to its frame count.
 
     Outputs are completed over frames 1..N (``frame_counts``, else the last predicted frame); the
     frames without a prediction have no label in the shards, so they are masked out of the score.

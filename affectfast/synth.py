@@ -1,4 +1,4 @@
-"""A synthetic Aff-Wild2 tree whose labels are drawn into the pixels (DESIGN.md §1 and §5).
+"""A synthetic Aff-Wild2 tree whose labels are drawn into the pixels (docs/design.md §1 and §5).
 
 ``synthesize(SynthConfig(out=...))`` writes the real ABAW layout::
 
@@ -29,7 +29,7 @@ them:
 
 - ``noisy_frames``: that fraction of frames has its cues corrupted (an occlusion, an exposure jump
   or a blur, see :func:`corrupt_frame`) while the labels stay smooth along the video, so a
-  per-frame reader errs on those frames and temporal smoothing helps (``affectfast.temporal``);
+  per-frame reader errs on those frames and temporal smoothing helps (``affectfast.smoothing``);
 - ``test_videos``: that many more frame folders held out as an ABAW test set: frames written,
   annotations written nowhere, and ``OUT/test_lists/{VA,EXPR,AU}_test_set.txt`` (one video name a
   line; the lists differ per challenge as ABAW's do) with ``OUT/test_lists/frame_counts.csv``.

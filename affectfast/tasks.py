@@ -1,7 +1,7 @@
 """The three Aff-Wild2 tasks: names, annotation headers, ignore markers and the shard label encoding.
 
 This module is the single place that knows how a label looks in an annotation file, in memory and
-inside a shard (DESIGN.md §1 and §2). Everything else imports from here.
+inside a shard (docs/design.md §1 and §2). Everything else imports from here.
 
 In memory a video's labels are columnar numpy arrays (see ``affwild2.VideoLabels``):
 - ``va``: float32 N×2 (valence, arousal), NaN where the frame's VA label is ignored;
@@ -62,7 +62,7 @@ VA_IGNORE = -5.0
 EXPR_IGNORE = -1
 AU_IGNORE = -1
 
-# Shard component extension per task (DESIGN.md §2). The image is always "jpg".
+# Shard component extension per task (docs/design.md §2). The image is always "jpg".
 IMAGE_EXT = "jpg"
 LABEL_EXT: dict[str, str] = {"va": "va", "expr": "expr", "au": "au"}
 # Shape and dtype of each label component inside a shard (little-endian, no header).

@@ -1,4 +1,4 @@
-"""Train uni- and multi-task ResNet-18 on packed shards (DESIGN.md §4), validating every epoch.
+"""Train uni- and multi-task ResNet-18 on packed shards (docs/design.md §4), validating every epoch.
 
 ``train(TrainConfig)`` fills a run folder (``rundir.py``: config.json, metrics.jsonl, tb/, last.pt,
 best.pt); ``build_run`` builds what a run needs once (also used by benchmarks/bench_train.py);

@@ -101,7 +101,7 @@ POOL_STYLES = 64  # frames drawn per synthetic "video" look in the pool
 LINK_MAX = 60_000  # ext4 allows 65,000 hard links per file
 SAMPLE_S = 0.25  # memory sampling period of child process trees, seconds
 
-# The shape of the tree (DESIGN.md §1; figures of the Aff-Wild2 release, rounded).
+# The shape of the tree (docs/design.md §1; figures of the Aff-Wild2 release, rounded).
 GAP_FRACTION = 0.03  # annotation lines whose frame has no image
 IGNORE_FRACTION = 0.02  # labels marked -5 / -1
 VAL_FRACTION = 0.2  # videos in Validation_Set

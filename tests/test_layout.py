@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "constants", "tasks", "jpeg", "dist", "console", "batch", "safe_files"),
     ("affwild2", "shards", "config"),
     ("pack", "verify", "synth", "stage"),
-    ("loaders", "model", "losses", "metrics", "temporal"),
+    ("loaders", "model", "losses", "metrics", "smoothing"),
     ("rundir", "train", "predict"),
     ("bench", "study", "doctor"),
     ("cli", "__main__"),

@@ -1,4 +1,4 @@
-"""build_loader over the small packed fixture: every kind yields the same epoch (DESIGN.md §3)."""
+"""build_loader over the small packed fixture: every kind yields the same epoch (docs/design.md §3)."""
 
 from __future__ import annotations
 

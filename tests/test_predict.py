@@ -35,9 +35,9 @@ from affectfast.predict import (
     tune_smoothing,
 )
 from affectfast.shards import load_manifest
+from affectfast.smoothing import SMOOTHING_FILE, save_windows, smooth
 from affectfast.synth import FRAME_COUNTS_FILE, TEST_LISTS_DIR
 from affectfast.tasks import CHALLENGE_DIRS, TASKS
-from affectfast.temporal import SMOOTHING_FILE, save_windows, smooth
 from affectfast.train import build_run, resolve_device
 
 EXAMPLE = Path(__file__).parent / "data" / "abaw_submission"  # written by hand

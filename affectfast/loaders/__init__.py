@@ -1,4 +1,4 @@
-"""build_loader: one contract, four kinds (dali-gpu, dali-cpu, wds, files). See DESIGN.md §3.
+"""build_loader: one contract, four kinds (dali-gpu, dali-cpu, wds, files). See docs/design.md §3.
 
 Every kind yields :class:`affectfast.batch.Batch` and follows the same epoch rules (``base.py``), so
 swapping the kind never changes what the trainer sees, only how fast it comes. Each kind lives in

@@ -1,6 +1,6 @@
 """The DALI loaders (``dali-gpu``, ``dali-cpu``): one pipeline function, the device switched.
 
-The graph, per sample (DESIGN.md §3):
+The graph, per sample (docs/design.md §3):
 
     readers.webdataset ─▶ decoders.image ─▶ [resize] ─▶ [warp_affine] ─▶ crop_mirror_normalize ─▶ HWC
          │  (skip / empty)   (mixed | cpu)   to size     rotation         flip + normalize + dtype

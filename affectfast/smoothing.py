@@ -1,6 +1,6 @@
 """Per-video post-processing for ABAW submissions: fill every frame, then smooth along time.
 
-An ABAW submission has a line for every frame of every video, faces or not (DESIGN.md §6), while a
+An ABAW submission has a line for every frame of every video, faces or not (docs/design.md §6), while a
 model only sees the frames that have a face image. The order is always the same:
 
 1. :func:`complete_video`: give every frame 1..total a prediction; frames without one take it from

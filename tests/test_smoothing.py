@@ -10,6 +10,15 @@ from sklearn.metrics import f1_score
 
 from affectfast.errors import DataError
 from affectfast.metrics import ccc
+from affectfast.smoothing import (
+    INTERPOLATION,
+    complete_and_smooth,
+    complete_video,
+    load_windows,
+    save_windows,
+    smooth,
+    tune_windows,
+)
 from affectfast.synth import (
     SynthConfig,
     frame_path,
@@ -19,15 +28,6 @@ from affectfast.synth import (
     video_labels,
 )
 from affectfast.tasks import NUM_AU, NUM_EXPR
-from affectfast.temporal import (
-    INTERPOLATION,
-    complete_and_smooth,
-    complete_video,
-    load_windows,
-    save_windows,
-    smooth,
-    tune_windows,
-)
 
 
 # --- complete_video -------------------------------------------------------------------------------
