@@ -555,10 +555,13 @@ def train_command(shards, out, resume, stop_after, **options):
     Single process:   affectfast train shards/demo --tasks expr --out runs/expr
     Multi-GPU:        torchrun --nproc-per-node 8 -m affectfast train shards/aff --out runs/mtl
     """
-    from affectfast.train import train
+    from affectfast.dist import launched_rank
+    from affectfast.train import run_summary, train
 
     config = _train_config(shards=shards, out=out, **options)
     train(config, resume=resume, stop_after=stop_after)
+    if launched_rank() == 0:  # the run folder is the main rank's
+        click.echo(run_summary(config))
 
 
 def _eval_options(command):
@@ -628,6 +631,8 @@ def evaluate_command(as_json, **options):
     from affectfast.predict import evaluate, format_smoothing
 
     metrics = evaluate(_eval_config(**options))
+    if metrics is None:  # another rank of a torchrun launch reports
+        return
     if as_json:
         click.echo(json.dumps(metrics))
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from affectfast.constants import (
     SPLITS,
     VA_LOSSES,
 )
+from affectfast.safe_files import excerpt
 from affectfast.tasks import TASKS, parse_tasks
 
 MAX_SEED = 2**31 - 1  # DALI and numpy's legacy seeding take 32-bit seeds
@@ -31,15 +33,80 @@ def parse_init(init: str) -> tuple[str, Path | None]:
     """Split an init string into (kind, path); raise ValueError on an unknown form."""
     if init in ("scratch", "imagenet"):
         return init, None
-    kind, sep, path = init.partition(":")
+    kind, sep, path = init.partition(":") if isinstance(init, str) else ("", "", "")
     if sep and kind in ("imagenet", "ckpt") and path:
         return kind, Path(path)
-    raise ValueError(f"init must be scratch, imagenet, imagenet:PATH or ckpt:PATH; got {init!r}")
+    raise ValueError(
+        f"init must be scratch, imagenet, imagenet:PATH or ckpt:PATH; got {excerpt(init)}"
+    )
 
 
 def valid_threads(num_threads) -> bool:
     """A thread count setting: "auto" (resolved on the machine that runs) or an int >= 1."""
     return num_threads == "auto" or (type(num_threads) is int and num_threads >= 1)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def _is_pair(value) -> bool:
+    """A (task, weight) pair as a config or its JSON holds it."""
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and _is_real(value[1])
+    )
+
+
+# What a field of each annotation must hold before its value is looked at: values read back from
+# a checkpoint or config.json may be anything, and an error quotes only the offending field.
+_TYPE_CHECKS = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: type(v) is int, "an integer"),
+    "float": (_is_real, "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "Path": (_is_path, "a path"),
+    "Path | None": (lambda v: v is None or _is_path(v), "a path or null"),
+    "tuple[str, ...]": (
+        lambda v: (
+            isinstance(v, str)
+            or (isinstance(v, (tuple, list)) and all(isinstance(t, str) for t in v))
+        ),
+        "task names",
+    ),
+    "tuple[tuple[str, float], ...]": (
+        lambda v: (
+            (isinstance(v, dict) and all(map(_is_pair, v.items())))
+            or (isinstance(v, (tuple, list)) and all(map(_is_pair, v)))
+        ),
+        "(task, weight) pairs",
+    ),
+    "int | str": (valid_threads, '"auto" or an integer >= 1'),
+}
+
+
+def check_field_types(config) -> None:
+    """Raise ValueError naming the first field of the dataclass ``config`` that does not hold its
+    annotated type, quoting a bounded excerpt of that field alone."""
+    for f in dataclasses.fields(config):
+        check, expected = _TYPE_CHECKS.get(f.type, (lambda v: True, ""))
+        value = getattr(config, f.name)
+        if not check(value):
+            raise ValueError(f"{f.name} must be {expected}; got {excerpt(value)}")
+
+
+def check_fields(config, checks) -> None:
+    """Raise ValueError for the first failing ``(field, ok, message)`` of ``checks``, quoting a
+    bounded excerpt of that field alone (never the whole config)."""
+    for name, ok, message in checks:
+        if not ok:
+            raise ValueError(f"{message}; got {name}={excerpt(getattr(config, name))}")
 
 
 @dataclass(frozen=True)
@@ -51,12 +118,18 @@ class AugmentSpec:
     interpolation: str = "nearest"  # "nearest" (torchvision RandomRotation's default) or "linear"
 
     def __post_init__(self):
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
-            )
-        if not 0 <= self.degrees <= 180:
-            raise ValueError(f"degrees must be in [0, 180], got {self.degrees}")
+        check_field_types(self)
+        check_fields(
+            self,
+            [
+                (
+                    "interpolation",
+                    self.interpolation in INTERPOLATIONS,
+                    f"interpolation must be one of {INTERPOLATIONS}",
+                ),
+                ("degrees", 0 <= self.degrees <= 180, "degrees must be in [0, 180]"),
+            ],
+        )
 
 
 @dataclass(frozen=True)
@@ -105,43 +178,72 @@ class TrainConfig:
     read_ahead: bool = False  # DALI reader: read each tar ahead on first access
 
     def __post_init__(self):
+        check_field_types(self)  # first: what follows may compare, convert and quote them
         set_ = functools.partial(object.__setattr__, self)
         set_("shards", Path(self.shards))
         set_("out", Path(self.out))
         set_("tree", None if self.tree is None else Path(self.tree))
         set_("stage_dir", None if self.stage_dir is None else Path(self.stage_dir))
-        set_("tasks", parse_tasks(self.tasks))
+        try:
+            set_("tasks", parse_tasks(self.tasks))
+        except ValueError:
+            raise ValueError(
+                f"tasks must be a non-empty subset of {','.join(TASKS)}; got {excerpt(self.tasks)}"
+            ) from None
         set_("task_weights", tuple((str(t), float(w)) for t, w in dict(self.task_weights).items()))
         parse_init(self.init)
-        checks = [
-            (self.loader in LOADER_KINDS, f"loader must be one of {LOADER_KINDS}"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm and CCC need two frames)"),
-            (
-                0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf,
-                "lr must be finite and > 0, weight_decay finite and >= 0",
-            ),
-            (self.image_size >= 32, "image_size must be >= 32 px"),
-            (self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}"),
-            (self.va_loss in VA_LOSSES, f"va_loss must be one of {VA_LOSSES}"),
-            (
-                all(t in self.tasks and 0 <= w < math.inf for t, w in self.task_weights),
-                "task_weights must name trained tasks with finite weights >= 0",
-            ),
-            (
-                self.interpolation in INTERPOLATIONS,
-                f"interpolation must be one of {INTERPOLATIONS}",
-            ),
-            (0 <= self.rotate_degrees <= 180, "rotate_degrees must be in [0, 180]"),
-            (valid_threads(self.num_threads), 'num_threads must be "auto" or >= 1'),
-            (0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}] (DALI takes int32)"),
-            (self.loader != "files" or self.tree is not None, "loader files needs tree"),
-            (self.device in DEVICES, f"device must be one of {DEVICES}"),
-            (0 <= self.hw_decoder_load <= 1, "hw_decoder_load must be in [0, 1]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"{message}; got {self!r}")
+        check_fields(
+            self,
+            [
+                ("loader", self.loader in LOADER_KINDS, f"loader must be one of {LOADER_KINDS}"),
+                ("epochs", self.epochs >= 1, "epochs must be >= 1"),
+                (
+                    "batch_size",
+                    self.batch_size >= 2,
+                    "batch_size must be >= 2 (BatchNorm and CCC need two frames)",
+                ),
+                ("lr", 0 < self.lr < math.inf, "lr must be finite and > 0"),
+                (
+                    "weight_decay",
+                    0 <= self.weight_decay < math.inf,
+                    "weight_decay must be finite and >= 0",
+                ),
+                ("image_size", self.image_size >= 32, "image_size must be >= 32 px"),
+                ("amp", self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}"),
+                ("va_loss", self.va_loss in VA_LOSSES, f"va_loss must be one of {VA_LOSSES}"),
+                (
+                    "task_weights",
+                    all(t in self.tasks and 0 <= w < math.inf for t, w in self.task_weights),
+                    "task_weights must name trained tasks with finite weights >= 0",
+                ),
+                (
+                    "interpolation",
+                    self.interpolation in INTERPOLATIONS,
+                    f"interpolation must be one of {INTERPOLATIONS}",
+                ),
+                (
+                    "rotate_degrees",
+                    0 <= self.rotate_degrees <= 180,
+                    "rotate_degrees must be in [0, 180]",
+                ),
+                (
+                    "seed",
+                    0 <= self.seed <= MAX_SEED,
+                    f"seed must be in [0, {MAX_SEED}] (DALI takes int32)",
+                ),
+                (
+                    "tree",
+                    self.loader != "files" or self.tree is not None,
+                    "loader files needs tree",
+                ),
+                ("device", self.device in DEVICES, f"device must be one of {DEVICES}"),
+                (
+                    "hw_decoder_load",
+                    0 <= self.hw_decoder_load <= 1,
+                    "hw_decoder_load must be in [0, 1]",
+                ),
+            ],
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready dict (paths as strings, tuples as lists)."""
@@ -193,14 +295,20 @@ class EvalConfig:
     frame_counts: Path | None = None  # predict: a "video,frames" CSV of frames per video
 
     def __post_init__(self):
+        check_field_types(self)
         object.__setattr__(self, "checkpoint", Path(self.checkpoint))
         object.__setattr__(self, "shards", Path(self.shards))
         if self.frame_counts is not None:
             object.__setattr__(self, "frame_counts", Path(self.frame_counts))
-        if (
-            self.loader not in SHARD_LOADER_KINDS
-            or self.split not in SPLITS
-            or self.batch_size < 1
-            or not valid_threads(self.num_threads)
-        ):
-            raise ValueError(f"bad evaluation settings: {self!r}")
+        check_fields(
+            self,
+            [
+                (
+                    "loader",
+                    self.loader in SHARD_LOADER_KINDS,
+                    f"loader must be one of {SHARD_LOADER_KINDS}",
+                ),
+                ("split", self.split in SPLITS, f"split must be one of {SPLITS}"),
+                ("batch_size", self.batch_size >= 1, "batch_size must be >= 1"),
+            ],
+        )

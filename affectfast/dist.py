@@ -2,16 +2,27 @@
 
 Launched plainly (no ``WORLD_SIZE`` in the environment) everything is single-process and no process
 group exists. Launched by ``torchrun`` it joins the group: NCCL on GPUs, gloo on the CPU.
+
+What only the main rank can see or do (the run folder, which may sit on its node alone; the
+gathered predictions) it decides alone and shares with :func:`main_decides`, so a refusal ends
+every rank with the same one-line error instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from affectfast.errors import DataError
+from affectfast.safe_files import excerpt
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,16 +75,42 @@ def omp_num_threads() -> int | None:
     return int(value) if value.isdigit() and int(value) >= 1 else None
 
 
+def cuda_device_index(rank_on_node: int, visible: int, mask: str | None = None) -> int:
+    """The CUDA device a process of local rank ``rank_on_node`` trains on, as an index among the
+    ``visible`` devices it sees (``mask``: its CUDA_VISIBLE_DEVICES, for the message).
+
+    Each process sees all of its node's GPUs (torchrun's usual launch): device ``rank_on_node``.
+    Each sees exactly one (a scheduler binding one GPU per task through CUDA_VISIBLE_DEVICES, as
+    Slurm's ``--gpus-per-task=1`` does): device 0, its own. Any other count, more than one yet too
+    few for the local rank, is refused in one line rather than guessed: a guess could put two
+    processes on one GPU.
+    """
+    if rank_on_node < visible:
+        return rank_on_node
+    if visible == 1:
+        return 0
+    shown = "unset" if mask is None else excerpt(mask, 60)
+    raise DataError(
+        f"LOCAL_RANK={rank_on_node}",
+        f"this process sees {visible} CUDA devices (CUDA_VISIBLE_DEVICES {shown}), too few for "
+        "its local rank: let every process see all of its node's GPUs, or exactly one",
+    )
+
+
 def setup_distributed(use_cuda: bool) -> DistInfo:
     """Join the torchrun process group if launched by torchrun; pick this rank's device.
 
-    ``use_cuda``: train on the GPU with index LOCAL_RANK (NCCL) rather than the CPU (gloo).
+    ``use_cuda``: train on a GPU (NCCL) rather than the CPU (gloo): the one :func:`cuda_device_index`
+    picks for LOCAL_RANK among the devices this process sees.
     """
     rank = launched_rank()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if use_cuda:
-        torch.cuda.set_device(local_rank())
-        device = torch.device("cuda", local_rank())
+        index = cuda_device_index(
+            local_rank(), torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+        torch.cuda.set_device(index)  # object collectives (NCCL) stage through the current device
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
@@ -99,6 +136,42 @@ def gather_objects(obj, info: DistInfo) -> list:
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def gather_to_main(obj, info: DistInfo) -> list | None:
+    """Every rank's ``obj`` in rank order on the main rank, None on the others (a one-element
+    list when not distributed). The others send theirs and keep nothing."""
+    if not info.distributed:
+        return [obj]
+    gathered = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def main_decides(decide: Callable[[], T], info: DistInfo) -> T:
+    """``decide()`` run on the main rank alone, its outcome shared with every rank: its result, or
+    the error it raised, raised on every rank (the same one line: a DataError or OSError as it
+    was, anything else as a RuntimeError naming it). Every rank must call it at the same point."""
+    if not info.distributed:
+        return decide()
+    outcome = None
+    if info.is_main:
+        try:
+            outcome = (True, decide())
+        except Exception as error:
+            broadcast_object((False, _shareable(error)), info)
+            raise  # the main rank keeps its own traceback
+    ok, value = broadcast_object(outcome, info)
+    if not ok:
+        raise value
+    return value
+
+
+def _shareable(error: Exception) -> Exception:
+    """``error`` as it can cross to the other ranks: DataError and OSError pickle whole."""
+    if isinstance(error, (DataError, OSError)):
+        return error
+    return RuntimeError(f"rank 0 stopped: {type(error).__name__}: {str(error)[:300]}")
 
 
 def broadcast_object(obj, info: DistInfo):

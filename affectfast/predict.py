@@ -105,9 +105,9 @@ def _load_for_eval(config: EvalConfig, checkpoint: dict | None = None):
 
 def _predict_split(
     config: EvalConfig, checkpoint: dict | None = None
-) -> tuple[Predictions, TrainConfig, bool, dict]:
-    """Run the checkpoint over ``config.split``: (predictions of every rank, run config, whether
-    this is the main rank, checkpoint)."""
+) -> tuple[Predictions | None, TrainConfig, bool, dict]:
+    """Run the checkpoint over ``config.split``: (predictions of every rank on the main rank, None
+    on the others; run config, whether this is the main rank, checkpoint)."""
     model, run, info, autocast, checkpoint = _load_for_eval(config, checkpoint)
     try:
         loader = build_eval_loader(run, config.shards, config.split, info, config.batch_size)
@@ -119,8 +119,9 @@ def _predict_split(
 # --- evaluate ------------------------------------------------------------------------------------
 
 
-def evaluate(config: EvalConfig) -> dict:
-    """The checkpoint's metrics on ``config.split`` of ``config.shards`` (all ranks gathered).
+def evaluate(config: EvalConfig) -> dict | None:
+    """The checkpoint's metrics on ``config.split`` of ``config.shards`` (all ranks gathered) on
+    the main rank; None on the other ranks of a torchrun launch.
 
     With ``tune_smoothing`` also ``metrics["smoothing"]`` = ``{"windows", "scores", "path"}``: each
     task's window chosen on the split (raw and smoothed scores in ``scores``), saved beside the
@@ -134,14 +135,15 @@ def evaluate(config: EvalConfig) -> dict:
         )
     manifest = load_manifest(config.shards) if config.tune_smoothing else {}
     preds, run, is_main, checkpoint = _predict_split(config)
+    if not is_main:  # the main rank holds every rank's predictions, and reports
+        return None
     metrics = score(preds, run.tasks, config.tune_au_thresholds)
     if config.tune_smoothing:
         thresholds = checkpoint.get("au_thresholds")
         counts = manifest.get("frame_counts", {})
         windows, scores = tune_smoothing(preds, run.tasks, counts, thresholds, source=config.shards)
         path = config.checkpoint.parent / SMOOTHING_FILE
-        if is_main:
-            save_windows(path, windows, scores)
+        save_windows(path, windows, scores)
         metrics["smoothing"] = {"windows": windows, "scores": scores, "path": str(path)}
     return metrics
 

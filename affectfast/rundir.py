@@ -2,9 +2,9 @@
 
 ``OUT/config.json`` (the resolved TrainConfig), ``OUT/metrics.jsonl`` (one JSON object per epoch),
 TensorBoard events under ``OUT/tb/``, ``OUT/last.pt`` (written atomically every epoch, what
-``--resume`` continues from) and ``OUT/best.pt`` (highest val P_MTL). Every checkpoint holds the
-config too, so evaluate and predict need nothing else. train, study and the benchmarks name these
-files only through :class:`RunDir`.
+``--resume`` continues from) and ``OUT/best.pt`` (highest val P_MTL); ``OUT/.train.lock`` while a
+run holds the folder. Every checkpoint holds the config too, so evaluate and predict need nothing
+else. train, study and the benchmarks name these files only through :class:`RunDir`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ import torch
 from affectfast.config import TrainConfig
 from affectfast.errors import DataError
 from affectfast.model import AffectNet, load_weights_file
+from affectfast.safe_files import read_text
+
+CONFIG_LIMIT = 1 << 20  # bytes: a run's config.json is about 1 KB
+METRICS_LIMIT = 1 << 26  # bytes: a metrics.jsonl line is under 1 KB, so a million epochs
 
 CHECKPOINT_FORMAT = 1
 
@@ -53,6 +57,11 @@ class RunDir:
     @property
     def best(self) -> Path:
         return self.root / "best.pt"
+
+    @property
+    def lock(self) -> Path:
+        """Held (``safe_files.exclusive_lock``) by the run writing here, removed when it ends."""
+        return self.root / ".train.lock"
 
     def write_config(self, config: dict) -> None:
         """Write config.json (the run's resolved settings)."""
@@ -128,7 +137,7 @@ def load_checkpoint(path: Path, entries: tuple[str, ...] = EVAL_ENTRIES) -> dict
     try:
         config = TrainConfig.from_dict(checkpoint["config"])
     except (KeyError, TypeError, ValueError) as error:
-        raise DataError(path, f"its config is not a run's ({error})") from None
+        raise DataError(path, f"its config is not a run's ({str(error)[:300]})") from None
     if "model" in entries:
         _check_model_state(path, checkpoint["model"], config.tasks)
     return checkpoint
@@ -166,12 +175,23 @@ def append_metrics(path: Path, record: dict) -> None:
         raise
 
 
+def read_config(path: Path):
+    """The JSON value of a run's ``config.json`` (a regular file, at most CONFIG_LIMIT bytes);
+    a DataError when it cannot be read or parsed."""
+    try:
+        return json.loads(read_text(path, limit=CONFIG_LIMIT, what="run config"))
+    except (OSError, ValueError, RecursionError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(path, f"unreadable run config ({str(error)[:200]})") from None
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The per-epoch records of ``metrics.jsonl`` (empty if absent); a line cut short is skipped."""
-    if not path.is_file():
+    if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path, limit=METRICS_LIMIT, what="metrics.jsonl").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:  # cut short by a kill: that epoch is redone on resume
@@ -181,8 +201,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop metrics.jsonl lines after the checkpoint being resumed (an epoch logged but not saved)."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) <= epochs_done]
+    if path.exists():
+        text = read_text(path, limit=METRICS_LIMIT, what="metrics.jsonl")
+        lines = [ln for ln in text.splitlines() if _epoch_of(ln) <= epochs_done]
         tmp = path.with_name(path.name + ".tmp")
         try:
             tmp.write_text("".join(ln + "\n" for ln in lines))

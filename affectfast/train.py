@@ -1,8 +1,9 @@
 """Train uni- and multi-task ResNet-18 on packed shards (docs/design.md §4), validating every epoch.
 
 ``train(TrainConfig)`` fills a run folder (``rundir.py``: config.json, metrics.jsonl, tb/, last.pt,
-best.pt); ``build_run`` builds what a run needs once (also used by benchmarks/bench_train.py);
-``predict_split``/``score`` are the validation pass that ``predict.py`` reuses for evaluate/predict.
+best.pt), holding its lock for the run's lifetime; ``build_run`` builds what a run needs once (also
+used by benchmarks/bench_train.py); ``predict_split``/``score`` are the validation pass that
+``predict.py`` reuses for evaluate/predict; ``run_summary`` says where a run's files are.
 
 Set once, never branched on in the step: the device, channels_last on the model, the autocast
 context and ``GradScaler(enabled=...)``. Launched by ``torchrun`` it runs DDP (see ``dist.py``).
@@ -10,9 +11,9 @@ context and ``GradScaler(enabled=...)``. Launched by ``torchrun`` it runs DDP (s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import json
 import math
 import sys
 import time
@@ -29,11 +30,11 @@ from affectfast.dist import (
     DistInfo,
     all_reduce_mean,
     broadcast_buffers,
-    broadcast_object,
     cpu_budget,
-    gather_objects,
+    gather_to_main,
     launched_rank,
     local_rank,
+    main_decides,
     omp_num_threads,
     setup_distributed,
     teardown_distributed,
@@ -49,12 +50,14 @@ from affectfast.rundir import (
     RunDir,
     append_metrics,
     load_checkpoint,
+    read_config,
     read_metrics,
     rng_state,
     save_atomic,
     set_rng_state,
     truncate_metrics,
 )
+from affectfast.safe_files import excerpt, exclusive_lock
 from affectfast.shards import MANIFEST, check_stats, load_manifest
 from affectfast.stage import stage
 from affectfast.verify import first_bad_label
@@ -63,13 +66,17 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WARMUP_FRACTION = 0.05  # of all steps: linear LR warm-up, then cosine decay to zero
 # Config fields that may change between a run and its --resume without changing its results.
 RESUMABLE_CHANGES = ("num_threads", "stage_dir", "dont_use_mmap", "read_ahead")
+# The metrics.jsonl fields about the training pass (TensorBoard: train/...); the rest are val/....
+TRAIN_FIELDS = ("train_loss", "train_batches", "images_per_s", "epoch_seconds", "lr")
 
 
 def resolve_device(config: TrainConfig, cuda: bool | None = None):
     """Resolve the GPU defaults for this machine: (config with loader/amp made concrete, use_cuda).
 
     Without CUDA: ``dali-gpu`` becomes ``dali-cpu`` and ``amp=auto`` becomes off, announced in one
-    line on stderr. An explicit ``bf16``/``fp16`` is kept (bf16 autocast works on the CPU).
+    line on stderr. An explicit ``bf16``/``fp16`` is kept (bf16 autocast works on the CPU). On
+    CUDA ``amp=auto`` is bf16 where the GPU computes in bf16 natively (compute capability 8.0
+    on), else fp16: V100 and T4 only emulate bf16, far slower than their fp16 tensor cores.
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if config.device == "cuda" and not cuda:
@@ -79,7 +86,7 @@ def resolve_device(config: TrainConfig, cuda: bool | None = None):
         amp = (
             config.amp
             if config.amp != "auto"
-            else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+            else ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
         )
         return dataclasses.replace(config, amp=amp), True
     loader = "dali-cpu" if config.loader == "dali-gpu" else config.loader
@@ -143,6 +150,7 @@ def build_task_loss(config: TrainConfig, manifest: dict, manifest_path: Path) ->
     check_stats(manifest, manifest_path)  # weights from negative or non-finite counts train on
     try:
         stats = manifest["splits"]["train"]["stats"]
+        unlabelled = [t for t in config.tasks if stats[t]["valid"] == 0]
         expr_weights = (
             expr_class_weights(stats["expr"]["class_counts"]) if "expr" in config.tasks else None
         )
@@ -153,9 +161,23 @@ def build_task_loss(config: TrainConfig, manifest: dict, manifest_path: Path) ->
         )
     except (KeyError, TypeError, ValueError) as error:
         raise DataError(
-            manifest_path, f"manifest lacks the train split's task counts ({error!r})"
-        ) from error
+            manifest_path, f"manifest lacks the train split's task counts ({excerpt(error)})"
+        ) from None
+    if unlabelled:
+        raise unlabelled_tasks_error(config.tasks, unlabelled, manifest_path)
     return TaskLoss(config.va_loss, expr_weights, pos_weight, config.task_weights)
+
+
+def unlabelled_tasks_error(tasks, unlabelled: list[str], manifest_path: Path) -> DataError:
+    """The refusal of trained tasks that have no train label at all: each would be a head trained
+    on nothing (its loss always 0), whose predictions look like any other's."""
+    kept = [t for t in tasks if t not in unlabelled]
+    advice = f"train with --tasks {','.join(kept)}" if kept else "nothing to train"
+    return DataError(
+        manifest_path,
+        f"the train split has no {' and no '.join(unlabelled)} labels (splits.train.stats): "
+        f"{advice}, or pack a tree with those annotation folders",
+    )
 
 
 def build_autocast(device: torch.device, amp: str):
@@ -234,14 +256,10 @@ def train_step(
     return loss.detach()
 
 
-def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
-    """Run ``step`` over one epoch of ``loader``; return mean train loss, images/s (all ranks), seconds."""
-    model.train()
-    total = torch.zeros((), dtype=torch.float64, device=info.device)
-    faults = torch.zeros((), dtype=torch.bool, device=info.device)  # a label out of range
-    images = 0
-    start = time.perf_counter()
-    bar = tqdm(
+def progress(loader, desc: str, info: DistInfo) -> tqdm:
+    """A progress bar over ``loader``'s batches on stderr (count, elapsed time, ETA, rate), shown
+    by the main rank only and cleared when done."""
+    return tqdm(
         loader,
         total=len(loader),
         desc=desc,
@@ -251,10 +269,22 @@ def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
         leave=False,
         dynamic_ncols=True,
     )
+
+
+def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
+    """Run ``step`` over one epoch of ``loader``; return mean train loss, batches (this rank's),
+    images/s (all ranks) and seconds."""
+    model.train()
+    total = torch.zeros((), dtype=torch.float64, device=info.device)
+    faults = torch.zeros((), dtype=torch.bool, device=info.device)  # a label out of range
+    images = batches = 0
+    start = time.perf_counter()
+    bar = progress(loader, desc, info)
     for i, batch in enumerate(bar):
         faults |= screen_labels(batch.labels, batch.masks)  # before the step: it sees sane labels
         total += step(model, batch)
         images += len(batch)
+        batches += 1
         if i % 10 == 0:
             bar.set_postfix_str(
                 f"{images * info.world_size / (time.perf_counter() - start):.0f} img/s"
@@ -264,6 +294,7 @@ def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
     seconds = time.perf_counter() - start
     return {
         "train_loss": train_loss,
+        "train_batches": batches,
         "images_per_s": images * info.world_size / seconds,
         "epoch_seconds": seconds,
         "bad_labels": all_reduce_mean(float(faults.item()), info) > 0,  # on any rank
@@ -271,37 +302,48 @@ def train_one_epoch(model, loader, step, info: DistInfo, desc: str) -> dict:
 
 
 @torch.no_grad()
-def predict_split(model: AffectNet, loader, autocast, info: DistInfo) -> Predictions:
-    """Every frame's outputs (VA values, EXPR logits, AU probabilities) with labels, gathered over ranks."""
+def predict_split(
+    model: AffectNet, loader, autocast, info: DistInfo, desc: str | None = None
+) -> Predictions | None:
+    """Every frame's outputs (VA values, EXPR logits, AU probabilities) with its labels and masks,
+    gathered from every rank onto the main rank: the Predictions there, None on the others.
+
+    Outputs, labels and masks stay on the device until the pass ends, then each is copied to the
+    host once: no per-batch sync. A label out of range on any rank stops every rank with the same
+    one-line DataError naming it. ``desc`` labels the progress bar (default: the split's name).
+    """
     model.eval()
-    parts = []
-    for batch in loader:
+    keys: list[str] = []
+    parts: tuple[list, list, list] = ([], [], [])  # per batch: outputs, labels, masks by task
+    faults = torch.zeros((), dtype=torch.bool, device=info.device)
+    for batch in progress(loader, desc or loader.config.split, info):
+        faults |= screen_labels(batch.labels, batch.masks)  # in place: they leave the metrics
         with autocast():
             outputs = model(batch.images)
-        outputs = {
-            t: (o.float().sigmoid() if t == "au" else o.float()).cpu().numpy()
-            for t, o in outputs.items()
-        }
-        parts.append(
-            Predictions(
-                list(batch.keys),
-                outputs,
-                {t: v.float().cpu().numpy() for t, v in batch.labels.items()},
-                {t: v.cpu().numpy() for t, v in batch.masks.items()},
-            )
-        )
-    mine = Predictions.concat(parts)
-    gathered = Predictions.concat(gather_objects(mine, info))
-    _refuse_bad_labels(gathered, loader.config.shards, loader.config.split)  # same on every rank
-    return gathered
+        outputs = {t: o.float().sigmoid() if t == "au" else o.float() for t, o in outputs.items()}
+        for part, values in zip(parts, (outputs, batch.labels, batch.masks)):
+            part.append(values)
+        keys += batch.keys
+    mine = Predictions(keys, *map(_to_host, parts)) if keys else Predictions()
+    gathered = gather_to_main((mine, bool(faults)), info)
+
+    def refuse_bad_labels() -> None:  # on the main rank, which alone has every rank's verdict
+        if any(bad for _, bad in gathered):
+            raise bad_label_error(loader.config.shards, loader.config.split, loader.config.tasks)
+
+    main_decides(refuse_bad_labels, info)
+    return Predictions.concat([p for p, _ in gathered]) if info.is_main else None
 
 
-def _refuse_bad_labels(preds: Predictions, shards: Path, split: str) -> None:
-    """A label out of range in an evaluated split is a DataError (it would make its metrics NaN)."""
-    labels = {t: torch.from_numpy(v) for t, v in preds.labels.items()}
-    masks = {t: torch.from_numpy(v) for t, v in preds.masks.items()}
-    if len(preds) and screen_labels(labels, masks).item():
-        raise bad_label_error(shards, split, tuple(labels))
+def _to_host(batches: list[dict]) -> dict:
+    """Per task, the batches' tensors joined on their device and copied to the host in one go, as
+    numpy (labels as float32, masks as bool)."""
+    return {
+        t: torch.cat([b[t] for b in batches])
+        .to("cpu", torch.bool if batches[0][t].dtype == torch.bool else torch.float32)
+        .numpy()
+        for t in batches[0]
+    }
 
 
 def bad_label_error(shards: Path, split: str, tasks: tuple[str, ...]) -> DataError:
@@ -320,6 +362,13 @@ def bad_label_error(shards: Path, split: str, tasks: tuple[str, ...]) -> DataErr
         f"{member}: {what} is out of range (VA in [-1, 1], EXPR 0..7, AU 0/1); "
         "repack from the source or remove the sample; run affectfast verify",
     )
+
+
+def validate(run: Run, config: TrainConfig, info: DistInfo, desc: str) -> dict:
+    """The val metrics of ``run.model`` (``predict_split`` + ``score`` on the main rank), the same
+    dict on every rank."""
+    preds = predict_split(run.model, run.val_loader, run.autocast, info, desc)
+    return main_decides(lambda: score(preds, config.tasks, config.tune_au_thresholds), info)
 
 
 def score(preds: Predictions, tasks, tune: bool) -> dict:
@@ -450,26 +499,61 @@ def _train(
     config: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None, shards: Path
 ) -> list[dict]:
     folder = RunDir(config.out)
-    check_run_folder(folder, config, resume)
-    run = build_run(config, info, shards)
-    start_epoch, best = 0, -math.inf
-    if resume:
-        if folder.last.exists():  # else a run killed before its first checkpoint: start it over
+    with contextlib.ExitStack() as held:  # the main rank's hold on the run folder
+        # Only the main rank reads and writes the run folder (--out may be on its node alone).
+        restore = main_decides(lambda: claim_run_folder(folder, config, resume, held), info)
+        run = build_run(config, info, shards)
+        start_epoch, best = 0, -math.inf
+        if restore:
             start_epoch, best = _restore(folder.last, config, run, info)
+        writer = None
         if info.is_main:
-            truncate_metrics(folder.metrics, start_epoch)
-    writer = None
-    if info.is_main:
-        folder.write_config(config.to_dict())
-        from torch.utils.tensorboard import SummaryWriter  # slow import; only the main rank logs
+            if resume:  # else a run killed before its first checkpoint: start it over
+                truncate_metrics(folder.metrics, start_epoch)
+            folder.write_config(config.to_dict())
+            # A slow import: only the main rank logs.
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(folder.tensorboard))
+            writer = SummaryWriter(str(folder.tensorboard))
+        try:
+            return _run_epochs(config, info, run, folder, writer, start_epoch, best, stop_after)
+        finally:  # a run stopped by an error still closes its TensorBoard file and thread
+            if writer is not None:
+                writer.close()
 
-    try:
-        return _run_epochs(config, info, run, folder, writer, start_epoch, best, stop_after)
-    finally:  # a run stopped by an error still closes its TensorBoard file and thread
-        if writer is not None:
-            writer.close()
+
+def claim_run_folder(
+    folder: RunDir, config: TrainConfig, resume: bool, held: contextlib.ExitStack
+) -> bool:
+    """On the main rank, before anything is built: take the run folder's lock for as long as
+    ``held`` lasts (a second run into it is refused at once, naming the process that holds it),
+    then :func:`check_run_folder`. Returns whether to restore ``last.pt``.
+
+    The folders this creates are removed again if the run leaves them empty (a refused run).
+    """
+    check_writable_folder(folder.root)
+    if resume and not folder.root.is_dir():
+        raise DataError(folder.last, "checkpoint not found: no run to resume here")
+    missing = [p for p in (folder.root, *folder.root.parents) if not p.exists()]
+    folder.root.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):  # an ExitStack unwinds last first: the deepest goes first
+        held.callback(_remove_if_empty, created)
+
+    def refuse(holder: str) -> None:
+        holder = " ".join(holder.split())  # the lock file's first 64 bytes, on one line
+        raise DataError(
+            folder.root,
+            f"locked by process {holder}: another affectfast train is writing this run folder; "
+            "wait for it to end or choose another --out",
+        )
+
+    held.enter_context(exclusive_lock(folder.lock, on_busy=refuse, remove=True))
+    return check_run_folder(folder, config, resume)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _run_epochs(
@@ -491,8 +575,7 @@ def _run_epochs(
         stats = train_one_epoch(run.ddp, run.train_loader, run.step, info, desc)
         _refuse_bad_epoch(config, epoch, stats.pop("bad_labels"), stats["train_loss"])
         broadcast_buffers(run.model, info)
-        predictions = predict_split(run.model, run.val_loader, run.autocast, info)
-        metrics = score(predictions, config.tasks, config.tune_au_thresholds)
+        metrics = validate(run, config, info, f"val {epoch + 1}/{config.epochs}")
         record = {
             "epoch": epoch + 1,
             **stats,
@@ -501,7 +584,7 @@ def _run_epochs(
         }
         records.append(record)
         best = max(best, _p_mtl(metrics))
-        loader_states = gather_objects(run.train_loader.state_dict(), info)
+        loader_states = gather_to_main(run.train_loader.state_dict(), info)
         if info.is_main:
             _log_epoch(folder, writer, record)
             state = {**run.state(), "loader": loader_states}
@@ -560,22 +643,27 @@ def config_changes(saved: dict, config: TrainConfig) -> list[str]:
     def normal(values: dict) -> dict:
         values = {k: v for k, v in values.items() if k != "out" and k not in RESUMABLE_CHANGES}
         for key in ("shards", "tree"):
-            if values.get(key) is not None:
+            if isinstance(values.get(key), str):
                 values[key] = str(Path(values[key]).resolve())
-        kind, _, path = str(values.get("init", "")).partition(":")
+        init = values.get("init")
+        kind, _, path = init.partition(":") if isinstance(init, str) else ("", "", "")
         if path and kind in ("imagenet", "ckpt"):
             values["init"] = f"{kind}:{Path(path).resolve()}"
         return values
 
     old, new = normal(saved), normal(config.to_dict())
-    return [f"{k} changed ({old.get(k)!r} -> {v!r})" for k, v in new.items() if old.get(k) != v]
+    return [
+        f"{k} changed ({excerpt(old.get(k), 80)} -> {excerpt(v, 80)})"
+        for k, v in new.items()
+        if old.get(k) != v
+    ]
 
 
-def check_run_folder(folder: RunDir, config: TrainConfig, resume: bool) -> None:
+def check_run_folder(folder: RunDir, config: TrainConfig, resume: bool) -> bool:
     """Before anything is built: a fresh run needs a folder without a run's files (it would
     append to another run's metrics.jsonl); --resume needs the same config, and last.pt or a run
-    killed before its first checkpoint (config.json, at most one epoch logged)."""
-    check_writable_folder(folder.root)
+    killed before its first checkpoint (config.json, at most one epoch logged). Returns whether
+    there is a last.pt to restore."""
     present = [p for p in (folder.last, folder.config, folder.metrics) if p.exists()]
     if not resume:
         if present:
@@ -583,20 +671,17 @@ def check_run_folder(folder: RunDir, config: TrainConfig, resume: bool) -> None:
                 present[0],
                 "already holds a run; pass --resume to continue it or choose another --out",
             )
-        return
-    if folder.config.is_file():
-        try:
-            saved = json.loads(folder.config.read_text())
-        except (OSError, ValueError) as error:
-            raise DataError(folder.config, f"unreadable run config ({error})") from None
+        return False
+    if folder.config.exists():
+        saved = read_config(folder.config)
         changed = config_changes(saved, config) if isinstance(saved, dict) else ["not a config"]
         if changed:
             raise DataError(
                 folder.config, f"cannot resume with a different config: {', '.join(changed)}"
             )
     if folder.last.exists():
-        return
-    if not folder.config.is_file():
+        return True
+    if not folder.config.exists():
         raise DataError(folder.last, "checkpoint not found: no run to resume here")
     epochs = [r.get("epoch", 0) for r in read_metrics(folder.metrics) if isinstance(r, dict)]
     if max(epochs, default=0) > 1:
@@ -604,17 +689,17 @@ def check_run_folder(folder: RunDir, config: TrainConfig, resume: bool) -> None:
             folder.metrics,
             f"logs {max(epochs)} epochs but last.pt is missing; restore it or choose another --out",
         )
+    return False
 
 
 def _restore(path: Path, config: TrainConfig, run: Run, info: DistInfo) -> tuple[int, float]:
     """Load last.pt into the run's objects; return (epochs done, best P_MTL so far).
 
-    Only rank 0 reads the file (``--out`` may be on rank 0's node alone) and sends it to the others.
-    Each rank continues its own loader state, so the number of processes cannot change.
+    Only rank 0 reads the file (``--out`` may be on rank 0's node alone) and sends it to the others
+    (or the reason it cannot be read). Each rank continues its own loader state, so the number of
+    processes cannot change.
     """
-    checkpoint = broadcast_object(
-        load_checkpoint(path, RESUME_ENTRIES) if info.is_main else None, info
-    )
+    checkpoint = main_decides(lambda: load_checkpoint(path, RESUME_ENTRIES), info)
     changed = config_changes(checkpoint["config"], config)
     if changed:
         raise DataError(path, f"cannot resume with a different config: {', '.join(changed)}")
@@ -641,7 +726,7 @@ def _log_epoch(folder: RunDir, writer, record: dict) -> None:
     append_metrics(folder.metrics, record)
     for key, value in record.items():
         if key != "epoch" and value is not None:  # an absent task has no point to plot
-            writer.add_scalar(key, value, record["epoch"])
+            writer.add_scalar(scalar_tag(key), value, record["epoch"])
     writer.flush()
     shown = " ".join(
         f"{k}={record[k]:.4f}"
@@ -649,3 +734,40 @@ def _log_epoch(folder: RunDir, writer, record: dict) -> None:
         if record.get(k) is not None
     )
     say(f"epoch {record['epoch']}: {shown} ({record['images_per_s']:.0f} img/s)")
+
+
+def scalar_tag(field: str) -> str:
+    """A metrics.jsonl field's TensorBoard tag: ``train/loss``, ``train/lr``, ``val/p_mtl``, ..."""
+    if field in TRAIN_FIELDS:
+        return f"train/{field.removeprefix('train_')}"
+    return f"val/{field}"
+
+
+def run_summary(config: TrainConfig) -> str:
+    """Where a run's files are, on one screen: the run folder, best.pt (its epoch and val P_MTL),
+    last.pt, metrics.jsonl, config.json and tb/, as the run folder holds them now."""
+    folder = RunDir(config.out)
+    records = [r for r in read_metrics(folder.metrics) if isinstance(r, dict)]
+    done = max((r.get("epoch", 0) for r in records), default=0)
+    scored = [r for r in records if isinstance(r.get("p_mtl"), (int, float))]
+    # best.pt is rewritten whenever an epoch equals the best P_MTL so far: the last such epoch.
+    best = max(scored, key=lambda r: (r["p_mtl"], r["epoch"])) if scored else None
+    left = "" if done >= config.epochs else "; --resume continues it"
+    lines = [f"run folder {folder.root} ({done} of {config.epochs} epochs done{left})"]
+    if best is not None and folder.best.exists():
+        lines.append(
+            f"  best.pt        epoch {best['epoch']}, the best val P_MTL {best['p_mtl']:.4f}"
+        )
+    elif best is None:
+        lines.append("  best.pt        not written: no trained task has a val label (no P_MTL)")
+    else:
+        lines.append(f"  best.pt        missing (epoch {best['epoch']} had the best val P_MTL)")
+    if folder.last.exists():
+        lines.append(f"  last.pt        epoch {done}, what --resume continues from")
+    lines += [
+        f"  metrics.jsonl  one JSON line per epoch ({len(records)} lines)",
+        "  config.json    the run's settings, resolved for this machine",
+        f"  tb/            TensorBoard (train/ and val/ scalars): tensorboard --logdir "
+        f"{folder.tensorboard}",
+    ]
+    return "\n".join(lines)

@@ -274,7 +274,10 @@ def test_cli_refuses_non_finite_numbers_before_training(packed, tmp_path, option
 
 # --- labels out of range and a diverging run ------------------------------------------------------
 
-SMALL = dict(loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off")
+# device="cpu": the CPU tier trains on the CPU even on a GPU node (its asserts are exact).
+SMALL = dict(
+    loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off", device="cpu"
+)
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 
 
@@ -356,7 +359,16 @@ def test_a_diverging_run_stops_with_one_line_and_saves_nothing(packed, tmp_path,
     from affectfast.cli import main
 
     out = tmp_path / "run"
-    options = ["--loader", "dali-cpu", "--batch-size", "32", "--image-size", "32"]
+    options = [
+        "--loader",
+        "dali-cpu",
+        "--batch-size",
+        "32",
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+    ]
     options += ["--num-threads", "1", "--amp", "off", "--epochs", "1", "--lr", "1e30"]
     result = CliRunner().invoke(main, ["train", str(packed), "--out", str(out), *options])
     assert result.exit_code == 2, result.output
@@ -463,7 +475,7 @@ def test_a_study_rerun_with_other_settings_is_refused_not_skipped(
     assert (tmp_path / "study" / "results.md").read_text() == results
 
 
-def test_a_task_without_labels_is_reported_absent_not_zero(synth_tree, tmp_path, one_thread):
+def test_a_task_without_val_labels_is_reported_absent_not_zero(synth_tree, tmp_path, one_thread):
     from affectfast.config import TrainConfig
     from affectfast.metrics import format_tables
     from affectfast.pack import PackConfig, pack
@@ -472,7 +484,9 @@ def test_a_task_without_labels_is_reported_absent_not_zero(synth_tree, tmp_path,
     from affectfast.train import train
 
     tree = Path(shutil.copytree(synth_tree, tmp_path / "tree"))
-    shutil.rmtree(next(tree.rglob("VA_Estimation_Challenge")))
+    for annotation in tree.rglob("VA_Estimation_Challenge/Validation_Set/*.txt"):
+        header, *frames = annotation.read_text().splitlines()
+        annotation.write_text("\n".join([header, *["-5,-5"] * len(frames)]) + "\n")  # all ignored
     pack(PackConfig(root=tree, out=tmp_path / "shards", workers=1, shard_size=64), progress=False)
     config = TrainConfig(shards=tmp_path / "shards", out=tmp_path / "run", epochs=1, **SMALL)
     (record,) = train(config)
@@ -591,12 +605,20 @@ def test_checkpoints_without_what_they_need_are_one_line_errors(packed, tmp_path
     (config.out / "last.pt").write_bytes((tmp_path / "no-optimizer.pt").read_bytes())
     options = ["--loader", "dali-cpu", "--batch-size", "32", "--image-size", "48"]
     options += ["--num-threads", "1", "--amp", "off", "--epochs", "2", "--lr", "0.001"]
+    options += ["--device", "cpu"]
     code, output = cli("train", config.shards, "--out", config.out, *options, "--resume")
     assert_one_line_exit_2(code, output, "last.pt", "no optimizer")
     for init in ("ckpt", "imagenet"):
         out = tmp_path / f"init-{init}"
         code, output = cli(
-            "train", config.shards, "--out", out, "--init", f"{init}:{tmp_path}/page.pt"
+            "train",
+            config.shards,
+            "--out",
+            out,
+            "--init",
+            f"{init}:{tmp_path}/page.pt",
+            "--device",
+            "cpu",
         )
         assert_one_line_exit_2(code, output, "page.pt", "saved with torch.save")
         assert not (out / "last.pt").exists()
@@ -660,7 +682,7 @@ def test_train_onto_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(
     try:
         out = disk / "run"
         options = ["--loader", "dali-cpu", "--batch-size", "32", "--image-size", "48"]
-        options += ["--num-threads", "1", "--amp", "off", "--epochs", "1"]
+        options += ["--num-threads", "1", "--amp", "off", "--epochs", "1", "--device", "cpu"]
         code, output = cli("train", packed, "--out", out, *options)
         assert_one_line_exit_2(code, output, str(out / "last.pt"), "No space left on device")
         assert not list(out.glob("*.pt*"))
@@ -675,7 +697,9 @@ def test_outputs_below_a_file_inside_the_input_or_in_a_missing_folder_fail_up_fr
     afile.write_text("a user's file\n")
     code, output = cli("pack", synth_tree, "--out", afile / "shards", "--workers", "1")
     assert_one_line_exit_2(code, output, str(afile / "shards"), "is a file")
-    code, output = cli("train", packed, "--out", afile / "run", "--loader", "dali-cpu")
+    code, output = cli(
+        "train", packed, "--out", afile / "run", "--loader", "dali-cpu", "--device", "cpu"
+    )
     assert_one_line_exit_2(code, output, str(afile / "run"), "is a file")
     assert afile.read_text() == "a user's file\n"
     tree = Path(shutil.copytree(synth_tree, tmp_path / "tree"))
@@ -748,7 +772,7 @@ def test_unreadable_inputs_and_unwritable_outputs_are_one_line_errors(synth_tree
     readonly.chmod(0o555)
     writable.mkdir()
     writable.chmod(0o777)
-    train = ["--loader", "dali-cpu", "--num-threads", "1", "--epochs", "1"]
+    train = ["--loader", "dali-cpu", "--num-threads", "1", "--epochs", "1", "--device", "cpu"]
     annotation = next(tree.rglob("AU_Detection_Challenge/Train_Set/*.txt"))
     video = next((tree / "cropped_aligned").iterdir())
     tar = shards / "train-000001.tar"
