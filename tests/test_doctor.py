@@ -69,6 +69,8 @@ def test_doctor_cpu_quick_end_to_end(tmp_path):
     for check in report["checks"]:  # one table row per check, its status in the status column
         assert f"| {check['number']} | {check['title']} | {check['status']} |" in markdown
     assert "not run" in result.output and str(out / "report.md") in result.output
+    # Everything doctor wrote is listed in its record: a rerun into the same --out is allowed.
+    doctor.report.check_report_folder(out)
 
 
 def test_environment_warns_when_the_container_hides_the_video_capability(monkeypatch):
@@ -233,3 +235,56 @@ def test_doctor_quick_on_a_gpu_runs_every_gpu_check(tmp_path):
         assert checks[key]["status"] == PASSED, (key, checks[key]["summary"])
     if one_gpu:
         assert (checks["ddp_gpus"]["status"], checks["ddp_gpus"]["summary"]) == (NOT_RUN, "one GPU")
+
+
+def _doctor_out(out, *args):
+    return CliRunner().invoke(
+        main, ["doctor", "--out", str(out), "--device", "cpu", "--quick", *args]
+    )
+
+
+def test_doctor_refuses_a_folder_of_the_users_files_before_any_work(tmp_path):
+    """A user's report.md is never overwritten: a non-empty --out without doctor's record is
+    refused in one line (exit 2), and nothing is written there."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes\n")
+    result = _doctor_out(out)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.splitlines()
+    assert str(out) in line and "not an earlier doctor report" in line and "report.md" in line
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    assert (out / "report.md").read_text() == "my own notes\n"
+
+
+def test_an_earlier_report_is_recognised_by_its_validated_record_not_by_file_names(tmp_path):
+    from affectfast.doctor.report import RECORD, check_report_folder, claim_report_folder
+    from affectfast.errors import DataError
+
+    check_report_folder(tmp_path / "new")  # missing: fine, and nothing is created
+    assert not (tmp_path / "new").exists()
+    earlier = tmp_path / "earlier"
+    claim_report_folder(earlier)
+    for name in ("report.md", "report.json", "nvidia-smi.txt"):
+        (earlier / name).write_text("from an earlier run\n")
+    (earlier / "work").mkdir()
+    check_report_folder(earlier)  # doctor's own: it may be replaced
+    (earlier / "mine.txt").write_text("the user's\n")
+    with pytest.raises(DataError, match="mine.txt.*doctor does not write"):
+        check_report_folder(earlier)
+
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / "report.md").write_text("the user's\n")
+    for record in ("{}", "not json", '{"tool": "affectfast doctor", "format": 1, "files": ["x"]}'):
+        (forged / RECORD).write_text(record)
+        with pytest.raises(DataError, match="not doctor's record|not a record doctor wrote"):
+            check_report_folder(forged)
+    (forged / RECORD).unlink()
+    (forged / RECORD).symlink_to(earlier / RECORD)  # a valid record, but through a link
+    with pytest.raises(DataError, match="symbolic link"):
+        check_report_folder(forged)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(DataError, match="not a folder"):
+        check_report_folder(afile)

@@ -19,7 +19,7 @@ from affectfast.doctor.environment import check_environment
 from affectfast.doctor.epochs import check_epochs
 from affectfast.doctor.parity import check_pixel_parity
 from affectfast.doctor.plan import SMALL_SYNTH, WORK, DoctorConfig, make_plan
-from affectfast.doctor.report import write_report
+from affectfast.doctor.report import check_report_folder, claim_report_folder, write_report
 from affectfast.doctor.streams import check_buffer_lifetime, check_sync_profile
 from affectfast.doctor.throughput import check_throughput
 from affectfast.errors import DataError
@@ -111,7 +111,8 @@ def run_doctor(config: DoctorConfig) -> list[Check]:
     out = config.out
     device = resolve_doctor_device(config.device, out)
     plan = make_plan(device, config.quick)
-    out.mkdir(parents=True, exist_ok=True)
+    check_report_folder(out)  # before any work: never over a folder of the user's files
+    claim_report_folder(out)
     synthesized = work_pack(out, plan.synth)  # checks 2-5 without SHARDS; always check 6
     small = work_pack(out, SMALL_SYNTH)  # check 7 (the same pack on the CPU)
     shards = config.shards or synthesized
