@@ -288,3 +288,50 @@ def test_an_earlier_report_is_recognised_by_its_validated_record_not_by_file_nam
     afile.write_text("x")
     with pytest.raises(DataError, match="not a folder"):
         check_report_folder(afile)
+
+
+class RecordedNvml:
+    """NVML's two lookups as a driver answers them, for a node whose devices are ``known``
+    (NVML name -> whether NVML calls it MIG): error 6 is NVML_ERROR_NOT_FOUND."""
+
+    def __init__(self, known: dict[str, bool]):
+        self.known, self.asked = known, []
+
+    def handle_by_uuid(self, uuid: str):
+        self.asked.append(uuid)
+        if uuid not in self.known:
+            raise OSError("nvmlDeviceGetHandleByUUID returned NVML error 6")
+        return uuid
+
+    def is_mig(self, handle) -> bool:
+        return self.known[handle]
+
+
+def test_nvml_finds_a_mig_slice_by_the_uuid_cuda_reports_and_the_nvjpg_share_is_not_run():
+    from affectfast.doctor.environment import find_device, nvml_uuids, open_device_nvml
+
+    # torch prints cudaDeviceProp.uuid bare; NVML names a GPU "GPU-<uuid>", a slice "MIG-<uuid>".
+    bare = "1a2b3c4d-0e0f-5a6b-8c9d-0123456789ab"
+    assert nvml_uuids(bare) == (f"GPU-{bare}", f"MIG-{bare}")
+    assert nvml_uuids(f"MIG-{bare}") == (f"MIG-{bare}",)
+    whole = find_device(RecordedNvml({f"GPU-{bare}": False}), bare)
+    assert (whole.uuid, whole.mig) == (f"GPU-{bare}", False)
+    nvml = RecordedNvml({f"MIG-{bare}": False})
+    mig = find_device(nvml, bare)
+    assert (mig.uuid, mig.mig) == (f"MIG-{bare}", True)
+    assert nvml.asked == [f"GPU-{bare}", f"MIG-{bare}"]
+    in_mig_mode = find_device(RecordedNvml({f"GPU-{bare}": True}), bare)  # NVML says MIG mode
+    assert in_mig_mode.mig
+    with pytest.raises(OSError, match=f"GPU-{bare} or MIG-{bare}.*error 6"):
+        find_device(RecordedNvml({}), bare)
+    # Whatever NVML or CUDA does here, the lookup never raises: it only costs the readings.
+    nvml_here, found, why = open_device_nvml(torch.device("cuda", 0))
+    if nvml_here is not None:
+        nvml_here.close()
+    if not torch.cuda.is_available():
+        assert (nvml_here, found) == (None, None) and why
+    # The verdict without readings on a MIG slice: not run, the reason given, the gain shown.
+    reason = f"MIG-{bare} is a MIG slice (or a GPU in MIG mode), where NVML reports no NVJPG"
+    verdict = doctor.hardware_decoder_verdict(rows({0.0: 1000, 1.0: 1500}, None), reason, "hw", "")
+    assert verdict.status == NOT_RUN and "MIG slice" in verdict.summary
+    assert "1.50x" in verdict.summary

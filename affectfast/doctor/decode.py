@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from affectfast.doctor.check import FAILED, NOT_RUN, PASSED, Check, no_cuda_reason, not_run
-from affectfast.doctor.environment import Nvml, open_nvml
+from affectfast.doctor.environment import Nvml, open_device_nvml
 from affectfast.doctor.plan import Plan, sync
 from affectfast.loaders import build_loader
 from affectfast.tasks import TASKS
@@ -94,8 +94,8 @@ def check_decode(shards: Path, plan: Plan) -> list[Check]:
         "NVML reads NVJPG utilisation > 0 while hw_decoder_load=1.0 decodes (direct evidence); "
         "a throughput gain at 1.0 over 0 alone only suggests it"
     )
-    nvml, why = open_nvml() if plan.cuda else (None, "")
-    handle = nvml.handle(plan.device) if nvml is not None else None
+    nvml, found, why = open_device_nvml(plan.device) if plan.cuda else (None, None, "")
+    handle = found.handle if nvml is not None else None
     loads = plan.hw_loads if plan.cuda else (None,)
     rows = []
     try:

@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,13 +41,25 @@ class Nvml:
         self._check("nvmlSystemGetCudaDriverVersion_v2", ctypes.byref(version))
         return f"{version.value // 1000}.{version.value % 1000 // 10}"
 
-    def handle(self, device: torch.device) -> ctypes.c_void_p:
-        """NVML's handle of a CUDA device, found by UUID (NVML and CUDA may number GPUs apart)."""
+    def handle_by_uuid(self, uuid: str) -> ctypes.c_void_p:
+        """NVML's handle of the GPU or MIG slice NVML names ``uuid`` ("GPU-..." or "MIG-...")."""
         handle = ctypes.c_void_p()
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
         self._check("nvmlDeviceGetHandleByUUID", uuid.encode(), ctypes.byref(handle))
         return handle
+
+    def is_mig(self, handle) -> bool:
+        """Whether ``handle`` is a MIG slice, or a whole GPU in MIG mode: NVML reports no engine
+        utilisation (NVJPG included) for either."""
+        flag, current, pending = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint()
+        is_mig_handle = getattr(self.lib, "nvmlDeviceIsMigDeviceHandle", None)
+        if is_mig_handle is not None and is_mig_handle(handle, ctypes.byref(flag)) == 0:
+            if flag.value:
+                return True
+        get_mode = getattr(self.lib, "nvmlDeviceGetMigMode", None)
+        if get_mode is None:
+            return False
+        code = get_mode(handle, ctypes.byref(current), ctypes.byref(pending))
+        return code == self.SUCCESS and current.value != 0  # 0: NVML_DEVICE_MIG_DISABLE
 
     def utilization(self, handle, engine: str) -> int | None:
         """Percent busy of ``engine`` ("Jpg": NVJPG; "Decoder": NVDEC, the video decoder) over
@@ -68,6 +81,66 @@ def open_nvml() -> tuple[Nvml | None, str]:
         return Nvml(), ""
     except (OSError, AttributeError) as error:
         return None, f"NVML unavailable ({error})"
+
+
+def nvml_uuids(cuda_uuid: str) -> tuple[str, ...]:
+    """NVML's names for the device CUDA calls ``cuda_uuid``, most likely first.
+
+    torch prints a device's UUID bare (8-4-4-4-12 hex digits); NVML prefixes it: ``GPU-`` for a
+    whole GPU, ``MIG-`` for a MIG slice (NVML's and CUDA_VISIBLE_DEVICES' form since driver R470).
+    A UUID that already carries a prefix is NVML's name as it stands.
+    """
+    if cuda_uuid.startswith(("GPU-", "MIG-")):
+        return (cuda_uuid,)
+    return (f"GPU-{cuda_uuid}", f"MIG-{cuda_uuid}")
+
+
+@dataclass(frozen=True)
+class NvmlDevice:
+    """The device doctor samples, as NVML knows it."""
+
+    handle: object
+    uuid: str  # NVML's name: GPU-... or MIG-...
+    mig: bool  # a MIG slice, or a GPU in MIG mode: NVML reports no NVJPG utilisation for it
+
+
+def find_device(nvml: Nvml, cuda_uuid: str) -> NvmlDevice:
+    """The NVML device CUDA calls ``cuda_uuid``, trying each of NVML's names for it; an OSError
+    naming them when NVML knows none."""
+    errors = []
+    for uuid in nvml_uuids(cuda_uuid):
+        try:
+            handle = nvml.handle_by_uuid(uuid)
+        except OSError as error:
+            errors.append(str(error))
+            continue
+        return NvmlDevice(handle, uuid, uuid.startswith("MIG-") or nvml.is_mig(handle))
+    raise OSError(
+        f"NVML knows no device {' or '.join(nvml_uuids(cuda_uuid))} ({'; '.join(errors)})"
+    )
+
+
+def open_device_nvml(device: torch.device) -> tuple[Nvml | None, NvmlDevice | None, str]:
+    """(NVML, the device, "") to sample ``device``'s NVJPG with; else (None, the device or None,
+    why not). Never raises: without the readings the hardware decoder check is "not run", and
+    the decode measurements it judges are kept."""
+    nvml, why = open_nvml()
+    if nvml is None:
+        return None, None, why
+    try:
+        found = find_device(nvml, str(torch.cuda.get_device_properties(device).uuid))
+    except Exception as error:  # noqa: BLE001 - any failure costs only the NVJPG readings
+        nvml.close()
+        return None, None, f"NVML has no handle for this GPU ({type(error).__name__}: {error})"
+    if found.mig:
+        nvml.close()
+        return (
+            None,
+            found,
+            f"{found.uuid} is a MIG slice (or a GPU in MIG mode), where NVML reports no NVJPG "
+            "utilisation",
+        )
+    return nvml, found, ""
 
 
 def video_capability(value: str | None) -> bool | None:
@@ -154,6 +227,7 @@ def check_environment(device: torch.device, out: Path | None = None) -> Check:
                 "capability": f"{props.major}.{props.minor}",
                 "memory_gib": round(props.total_memory / 2**30, 1),
                 "multiprocessors": props.multi_processor_count,
+                "uuid": str(props.uuid),  # as CUDA reports it (bare hex), for a MIG slice its own
             }
         )
     env["gpus"] = gpus
@@ -162,13 +236,20 @@ def check_environment(device: torch.device, out: Path | None = None) -> Check:
         if torch.cuda.is_available()
         else None
     )
-    nvml, why = open_nvml()
+    env["driver"] = env["driver_cuda"] = None
+    nvml, env["nvml"] = open_nvml()
     if nvml is not None:
-        env["driver"], env["driver_cuda"] = nvml.driver_version(), nvml.cuda_driver_version()
+        try:
+            env["driver"], env["driver_cuda"] = nvml.driver_version(), nvml.cuda_driver_version()
+        except OSError as error:
+            env["nvml"] = str(error)
         nvml.close()
-    else:
-        env["driver"] = env["driver_cuda"] = None
-        env["nvml"] = why
+    if device.type == "cuda":
+        nvml, found, why = open_device_nvml(device)
+        if nvml is not None:
+            nvml.close()
+        env["nvml_device"] = found.uuid if found is not None else why
+        env["mig"] = found.mig if found is not None else None
     env["nvidia_smi"], env["nvidia_smi_note"] = nvidia_smi(out)
 
     warnings = []
@@ -191,6 +272,12 @@ def check_environment(device: torch.device, out: Path | None = None) -> Check:
         )
         if env["dali_cuda_runtime"] == -1:
             warnings.append("DALI finds no CUDA runtime: its GPU operators cannot run.")
+    if env.get("mig"):
+        warnings.append(
+            f"{env['nvml_device']} is a MIG slice (or a GPU in MIG mode): NVML reports no NVJPG "
+            "utilisation there, so check 2b cannot run; whether the slice has a JPEG engine at "
+            "all depends on its MIG profile (media engines)."
+        )
     env["warnings"] = warnings
 
     if gpus:
