@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,8 @@ def test_doctor_cpu_quick_end_to_end(tmp_path):
     for key in GPU_ONLY:
         assert (checks[key]["status"], checks[key]["summary"]) == (NOT_RUN, reason), key
     assert checks["throughput_compiled"]["status"] == NOT_RUN
+    assert checks["decode"]["details"]["recommendation"] is None  # decoding is not the CPU's limit
+    assert "decode settings measured best" not in result.output
     assert "--quick" in checks["throughput_compiled"]["summary"]
     ran = set(checks) - set(GPU_ONLY) - {"throughput_compiled"}
     assert ran == {"environment", "decode", "throughput", "epochs", "ddp_gloo"}
@@ -124,6 +127,13 @@ def test_throughput_check_times_loader_model_and_fed_training(packed, tmp_path):
     assert eager.status == PASSED
     (row,) = eager.details["rows"]
     assert row["batch_size"] == 8 and row["amp"] == "off" and not row["compile"]
+    # What train runs here: its own DALI thread count and torch thread cap, not the plan's.
+    from affectfast.config import TrainConfig
+    from affectfast.dist import DistInfo
+    from affectfast.train import loader_threads
+
+    assert row["dali_threads"] == loader_threads(TrainConfig(packed, tmp_path), DistInfo())
+    assert 1 <= row["torch_threads"] <= len(__import__("os").sched_getaffinity(0))
     assert all(row[k] > 0 for k in ("loader", "memory", "fed"))
     assert row["overhead"] == pytest.approx(row["memory"] / row["fed"])
     assert (compiled.status, compiled.summary) == (NOT_RUN, "--quick skips torch.compile")
@@ -335,3 +345,34 @@ def test_nvml_finds_a_mig_slice_by_the_uuid_cuda_reports_and_the_nvjpg_share_is_
     verdict = doctor.hardware_decoder_verdict(rows({0.0: 1000, 1.0: 1500}, None), reason, "hw", "")
     assert verdict.status == NOT_RUN and "MIG slice" in verdict.summary
     assert "1.50x" in verdict.summary
+
+
+def test_the_decode_sweep_recommends_settings_as_a_train_command_line():
+    from affectfast.doctor.decode import recommend, train_command
+
+    sweep = [
+        {"hw_decoder_load": load, "threads": threads, "images_per_s": rate}
+        for load, threads, rate in [
+            (0.0, 4, 4000),
+            (0.65, 4, 6000),
+            (1.0, 4, 6100),
+            (0.0, 16, 7000),
+            (0.65, 8, 9800),  # within 5% of the fastest, with half its threads
+            (1.0, 8, 9900),
+            (1.0, 16, 10000),  # the fastest
+        ]
+    ]
+    choice = recommend(sweep, 0.65)
+    assert (choice["num_threads"], choice["hw_decoder_load"]) == (8, 0.65)  # nearest the default
+    assert choice["fastest_images_per_s"] == 10000
+    command = train_command("shards/affwild2", choice)
+    assert command == (
+        "affectfast train shards/affwild2 --out RUN_DIR --hw-decoder-load 0.65 --num-threads 8"
+    )
+    # 6,000 at the default is within 5% of 6,100 at 1.0: the default stays.
+    assert recommend(sweep[:3], 0.65)["hw_decoder_load"] == 0.65
+    assert recommend(sweep[:1] + sweep[2:3], 0.65)["hw_decoder_load"] == 1.0  # 6,100 vs 4,000
+    decode = Check("decode", "decode", PASSED, "best", details={"recommendation": choice})
+    choice["command"] = command
+    summary = doctor.format_summary([decode], Path("r"))
+    assert f"decode settings measured best here: {command}" in summary.splitlines()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from affectfast.config import TrainConfig
 from affectfast.doctor.check import FAILED, NOT_RUN, PASSED, Check, no_cuda_reason, not_run
 from affectfast.doctor.environment import Nvml, open_device_nvml
 from affectfast.doctor.plan import Plan, sync
@@ -18,6 +19,7 @@ from affectfast.loaders import build_loader
 from affectfast.tasks import TASKS
 
 WINDOW = 4  # batches per timing window of the decode measurement
+DECODE_TIE = 0.05  # decode settings within 5% of the fastest count as equally fast
 
 
 class UtilSampler:
@@ -86,8 +88,33 @@ def decode_rate(
     return statistics.median(rates), WINDOW * plan.decode_batch * plan.decode_windows
 
 
-def check_decode(shards: Path, plan: Plan) -> list[Check]:
-    """Decode-only images/s over DALI threads (and hw_decoder_load on the GPU); the NVJPG verdict."""
+def recommend(rows: list[dict], default_load: float) -> dict:
+    """The decode settings to train with, from the sweep's rows: the fastest; among rows within
+    DECODE_TIE of it, the fewest threads (CPUs left to the rest), then the hw_decoder_load
+    nearest the default."""
+    fastest = max(r["images_per_s"] for r in rows)
+    close = [r for r in rows if r["images_per_s"] >= (1 - DECODE_TIE) * fastest]
+    pick = min(close, key=lambda r: (r["threads"], abs(r["hw_decoder_load"] - default_load)))
+    return {
+        "hw_decoder_load": pick["hw_decoder_load"],
+        "num_threads": pick["threads"],
+        "images_per_s": pick["images_per_s"],
+        "fastest_images_per_s": fastest,
+    }
+
+
+def train_command(shards: str, choice: dict) -> str:
+    """The copy-paste ``affectfast train`` line with the recommended decode settings."""
+    return (
+        f"affectfast train {shards} --out RUN_DIR --hw-decoder-load "
+        f"{choice['hw_decoder_load']:g} --num-threads {choice['num_threads']}"
+    )
+
+
+def check_decode(shards: Path, plan: Plan, train_shards: str = "SHARDS") -> list[Check]:
+    """Decode-only images/s over DALI threads (and hw_decoder_load on the GPU); the NVJPG verdict;
+    on the GPU, the settings to train with as an ``affectfast train`` line (for ``train_shards``).
+    """
     criterion = "every configuration decoded; images/s is the median of timed windows"
     hw_title = "hardware JPEG decoder (hw_decoder_load sweep)"
     hw_criterion = (
@@ -135,14 +162,51 @@ def check_decode(shards: Path, plan: Plan) -> list[Check]:
             f"| {r['kind']} | {load} | {r['threads']} | {r['images_per_s']:,.0f} | "
             f"{_pct(r['nvjpg_max_pct'])} | {_pct(r['nvdec_max_pct'])} |"
         )
+    summary = f"best {best['images_per_s']:,.0f} images/s ({best['threads']} threads" + (
+        f", hw_decoder_load {best['hw_decoder_load']:g})" if plan.cuda else ")"
+    )
+    details: dict = {"rows": rows, "recommendation": None}
+    if not plan.cuda:
+        body += [
+            "",
+            "No decode settings are recommended on the CPU: there the model step, not decoding, "
+            "limits training (check 3).",
+        ]
+    else:
+        default_load = TrainConfig.hw_decoder_load  # the dataclass default: train's
+        choice = recommend(rows, default_load)
+        choice["command"] = train_command(train_shards, choice)
+        details["recommendation"] = choice
+        summary += (
+            f"; best to train with: --hw-decoder-load {choice['hw_decoder_load']:g} "
+            f"--num-threads {choice['num_threads']}"
+        )
+        body += [
+            "",
+            f"Train with the settings measured best here (the fastest, or among configurations "
+            f"within {DECODE_TIE:.0%} of it the one with the fewest threads):",
+            "",
+            f"    {choice['command']}",
+            "",
+            f"(train's defaults: hw_decoder_load {default_load:g}, DALI threads = "
+            "this process's CPUs; under torchrun with k processes on a node each gets 1/k of "
+            "them). They matter only where check 3 shows training waiting on the loader "
+            "(overhead above 1)"
+            + (
+                ""
+                if train_shards != "SHARDS"
+                else "; measured on doctor's synthesized frames: run `affectfast doctor SHARDS` "
+                "to measure on yours"
+            )
+            + ".",
+        ]
     decode = Check(
         "decode",
         f"decode-only throughput ({plan.kind})",
         PASSED,
-        f"best {best['images_per_s']:,.0f} images/s ({best['threads']} threads"
-        + (f", hw_decoder_load {best['hw_decoder_load']:g})" if plan.cuda else ")"),
+        summary,
         criterion,
-        {"rows": rows},
+        details,
         body,
     )
     if not plan.cuda:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from affectfast.constants import DEVICES
+from affectfast.dist import cpu_budget
 
 WORK = "work"
 SMALL_SYNTH = (12, 40, 64)  # the torchrun check's pack: videos, frames, px (~330 train frames)
@@ -37,11 +38,13 @@ class Plan:
     device: torch.device
     image_size: int  # px of the throughput, buffer and parity checks
     batch_sizes: tuple[int, ...]  # of the throughput check
-    threads: tuple[int, ...] = (2, 4, 8)  # DALI threads of the decode check
+    threads: tuple[int, ...] = (2, 4, 8)  # DALI threads of the decode check (see sweep_threads)
     hw_loads: tuple[float, ...] = (0.0, 0.65, 1.0)  # hw_decoder_load of the decode check (GPU)
     decode_batch: int = 64
     decode_windows: int = 5  # timed windows of WINDOW batches, after 2 windows of warm-up
-    loader_threads: int = 2  # DALI threads of the throughput, epochs and parity checks
+    # DALI threads of the buffer, parity and epochs checks; the throughput and sync checks (3, 4b)
+    # build their runs as train does, with train's own thread count (train.loader_threads).
+    loader_threads: int = 2
     steps: int = 10  # timed steps per repeat
     repeats: int = 3
     warmup: int = 3
@@ -61,13 +64,26 @@ class Plan:
         return "dali-gpu" if self.cuda else "dali-cpu"
 
 
+def sweep_threads(budget: int) -> tuple[int, ...]:
+    """DALI thread counts the decode check times: powers of two from 2 below ``budget``, and
+    ``budget`` itself (this process's CPUs: what ``train`` gives DALI on a GPU)."""
+    counts = {budget}
+    count = 2
+    while count < budget:
+        counts.add(count)
+        count *= 2
+    return tuple(sorted(counts))
+
+
 def make_plan(device: torch.device, quick: bool) -> Plan:
     """Sizes that keep a GPU run within about 10 minutes and a CPU run within a few."""
+    threads = sweep_threads(cpu_budget())
     if device.type == "cuda":
         return Plan(
             device,
             image_size=112,
             batch_sizes=(256, 512),
+            threads=threads,
             decode_batch=256,
             loader_threads=4,
             steps=5 if quick else 10,
@@ -79,6 +95,7 @@ def make_plan(device: torch.device, quick: bool) -> Plan:
         device,
         image_size=48,
         batch_sizes=(32, 64),
+        threads=threads,
         decode_batch=64,
         decode_windows=3 if quick else 5,
         steps=2 if quick else 5,

@@ -104,6 +104,7 @@ def write_report(checks: list[Check], meta: dict, out: Path) -> None:
         f"- shards: {source}; whole epochs run on synthesized packs: the epochs check on "
         f"`{meta['epochs_pack']}`, the torchrun checks on `{meta['ddp_pack']}`",
         f"- {counts[PASSED]} passed, {counts[FAILED]} failed, {counts[NOT_RUN]} not run",
+        *(f"- decode settings measured best here: `{c}`" for c in [train_command(checks)] if c),
         "",
         "passed: ran and met its criterion (a measurement: it completed); failed: ran and missed "
         "it, or raised; not run: could not run here (the reason is given). A check that needs "
@@ -130,7 +131,16 @@ def format_summary(checks: list[Check], out: Path) -> str:
     """What the CLI prints: one line per check, then where the report is."""
     width = max(len(c.title) for c in checks)
     lines = [f"{c.number:<3} {c.status:<8} {c.title:<{width}}  {c.summary}" for c in checks]
+    if command := train_command(checks):
+        lines.append(f"decode settings measured best here: {command}")
     return "\n".join([*lines, f"report: {out / 'report.md'} and {out / 'report.json'}"])
+
+
+def train_command(checks: list[Check]) -> str | None:
+    """The decode check's ``affectfast train`` line, where it made one (on the GPU)."""
+    decode = next((c for c in checks if c.key == "decode"), None)
+    choice = decode.details.get("recommendation") if decode is not None else None
+    return choice["command"] if choice else None
 
 
 def _md(text: str) -> str:

@@ -118,7 +118,8 @@ def run_doctor(config: DoctorConfig) -> list[Check]:
     shards = config.shards or synthesized
     work = out / WORK
     checks = guarded("1", "environment", check_environment, device, out)
-    checks += guarded("2", "decode-only throughput", check_decode, shards, plan)
+    train_shards = str(config.shards) if config.shards is not None else "SHARDS"
+    checks += guarded("2", "decode-only throughput", check_decode, shards, plan, train_shards)
     checks += guarded("3", "throughput", check_throughput, shards, plan, work, config.quick)
     checks += guarded("4a", "DALI buffer lifetime", check_buffer_lifetime, shards, plan)
     checks += guarded("4b", "synchronisation profile", check_sync_profile, shards, plan, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import statistics
@@ -17,6 +18,7 @@ from affectfast.config import TrainConfig
 from affectfast.dist import DistInfo
 from affectfast.doctor.check import PASSED, Check, not_run
 from affectfast.doctor.plan import Plan, sync
+from affectfast.loaders import screen_labels
 
 
 def endless(loader) -> Iterator[Batch]:
@@ -53,10 +55,35 @@ def run_config(shards: Path, plan: Plan, batch_size: int, out: Path, **changes) 
         image_size=plan.image_size,
         amp="auto" if plan.cuda else "off",
         device=plan.device.type,
-        num_threads=plan.loader_threads,
         **changes,
     )
     return resolve_device(config, cuda=plan.cuda)[0]
+
+
+def train_threads(config: TrainConfig, plan: Plan) -> int:
+    """The DALI threads ``train`` gives ``config``'s loader on this device (train.loader_threads)."""
+    from affectfast.train import loader_threads
+
+    return loader_threads(config, DistInfo(device=plan.device))
+
+
+def train_batch(run, batch: Batch) -> torch.Tensor:
+    """What train_one_epoch does with each batch: screen its labels (no host sync), then step."""
+    screen_labels(batch.labels, batch.masks)
+    return run.step(run.ddp, batch)
+
+
+@contextlib.contextmanager
+def train_torch_threads(plan: Plan):
+    """torch's intra-op threads as ``train`` sets them on this device, restored after."""
+    from affectfast.train import set_torch_threads
+
+    threads = torch.get_num_threads()
+    set_torch_threads(DistInfo(device=plan.device))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def build_checked_run(config: TrainConfig, plan: Plan):
@@ -75,6 +102,11 @@ def measure_training(shards: Path, plan: Plan, batch_size: int, torch_compile: b
         # The first steps compile forward and backward: keep them out of the timed runs.
         plan = dataclasses.replace(plan, warmup=max(plan.warmup, 3))
     config = run_config(shards, plan, batch_size, work / "run", torch_compile=torch_compile)
+    with train_torch_threads(plan):
+        return _measure_training(config, plan, batch_size)
+
+
+def _measure_training(config: TrainConfig, plan: Plan, batch_size: int) -> dict:
     run = build_checked_run(config, plan)
     run.ddp.train()
     stream = endless(run.train_loader)
@@ -94,15 +126,21 @@ def measure_training(shards: Path, plan: Plan, batch_size: int, torch_compile: b
 
     def fed(n):
         for batch in islice(stream, n):
-            run.step(run.ddp, batch)
+            train_batch(run, batch)
 
     def memory(n):
         for i in range(n):
-            run.step(run.ddp, in_memory[i % len(in_memory)])
+            train_batch(run, in_memory[i % len(in_memory)])
 
-    row = {"batch_size": batch_size, "compile": torch_compile, "amp": config.amp}
+    row = {
+        "batch_size": batch_size,
+        "compile": config.torch_compile,
+        "amp": config.amp,
+        "dali_threads": train_threads(config, plan),
+        "torch_threads": torch.get_num_threads(),
+    }
     measurements = (("memory", memory), ("fed", fed))
-    if not torch_compile:  # the loader is the same either way: time it once
+    if not config.torch_compile:  # the loader is the same either way: time it once
         measurements = (("loader", loader_only),) + measurements
     for name, function in measurements:
         rates = timed(function, plan, batch_size)
@@ -135,8 +173,10 @@ def check_throughput(shards: Path, plan: Plan, work: Path, quick: bool) -> list[
             if plan.cuda:
                 torch.cuda.empty_cache()
         body = [
-            f"{plan.kind}, amp {rows[0]['amp']}, {plan.image_size} px, {plan.loader_threads} DALI "
-            f"threads; median of {plan.repeats} timed runs of {plan.steps} steps after "
+            f"{plan.kind}, amp {rows[0]['amp']}, {plan.image_size} px, as `affectfast train` "
+            f"runs here: {rows[0]['dali_threads']} DALI threads (train's count on this device), "
+            f"{rows[0]['torch_threads']} torch threads, each batch's labels screened, then the "
+            f"step; median of {plan.repeats} timed runs of {plan.steps} steps after "
             f"{plan.warmup} warm-up steps (device synchronized around each timed run).",
             "",
             "| batch | loader alone | model alone (in memory) | training fed by the loader | "
