@@ -149,18 +149,52 @@ def test_epochs_check_counts_batches_threads_and_memory_per_epoch(packed):
     assert "cuda_allocated_mib" not in epochs[0]  # no CUDA: GPU memory is not made up
 
 
-def test_pixel_parity_compares_two_decoders_frame_by_frame(packed):
-    plan = tiny_plan(image_size=64)  # the frames' own size: no resize, only the decoders differ
+def test_pixel_parity_compares_decoders_resize_and_rotation_frame_by_frame(packed):
+    plan = tiny_plan(image_size=64)  # the frames' own size: the first pass does not resize
     same = doctor.check_pixel_parity(packed, plan, kinds=("dali-cpu", "dali-cpu"), batches=2)
-    assert same.status == PASSED and same.details["max_abs_diff"] == 0
-    assert same.details["frames"] == 32
-    # DALI's CPU decoder against PIL (webdataset), the same val frames matched by key and order
-    # (here they agree to float rounding: both are libjpeg-turbo).
+    assert same.status == PASSED, same.summary
+    passes = {r["name"]: r for r in same.details["passes"]}
+    assert list(passes) == ["decoders", "resize", "rotation"] and not same.details["skipped"]
+    assert [r["setup"] for r in passes.values()] == [
+        "decoders, 64 px",
+        "resize, 48 px",
+        "rotation, 64 px, +-10 deg nearest, flip off",
+    ]
+    # Two pipelines with the same seed draw the same angles: identical frames in every pass.
+    assert all(r["frames"] == 32 and r["max_abs_diff"] == 0 for r in passes.values())
+    # The passes run what they are named for: a resize to 48 px, a rotation that moves pixels.
+    decoders, resize, rotation = doctor.parity.parity_passes(64)
+    _, plain = doctor.parity.first_batches(packed, "dali-cpu", CPU, plan, 1, decoders)
+    _, small = doctor.parity.first_batches(packed, "dali-cpu", CPU, plan, 1, resize)
+    _, turned = doctor.parity.first_batches(packed, "dali-cpu", CPU, plan, 1, rotation)
+    assert small.shape[-2:] == (48, 48) and (turned - plain).abs().mean() > 0.05
+    # DALI's CPU decoder and resize against PIL and torchvision (webdataset), the same val frames
+    # matched by key and order; the rotation pass is skipped: torchvision draws its own angles.
     other = doctor.check_pixel_parity(packed, plan, kinds=("dali-cpu", "wds"), batches=2)
     assert other.status == PASSED, other.summary
-    assert other.details["mean_abs_diff"] < doctor.PARITY_MEAN_TOLERANCE
+    assert [r["name"] for r in other.details["passes"]] == ["decoders", "resize"]
+    assert "rotation" in other.details["skipped"][0]
+    for r in other.details["passes"]:
+        assert r["mean_abs_diff"] < doctor.PARITY_MEAN_TOLERANCE
+        assert r["worst_frame_mean"] < doctor.parity.PARITY_FRAME_TOLERANCE
     gpu = doctor.check_pixel_parity(packed, plan)
     assert (gpu.status, gpu.summary) == (NOT_RUN, doctor.no_cuda_reason(CPU))
+
+
+def test_pixel_parity_names_the_one_frame_that_differs_which_the_mean_hides():
+    from affectfast.doctor.parity import compare_frames, judge
+
+    keys = [f"v/{i:05d}" for i in range(1, 101)]
+    a = torch.zeros(100, 3, 8, 8)
+    b = a.clone()
+    b[37] += 1.0  # one frame out of place: a whole unit on every value
+    result = compare_frames(keys, a, keys, b)
+    assert result["mean_abs_diff"] == pytest.approx(0.01)  # under the mean tolerance
+    assert (result["worst_frame"], result["worst_frame_mean"]) == ("v/00038", 1.0)
+    assert "frame v/00038 differs" in judge(result, 0.02, 0.1)
+    assert judge(compare_frames(keys, a, keys, a), 0.02, 0.1) is None
+    swapped = compare_frames(keys, a, keys[::-1], a)
+    assert swapped["keys_differ"] and "different frames or order" in judge(swapped, 0.02, 0.1)
 
 
 def test_gpu_only_checks_do_not_run_without_cuda(packed, tmp_path):
