@@ -53,7 +53,7 @@ def lifetime_pass(shards: Path, plan: Plan, dtype: torch.dtype, batches: int, de
         num_threads=plan.loader_threads,
     )
     reference = []
-    for batch in islice(loader, batches):  # the device idle before each hand-over
+    for batch in islice(loader, batches):  # the device synchronized before each checksum
         torch.cuda.synchronize(plan.device)
         reference.append(checksum(batch.images).item())
     # The held pass (the abandoned epoch above makes the loader build its pipeline afresh). Each
@@ -202,7 +202,7 @@ def check_sync_profile(
 ) -> Check:
     """Steady-state training steps (fetch + ``per_batch``, what train does per batch) under torch's
     sync debug mode: the step must never make the host wait for the GPU. A torch.profiler trace of
-    the same steps is saved, with the whole process's synchronisation calls counted."""
+    as many further steps is saved, with the whole process's synchronisation calls counted."""
     from torch.profiler import ProfilerActivity, profile
 
     title = "host waits in a training step (torch sync debug mode, torch.profiler)"
@@ -218,8 +218,10 @@ def check_sync_profile(
     stream = endless(run.train_loader)
     run_batches(run, stream, plan.warmup + 2, per_batch)
     torch.cuda.synchronize(plan.device)
+    waited = first_host_wait(functools.partial(run_batches, run, stream, steps, per_batch))
+    # The trace: as many further steps, apart, so that nothing the profiler does counts above.
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        waited = first_host_wait(functools.partial(run_batches, run, stream, steps, per_batch))
+        run_batches(run, stream, steps, per_batch)
         torch.cuda.synchronize(plan.device)
     trace = out / "trace_train_steps.json"
     prof.export_chrome_trace(str(trace))
@@ -239,9 +241,10 @@ def check_sync_profile(
         "release runs on DALI's own thread (its cudaDeviceSynchronize does not hold up the "
         "training thread); a wait inside DALI's hand-over to the training thread is visible only "
         "in the trace.",
-        f"- trace: `{trace.name}` (chrome://tracing or Perfetto). The counts below are CUPTI's CUDA "
-        "runtime records for the whole process, every thread (the one doctor's synchronize "
-        "after the steps included); calls made through the driver API are not among them.",
+        f"- trace of {steps} further steps: `{trace.name}` (chrome://tracing or Perfetto). The "
+        "counts below are CUPTI's CUDA runtime records for the whole process, every thread (the "
+        "one synchronize doctor makes after the steps included); calls made through the driver "
+        "API are not among them.",
         "",
         "| CUDA runtime call | per step |",
         "|---|---|",
