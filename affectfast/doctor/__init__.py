@@ -15,23 +15,26 @@ The checks, one module per family (the ``gpu``-marked tests call the same functi
    usable CPUs, and whether the container exposes the driver's ``video`` capability (without it
    the hardware JPEG decoder is silently unavailable).
 2. ``decode`` / ``hw_decoder`` (``decode.py``): decode-only images/s of the DALI pipeline over DALI
-   threads, and on the GPU over ``hw_decoder_load``; NVML's NVJPG utilisation is the direct
-   evidence that the hardware decoder works, a gain at load 1.0 over 0 only suggests it.
+   threads, and on the GPU over ``hw_decoder_load``, with the best settings as an
+   ``affectfast train`` line; NVML's NVJPG utilisation is the direct evidence that the hardware
+   decoder works (not run on a MIG slice), a gain at load 1.0 over 0 only suggests it.
 3. ``throughput`` / ``throughput_compiled`` (``throughput.py``): the loader alone, the model alone
    on batches held in memory, and training fed by the loader (loader overhead = memory / fed),
-   with and without ``torch.compile``.
-4. ``buffer_lifetime`` / ``sync_profile`` (GPU, ``streams.py``): DALI's output buffers stay valid
-   while torch holds them, and how often a training step synchronizes (a torch.profiler trace is
-   saved).
-5. ``pixel_parity`` (GPU, ``parity.py``): the same val frames from ``dali-gpu`` and ``dali-cpu``.
+   with and without ``torch.compile``, with train's own thread counts.
+4. ``buffer_lifetime`` / ``sync_profile`` (GPU, ``streams.py``): DALI never writes an output
+   buffer torch still holds or has yet to read (float32 and the bfloat16 cast), and a training
+   step never makes the host wait for the GPU (torch's sync debug mode; a profiler trace is saved).
+5. ``pixel_parity`` (GPU, ``parity.py``): the same val frames from ``dali-gpu`` and ``dali-cpu``,
+   frame by frame: decoders, a resize, a rotation.
 6. ``epochs`` (``epochs.py``): time to the first batch, threads and memory after each of 5 epochs:
    growth is a leak.
 7. ``ddp_gloo`` / ``ddp_gpus`` (``ddp.py``): torchrun with 2 processes (gloo on the CPU; NCCL with
-   2 GPUs): equal batch counts, no hang at the epoch end, ``--resume``, and metrics equal to a
-   one-process evaluate.
+   2 GPUs): equal batch counts, no hang at the epoch end, ``--resume``, and the val outputs both
+   ranks gather equal to one process's.
 
 ``check.py`` holds a row's type and states, ``plan.py`` what doctor runs on and how big,
-``run.py`` the run (each check guarded), ``report.py`` report.md, report.json and the summary.
+``run.py`` the run (each check guarded), ``report.py`` report.md, report.json, the summary
+and the record that marks REPORT_DIR as doctor's.
 Checks 2-5 read the shards given (without SHARDS: a pack doctor synthesizes into
 ``REPORT_DIR/work``); 6 and 7 run whole epochs, so they always read synthesized packs (small ones).
 """

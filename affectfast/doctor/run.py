@@ -121,8 +121,8 @@ def run_doctor(config: DoctorConfig) -> list[Check]:
     train_shards = str(config.shards) if config.shards is not None else "SHARDS"
     checks += guarded("2", "decode-only throughput", check_decode, shards, plan, train_shards)
     checks += guarded("3", "throughput", check_throughput, shards, plan, work, config.quick)
-    checks += guarded("4a", "DALI buffer lifetime", check_buffer_lifetime, shards, plan)
-    checks += guarded("4b", "synchronisation profile", check_sync_profile, shards, plan, out)
+    checks += guarded("4a", "DALI output buffers", check_buffer_lifetime, shards, plan)
+    checks += guarded("4b", "host waits in a training step", check_sync_profile, shards, plan, out)
     checks += guarded("5", "pixel parity", check_pixel_parity, shards, plan)
     checks += guarded("6", "epochs of the train loader", check_epochs, synthesized, plan)
     checks += guarded("7a", "torchrun, gloo", check_ddp, small, plan, out, cuda=False)
