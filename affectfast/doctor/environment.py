@@ -270,8 +270,8 @@ def check_environment(device: torch.device, out: Path | None = None) -> Check:
             f"(libnvcuvid) {loads} here; the hardware decoder check (2b) says whether NVJPG "
             "works. To grant it: NVIDIA_DRIVER_CAPABILITIES=compute,utility,video (or all)."
         )
-        if env["dali_cuda_runtime"] == -1:
-            warnings.append("DALI finds no CUDA runtime: its GPU operators cannot run.")
+    if device.type == "cuda" and env["dali_cuda_runtime"] == -1:
+        warnings.append("DALI finds no CUDA runtime: its GPU operators cannot run.")
     if env.get("mig"):
         warnings.append(
             f"{env['nvml_device']} is a MIG slice (or a GPU in MIG mode): NVML reports no NVJPG "
