@@ -776,7 +776,8 @@ def bench_loaders_command(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="REPORT_DIR: report.md, report.json, the profiler trace, and work/ (synthesized packs).",
+    help="REPORT_DIR: report.md, report.json, the profiler trace, and work/ (synthesized packs); "
+    "a new or empty folder, or an earlier doctor report.",
 )
 @click.option(
     "--device",

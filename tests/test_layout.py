@@ -105,7 +105,8 @@ def test_no_import_cycle(graph):
 
 
 def test_no_reader_of_shards_imports_the_writer(graph):
-    importers = {m for m, imports in graph.items() if "pack" in imports}
+    # A subpackage's modules count as the subpackage (doctor.run is doctor).
+    importers = {m.split(".")[0] for m, imports in graph.items() if "pack" in imports}
     assert importers <= PACK_IMPORTERS, f"{sorted(importers - PACK_IMPORTERS)} import pack"
 
 
