@@ -590,10 +590,13 @@ def read_frame_counts(path: str | Path) -> dict[str, tuple[int, int]]:
     return counts
 
 
-def _too_many(count) -> str:
+def _too_many(count: int | str) -> str:
+    """Why a frame count (an int, or a CSV's digits) is refused."""
+    text = str(count)
+    shown = text if len(text) <= 20 else f"{text[:12]}... ({len(text)} digits)"
     return (
-        f"{excerpt(count, 40)} frames is more than any video has: frame names have "
-        f"{FRAME_DIGITS} digits, so at most {MAX_FRAMES:,}"
+        f"{shown} frames is more than any video has: frame names have {FRAME_DIGITS} digits, "
+        f"so at most {MAX_FRAMES:,}"
     )
 
 

@@ -5,7 +5,8 @@ redirected: the one place every command reads such files and takes its locks.
   (while it holds a lock, say), a device such as ``/dev/zero`` never ends. Files are opened with
   ``O_NONBLOCK`` (opening a FIFO never waits for a writer) and checked with ``fstat`` on the open
   descriptor, so the file checked is the file read.
-- Reads are bounded: a caller says how large the file may be (``limit``, bytes).
+- Reads are bounded: a caller says how large the file may be (``limit``, bytes), or hashes it
+  in chunks (:func:`sha256_file`: a checkpoint's fingerprint).
 - ``follow_links=False`` for names that come from a manifest or a stamp (they must be plain files
   in their folder, never a way out of it); a path the user typed may be a link to a regular file.
 - Locks are opened with ``O_NOFOLLOW`` and must be regular files: a planted symbolic link named
