@@ -134,6 +134,7 @@ class AuThresholds(NamedTuple):
 
     values: np.ndarray  # 12 floats in (0, 1)
     source: str
+    tuned: bool = True  # False: the 0.5 of every AU, nothing tuned
 
 
 def au_thresholds_for(
@@ -157,7 +158,9 @@ def au_thresholds_for(
             raise DataError(checkpoint_path, f"au_thresholds: expected {NUM_AU} numbers in (0, 1)")
         return AuThresholds(np.asarray(saved, dtype=np.float64), "tuned on val during training")
     return AuThresholds(
-        np.full(NUM_AU, HALF), f"{HALF} (none tuned: evaluate --tune-au-thresholds tunes them)"
+        np.full(NUM_AU, HALF),
+        f"{HALF} (none tuned: evaluate --tune-au-thresholds tunes them)",
+        tuned=False,
     )
 
 
@@ -181,7 +184,11 @@ def evaluate(config: EvalConfig) -> dict:
         )
     tuning = config.tune_smoothing or config.tune_au_thresholds
     fingerprint = Fingerprint.of(config.checkpoint) if tuning else None
-    counts = frame_counts_of(load_manifest(config.shards)) if config.tune_smoothing else {}
+    counts = (
+        frame_counts_of(load_manifest(config.shards), config.shards)
+        if config.tune_smoothing
+        else {}
+    )
     preds, run, is_main, checkpoint = _predict_split(config)
     metrics = score(preds, run.tasks, config.tune_au_thresholds)
     if "au_thresholds" in metrics:
@@ -191,12 +198,13 @@ def evaluate(config: EvalConfig) -> dict:
             save_au_thresholds(path, fingerprint, metrics["au_thresholds"], config.split, scores)
         metrics["au_thresholds_path"] = str(path)
     if config.tune_smoothing:
-        thresholds = (
-            np.asarray(metrics["au_thresholds"])
-            if "au_thresholds" in metrics
-            else au_thresholds_for(config.checkpoint, checkpoint, fingerprint).values
-        )
-        windows, scores = tune_smoothing(preds, run.tasks, counts, thresholds)
+        thresholds = None  # AU scored at 0.5, as predict writes it without tuned thresholds
+        if "au_thresholds" in metrics:
+            thresholds = np.asarray(metrics["au_thresholds"])
+        elif "au" in run.tasks:
+            found = au_thresholds_for(config.checkpoint, checkpoint, fingerprint)
+            thresholds = found.values if found.tuned else None
+        windows, scores = tune_smoothing(preds, run.tasks, counts, thresholds, source=config.shards)
         absent = tuple(t for t in run.tasks if t not in windows)
         path = tuned_path(config.checkpoint, SMOOTHING)
         if is_main:
@@ -217,6 +225,7 @@ def tune_smoothing(
     au_thresholds: np.ndarray | None = None,
     *,
     grid: tuple[int, ...] = WINDOW_GRID,
+    source: Path = Path("."),
 ) -> tuple[dict[str, int], dict[str, dict]]:
     """``smoothing.tune_windows`` on every video of ``preds`` completed to its frame count.
 
@@ -224,12 +233,13 @@ def tune_smoothing(
     else the last predicted frame); the frames without a prediction have no label in the shards,
     so they are masked out of the score, and predicted frames after N are left out as predict
     leaves them out. AU is scored at ``au_thresholds`` where given (those predict will write
-    at). A task without a valid label is absent from the result.
+    at). A task without a valid label is absent from the result. ``grid``: the windows tried;
+    ``source`` (the shards) is named in the error for a malformed key.
     """
     outputs: dict[str, list] = {t: [] for t in tasks}
     labels: dict[str, list] = {t: [] for t in tasks}
     masks: dict[str, list] = {t: [] for t in tasks}
-    for video, frames, rows in video_rows(preds.keys, Path(MANIFEST)):
+    for video, frames, rows in video_rows(preds.keys, source):
         total = frame_counts.get(video, int(frames[-1]))
         kept = frames <= total
         frames, rows = frames[kept], np.arange(rows.start, rows.stop)[kept]
@@ -387,7 +397,11 @@ def plan_submission(
     if config.smooth:
         smoothing_path = tuned_path(config.checkpoint, SMOOTHING)
         windows, untuned = _smoothing_windows(smoothing_path, fingerprint, trained)
-    thresholds = au_thresholds_for(config.checkpoint, checkpoint, fingerprint)
+    thresholds = (
+        au_thresholds_for(config.checkpoint, checkpoint, fingerprint)
+        if "au" in tasks
+        else AuThresholds(np.full(NUM_AU, HALF), "none: no AU files", tuned=False)
+    )
     skipped = [f"no {t} files: the test split has no {t} list" for t in trained if t not in tasks]
     skipped += [
         f"no {t} files: the checkpoint has no {t} head" for t in wanted or () if t not in trained
