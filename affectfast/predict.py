@@ -326,8 +326,9 @@ class Submission:
         ]
         if left_out:
             lines.append(
-                f"{len(left_out)} videos have images after frame N: those frames are left out "
-                f"({sum(c.left_out for c in left_out.values())} images; N is authoritative)"
+                f"{len(left_out)} videos have images past their frame count N: those frames "
+                f"are left out ({sum(c.left_out for c in left_out.values())} images; the count "
+                "is authoritative)"
             )
         lines.append(
             f"{'video':<{width}}  {'N':>7}  {'N from':<16}{'last image':>10}{'left out':>10}"

@@ -130,9 +130,10 @@ def read_record(folder: Path) -> dict[str, str]:
     a record that is not one predict wrote (a link, not JSON, another layout, paths that could
     point elsewhere)."""
     path = folder / RECORD
+    data = read_bytes(path, limit=RECORD_LIMIT, follow_links=False, what="prediction record")
     try:
-        document = json.loads(read_bytes(path, limit=RECORD_LIMIT, follow_links=False))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        document = json.loads(data)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested beyond the parser
         document = None
     if not isinstance(document, dict) or document.get("written_by") != WRITTEN_BY:
         raise DataError(path, "not a prediction record (JSON written by affectfast predict)")

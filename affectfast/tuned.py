@@ -85,6 +85,8 @@ def read_tuned(path: str | Path, kind: str, fingerprint: Fingerprint) -> dict:
         document = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(path, f"not JSON ({error.msg})", error.lineno) from None
+    except RecursionError:
+        raise DataError(path, "not JSON this reader takes: nested too deeply") from None
     again = f"run `affectfast evaluate CKPT SHARDS {TUNE_FLAG[kind]}` again"
     if not isinstance(document, dict) or document.get("kind", kind) != kind:
         raise DataError(path, f"not a {kind} file written by affectfast evaluate; {again}")

@@ -90,6 +90,7 @@ def test_a_forged_or_linked_record_never_makes_a_folder_predicts(
     (mine / "thesis.tex").write_text("years of work")
     forged = (
         "{}",
+        "[" * 100_000 + "]" * 100_000,  # nested deeper than the JSON parser goes
         json.dumps({"written_by": "affectfast predict", "version": 2, "files": {"../x": "0"}}),
     )
     for text in forged:
@@ -274,7 +275,7 @@ def test_a_count_shorter_than_the_images_writes_exactly_that_many_lines(
     lists = load_manifest(packed_holdout)["splits"]["test"]["lists"]
     check_submission(out, {t: {v: short[v] for v in lists[t]} for t in TASKS})
     summary = submission.summary()
-    assert "have images after frame N: those frames are left out" in summary
+    assert "have images past their frame count N: those frames are left out" in summary
     for video, count in submission.frames.items():
         assert (count.frames, count.last_image) == (short[video], last[video])
         assert 1 <= count.left_out <= 2

@@ -265,6 +265,7 @@ def _document(**changes) -> str:
     "text, match",
     [
         ("{not json", r":1: not JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
         (_document(version=1), "format version 1, not 2"),
         (_document(kind="au_thresholds"), "not a smoothing file"),
         (_document(windows={"valence": 3}), "'windows'"),
