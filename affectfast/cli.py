@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import importlib
 import os
 import sys
@@ -19,6 +20,7 @@ from affectfast.constants import (
     DEVICES,
     INTERPOLATIONS,
     JPEG_CHECKS,
+    LABELLED_SPLITS,
     LOADER_KINDS,
     SHARD_LOADER_KINDS,
     SPLITS,
@@ -135,6 +137,9 @@ class SafeGroup(click.Group):
 
 
 @click.group(cls=SafeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    package_name="affectfast", prog_name="affectfast", message="%(prog)s %(version)s"
+)
 def main():
     """affectfast: train facial-affect models on the whole of Aff-Wild2, fast.
 
@@ -564,14 +569,19 @@ def train_command(shards, out, resume, stop_after, **options):
         click.echo(run_summary(config))
 
 
-def _eval_options(command):
+def _eval_options(splits: tuple[str, ...]):
+    """The arguments and options evaluate and predict share; ``splits``: those --split offers."""
+    return functools.partial(_add_eval_options, splits=splits)
+
+
+def _add_eval_options(command, splits: tuple[str, ...]):
     for option in reversed(
         [
             click.argument(
                 "checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path)
             ),
             click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-            config_option("--split", config=EVAL, type=click.Choice(SPLITS)),
+            config_option("--split", config=EVAL, type=click.Choice(splits)),
             config_option(
                 "--loader",
                 config=EVAL,
@@ -599,20 +609,21 @@ def _eval_config(**options):
 
 
 @main.command("evaluate")
-@_eval_options
+@_eval_options(LABELLED_SPLITS)
 @click.option(
     "--tune-au-thresholds",
     is_flag=True,
     default=None,
-    help="Also report AU F1 at per-AU thresholds tuned on SPLIT.",
+    help="Also tune a threshold per AU on SPLIT, report AU F1 at them and save them beside "
+    "CHECKPOINT (best.pt -> best.au_thresholds.json): predict writes AU at them.",
 )
 @click.option(
     "--tune-smoothing",
     is_flag=True,
     default=None,
     help="Also choose a temporal smoothing window per task on SPLIT (every frame completed, "
-    "then a moving average per video), print the raw and smoothed scores and save "
-    "smoothing.json beside CHECKPOINT (what predict --smooth applies).",
+    "then a moving average per video), print the raw and smoothed scores and save them beside "
+    "CHECKPOINT (best.pt -> best.smoothing.json: what predict --smooth applies).",
 )
 @click.option(
     "--json",
@@ -637,18 +648,23 @@ def evaluate_command(as_json, **options):
         click.echo(json.dumps(metrics))
         return
     click.echo(format_tables(metrics))
+    if "au_thresholds_path" in metrics:
+        click.echo(f"\nsaved {metrics['au_thresholds_path']} (predict writes AU at them)")
+    elif options.get("tune_au_thresholds"):
+        click.echo("\nno AU thresholds tuned or saved: this split has no valid AU label")
     if "smoothing" in metrics:
         click.echo("\n" + format_smoothing(metrics["smoothing"]))
 
 
 @main.command("predict")
-@_eval_options
+@_eval_options(SPLITS)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Folder for <Challenge>/<video>.txt prediction files: missing, empty or an earlier "
-    "prediction folder, which is replaced whole once the new files are written and checked.",
+    help="Folder for <Challenge>/<video>.txt prediction files (its parents are created): "
+    "missing, empty or an earlier prediction folder holding only what predict wrote, which is "
+    "replaced once the new files are written and checked. A link to a folder: its target.",
 )
 @click.option(
     "--frame-counts",
@@ -662,16 +678,19 @@ def evaluate_command(as_json, **options):
     "--smooth",
     is_flag=True,
     default=None,
-    help="Smooth along time with the windows of smoothing.json beside CHECKPOINT "
-    "(evaluate --tune-smoothing writes it).",
+    help="Smooth along time with the windows tuned for CHECKPOINT (best.pt -> "
+    "best.smoothing.json beside it; evaluate --tune-smoothing writes it).",
 )
 def predict_command(out, **options):
     """Write CHECKPOINT's predictions on SHARDS as a complete ABAW submission.
 
     One file per video and task (on the test split: per video its task's test list names), with
     the task's header and a line for every frame 1..N of the video, faces or not: frames without
-    an image are interpolated from their neighbours, then smoothed with --smooth. Every file is
-    checked against the challenge format before --out is replaced.
+    an image are interpolated from their neighbours, then smoothed with --smooth. A video's
+    frame count N is authoritative: images after frame N are left out, and the summary counts
+    them. AU is written at the thresholds evaluate --tune-au-thresholds saved for CHECKPOINT
+    (else the checkpoint's, else 0.5; the summary names which). Every file is checked against
+    the challenge format before --out is replaced.
     """
     from affectfast.predict import predict
 
@@ -717,12 +736,12 @@ def bench_group():
     "--no-augment", is_flag=True, help="Time with augmentation off (resize and normalize only)."
 )
 @config_option(
-    "--threads",
-    "num_threads",
+    "--num-threads",
     config=BENCH,
     type=click.IntRange(min=1),
     help="DALI threads / DataLoader workers.",
 )
+@click.option("--threads", "threads_alias", type=click.IntRange(min=1), hidden=True)
 @click.option(
     "--csv",
     "csv_path",
@@ -733,12 +752,14 @@ def bench_group():
     "--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG bar chart."
 )
 def bench_loaders_command(
-    shards, tree, loaders, interpolation, no_augment, csv_path, plot, **options
+    shards, tree, loaders, interpolation, no_augment, csv_path, plot, threads_alias, **options
 ):
     """Images/s of each loader on SHARDS' train split, with the decode-only ceiling of the same run."""
     from affectfast.bench import BenchConfig, bench_loaders, format_table, write_csv, write_plot
     from affectfast.config import AugmentSpec
 
+    if options["num_threads"] is None:  # --threads: the earlier name of --num-threads
+        options["num_threads"] = threads_alias
     options = given(options)
     if loaders is not None:
         options["loaders"] = tuple(k.strip() for k in loaders.split(",") if k.strip())
@@ -825,12 +846,14 @@ def doctor_command(shards, out, device, quick):
 def study_command(shards, out, inits, **options):
     """Run the uni- vs multi-task study on SHARDS and print the comparison table.
 
-    Restartable: finished runs are skipped and an interrupted one resumes from its last.pt.
+    Every input (the pack, each initialization's weights, run folders already there) is checked
+    before the first run trains. Restartable: finished runs are skipped and an interrupted one
+    resumes from its last.pt. Ends with where every file went.
 
     \b
     On a GPU node:  affectfast study shards/affwild2 --out runs/study --inits scratch,imagenet,uni-expr
     """
-    from affectfast.study import StudyConfig, format_table, run_study
+    from affectfast.study import TABLE_NOTES, StudyConfig, format_summary, format_table, run_study
 
     base = _train_config(shards=shards, out=out, **options)
     try:
@@ -839,4 +862,5 @@ def study_command(shards, out, inits, **options):
         )
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
-    click.echo(format_table(run_study(config)))
+    rows = run_study(config)
+    click.echo(f"{format_table(rows)}\n\n{TABLE_NOTES}\n\n{format_summary(config)}")

@@ -2,10 +2,11 @@
 
 ``evaluate(EvalConfig)`` scores a checkpoint on a labelled split with the same validation pass
 training runs (``train.predict_split`` + ``train.score``); with ``tune_smoothing`` it also chooses a
-smoothing window per task on that split and saves it beside the checkpoint (``smoothing.json``).
-``predict(EvalConfig, out)`` writes one file per video and task in the challenge layout, with a line
-for *every* frame of the video, faces or not (docs/design.md §6). The checkpoint carries the run's
-config (tasks, image size, precision), so nothing else is needed.
+smoothing window per task on that split, with ``tune_au_thresholds`` a threshold per AU, and saves
+each beside the checkpoint, bound to its bytes (``best.smoothing.json``, ``best.au_thresholds.json``:
+:mod:`affectfast.tuned`). ``predict(EvalConfig, out)`` writes one file per video and task in the
+challenge layout, with a line for *every* frame of the video, faces or not (docs/design.md §6). The
+checkpoint carries the run's config (tasks, image size, precision), so nothing else is needed.
 
 Per video and task, always in this order (``docs/smoothing.md``):
 
@@ -14,28 +15,26 @@ Per video and task, always in this order (``docs/smoothing.md``):
 2. complete: every frame 1..N gets a row (``smoothing.complete_video``: linear for VA, the nearest
    frame for EXPR and AU), N the video's frame count;
 3. smooth (``--smooth``: the windows tuned on val), then score (evaluate) or write (predict):
-   VA clipped to [-1, 1], EXPR the most probable class, AU 1 above the checkpoint's per-AU
-   thresholds (0.5 without).
+   VA clipped to [-1, 1], EXPR the most probable class, AU 1 above the per-AU thresholds
+   (tuned by evaluate, else the checkpoint's, else 0.5; the summary names which).
 
 N comes from a ``--frame-counts`` CSV where it names the video, else the manifest (the video's
-annotation lines), else the last frame with an image; the summary says which for each video.
+annotation lines), else the last frame with an image; the summary says which for each video. A
+given N is authoritative: images after frame N are left out of the files and counted per video.
 
-``predict`` writes everything into a temporary folder beside ``out``, checks every file with
-:func:`check_submission`, and only then swaps it in place of ``out``: a failed run leaves ``out`` as
-it was, and a finished one never leaves files of an earlier run behind. ``out`` must be missing,
-empty or an earlier prediction folder (it holds :data:`MARKER`): a folder of other files is
-refused, never replaced.
+predict checks everything it can before the model runs (:func:`plan_submission`), then writes
+through :mod:`affectfast.prediction_folder`: every file is written into a hidden staging folder,
+checked with :func:`check_submission`, and only then swapped in place of ``out``, which must be
+missing, empty or a prediction folder holding only what its record lists. The temporal stage's
+per-frame outputs take the same path: a plan, then :func:`write_submission`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,11 +45,13 @@ from affectfast.dist import setup_distributed, teardown_distributed
 from affectfast.errors import DataError
 from affectfast.metrics import Predictions
 from affectfast.model import AffectNet
+from affectfast.prediction_folder import PredictionFolder, check_out, write_folder
 from affectfast.rundir import load_checkpoint
+from affectfast.safe_files import excerpt, read_text
 from affectfast.shards import MANIFEST, load_manifest, split_shards
 from affectfast.smoothing import (
     INTERPOLATION,
-    SMOOTHING_FILE,
+    MAX_FRAMES,
     WINDOW_GRID,
     complete_and_smooth,
     complete_video,
@@ -74,14 +75,23 @@ from affectfast.train import (
     resolve_device,
     score,
 )
+from affectfast.tuned import (
+    AU_THRESHOLDS,
+    SMOOTHING,
+    Fingerprint,
+    load_au_thresholds,
+    save_au_thresholds,
+    tuned_path,
+)
 
-# In a prediction folder: what wrote it (checkpoint, shards, split, smoothing, frame counts). It
-# marks the folder as one predict may replace; hidden, so a submission archive of the challenge
-# folders leaves it out.
-MARKER = ".affectfast-predict.json"
 FRAME_COUNTS_HEADER = ("video", "frames")
+FRAME_COUNTS_LIMIT = 16 << 20  # bytes: a line per video, ~30 bytes each
+INDEX_LINE_LIMIT = 512  # bytes per sample line of a DALI index (five components and a key)
 # Where a video's frame count came from, as the summary names it.
 FROM_CSV, FROM_ANNOTATIONS, FROM_LAST_IMAGE = "--frame-counts", "annotations", "last image"
+HALF = 0.5  # the AU threshold without tuned ones
+# bytes: a header and a line per frame (an AU line is 24 bytes, a VA line at most 20)
+PREDICTION_LIMIT = 256 + 32 * MAX_FRAMES
 
 
 def _load_for_eval(config: EvalConfig, checkpoint: dict | None = None):
@@ -116,6 +126,44 @@ def _predict_split(
         teardown_distributed()
 
 
+# --- AU thresholds --------------------------------------------------------------------------------
+
+
+class AuThresholds(NamedTuple):
+    """The per-AU thresholds an AU file is written at, and where they came from (in words)."""
+
+    values: np.ndarray  # 12 floats in (0, 1)
+    source: str
+    tuned: bool = True  # False: the 0.5 of every AU, nothing tuned
+
+
+def au_thresholds_for(
+    checkpoint_path: Path, checkpoint: dict, fingerprint: Fingerprint
+) -> AuThresholds:
+    """The thresholds predict writes AU at: tuned by ``evaluate --tune-au-thresholds`` for this
+    checkpoint (its ``.au_thresholds.json``), else tuned on val during training (in the
+    checkpoint), else 0.5. A file tuned for other bytes of this checkpoint is a DataError."""
+    path = tuned_path(checkpoint_path, AU_THRESHOLDS)
+    if path.exists() or path.is_symlink():
+        values, split = load_au_thresholds(path, fingerprint)
+        return AuThresholds(values, f"tuned on {split} by evaluate ({path})")
+    saved = checkpoint.get("au_thresholds")
+    if saved is not None:
+        fine = (
+            isinstance(saved, (list, tuple))
+            and len(saved) == NUM_AU
+            and all(isinstance(v, float) and 0 < v < 1 for v in saved)
+        )
+        if not fine:
+            raise DataError(checkpoint_path, f"au_thresholds: expected {NUM_AU} numbers in (0, 1)")
+        return AuThresholds(np.asarray(saved, dtype=np.float64), "tuned on val during training")
+    return AuThresholds(
+        np.full(NUM_AU, HALF),
+        f"{HALF} (none tuned: evaluate --tune-au-thresholds tunes them)",
+        tuned=False,
+    )
+
+
 # --- evaluate ------------------------------------------------------------------------------------
 
 
@@ -123,9 +171,11 @@ def evaluate(config: EvalConfig) -> dict | None:
     """The checkpoint's metrics on ``config.split`` of ``config.shards`` (all ranks gathered) on
     the main rank; None on the other ranks of a torchrun launch.
 
-    With ``tune_smoothing`` also ``metrics["smoothing"]`` = ``{"windows", "scores", "path"}``: each
-    task's window chosen on the split (raw and smoothed scores in ``scores``), saved beside the
-    checkpoint as ``smoothing.json``.
+    With ``tune_au_thresholds`` the tuned thresholds are saved beside the checkpoint
+    (``metrics["au_thresholds_path"]``; nothing when the split has no AU label). With
+    ``tune_smoothing`` also ``metrics["smoothing"]`` = ``{"windows", "scores", "absent",
+    "path"}``: each task's window chosen on the split (raw and smoothed scores in ``scores``;
+    ``absent`` the tasks the split has no label for), saved beside the checkpoint.
     """
     if config.split == "test":
         raise DataError(
@@ -133,18 +183,39 @@ def evaluate(config: EvalConfig) -> dict | None:
             "the test split has no labels, so nothing to score: evaluate train or val, and "
             "write test predictions with `affectfast predict --split test`",
         )
-    manifest = load_manifest(config.shards) if config.tune_smoothing else {}
+    tuning = config.tune_smoothing or config.tune_au_thresholds
+    fingerprint = Fingerprint.of(config.checkpoint) if tuning else None
+    counts = (
+        frame_counts_of(load_manifest(config.shards), config.shards)
+        if config.tune_smoothing
+        else {}
+    )
     preds, run, is_main, checkpoint = _predict_split(config)
     if not is_main:  # the main rank holds every rank's predictions, and reports
         return None
     metrics = score(preds, run.tasks, config.tune_au_thresholds)
+    if "au_thresholds" in metrics:
+        path = tuned_path(config.checkpoint, AU_THRESHOLDS)
+        scores = {"f1_au": metrics["f1_au"], "f1_au_tuned": metrics["f1_au_tuned"]}
+        save_au_thresholds(path, fingerprint, metrics["au_thresholds"], config.split, scores)
+        metrics["au_thresholds_path"] = str(path)
     if config.tune_smoothing:
-        thresholds = checkpoint.get("au_thresholds")
-        counts = manifest.get("frame_counts", {})
+        thresholds = None  # AU scored at 0.5, as predict writes it without tuned thresholds
+        if "au_thresholds" in metrics:
+            thresholds = np.asarray(metrics["au_thresholds"])
+        elif "au" in run.tasks:
+            found = au_thresholds_for(config.checkpoint, checkpoint, fingerprint)
+            thresholds = found.values if found.tuned else None
         windows, scores = tune_smoothing(preds, run.tasks, counts, thresholds, source=config.shards)
-        path = config.checkpoint.parent / SMOOTHING_FILE
-        save_windows(path, windows, scores)
-        metrics["smoothing"] = {"windows": windows, "scores": scores, "path": str(path)}
+        absent = tuple(t for t in run.tasks if t not in windows)
+        path = tuned_path(config.checkpoint, SMOOTHING)
+        save_windows(path, fingerprint, windows, scores, absent)
+        metrics["smoothing"] = {
+            "windows": windows,
+            "scores": scores,
+            "absent": list(absent),
+            "path": str(path),
+        }
     return metrics
 
 
@@ -152,24 +223,29 @@ def tune_smoothing(
     preds: Predictions,
     tasks: tuple[str, ...],
     frame_counts: dict[str, int],
-    au_thresholds: list[float] | None = None,
+    au_thresholds: np.ndarray | None = None,
     *,
     grid: tuple[int, ...] = WINDOW_GRID,
     source: Path = Path("."),
 ) -> tuple[dict[str, int], dict[str, dict]]:
     """``smoothing.tune_windows`` on every video of ``preds`` completed to its frame count.
 
-    Outputs are completed over frames 1..N (``frame_counts``, else the last predicted frame); the
-    frames without a prediction have no label in the shards, so they are masked out of the score.
-    AU is scored at ``au_thresholds`` where given (the checkpoint's), as predict will write it.
-    ``grid``: the windows tried; ``source`` (the shards) is named in the error for a malformed
-    key.
+    Outputs are completed over frames 1..N (``frame_counts``, checked by :func:`frame_counts_of`,
+    else the last predicted frame); the frames without a prediction have no label in the shards,
+    so they are masked out of the score, and predicted frames after N are left out as predict
+    leaves them out. AU is scored at ``au_thresholds`` where given (those predict will write
+    at). A task without a valid label is absent from the result. ``grid``: the windows tried;
+    ``source`` (the shards) is named in the error for a malformed key.
     """
     outputs: dict[str, list] = {t: [] for t in tasks}
     labels: dict[str, list] = {t: [] for t in tasks}
     masks: dict[str, list] = {t: [] for t in tasks}
     for video, frames, rows in video_rows(preds.keys, source):
-        total = max(frame_counts.get(video, 0), int(frames[-1]))
+        total = frame_counts.get(video, int(frames[-1]))
+        kept = frames <= total
+        frames, rows = frames[kept], np.arange(rows.start, rows.stop)[kept]
+        if not len(frames):  # every image after frame N: nothing of it is scored
+            continue
         for task in tasks:
             values = task_values(task, preds.outputs[task][rows])
             outputs[task].append(complete_video(frames, values, total, INTERPOLATION[task]))
@@ -194,11 +270,37 @@ def format_smoothing(smoothing: dict) -> str:
             f"{task:<6}{entry['metric']:<14}{entry['raw']:>8.4f}{entry['smoothed']:>10.4f}"
             f"{smoothing['windows'][task]:>8}"
         )
+    for task in smoothing.get("absent", ()):
+        lines.append(f"{task:<6}absent: no valid label in this split, not smoothed (window 1)")
     lines.append(f"saved {smoothing['path']}")
     return "\n".join(lines)
 
 
 # --- predict -------------------------------------------------------------------------------------
+
+
+class FrameCount(NamedTuple):
+    """A video's frame count N (the lines of each of its files) and how it was found."""
+
+    frames: int  # N
+    source: str  # FROM_CSV, FROM_ANNOTATIONS or FROM_LAST_IMAGE
+    last_image: int  # the last frame with an image
+    left_out: int = 0  # images after frame N: in the shards, not in the submission
+
+
+@dataclass
+class SubmissionPlan:
+    """What :func:`plan_submission` checked before inference: where, what and how to write."""
+
+    out: PredictionFolder
+    split: str
+    expected: dict[str, dict[str, int]]  # task -> video -> N: the files to write
+    frames: dict[str, FrameCount]
+    windows: dict[str, int] | None  # per task, None without smoothing
+    untuned: tuple[str, ...]  # tasks smoothed with window 1: the val split had no label for them
+    thresholds: AuThresholds
+    skipped: list[str]  # why a task gets no file, one line each
+    inputs: dict  # what the record says about the inputs (checkpoint, shards, files)
 
 
 @dataclass
@@ -208,26 +310,35 @@ class Submission:
     out: Path
     split: str
     files: list[Path] = field(default_factory=list)
-    frames: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # (N, source, last image)
+    frames: dict[str, FrameCount] = field(default_factory=dict)
     windows: dict[str, int] | None = None  # smoothing windows applied, None without --smooth
     skipped: list[str] = field(default_factory=list)  # why a task got no file, one line each
+    notes: list[str] = field(default_factory=list)  # smoothing and thresholds used, in words
 
     def summary(self) -> str:
-        """What was written, and for each video its frame count and where it came from."""
-        smoothing = (
-            "no smoothing"
-            if self.windows is None
-            else "smoothed: " + ", ".join(f"{t} {w}" for t, w in self.windows.items())
-        )
+        """What was written, how, and for each video its frame count and where it came from."""
         width = max([len("video"), *map(len, self.frames)])
+        left_out = {v: c for v, c in self.frames.items() if c.left_out}
         lines = [
-            f"wrote {len(self.files)} prediction files under {self.out} (split {self.split}, "
-            f"{smoothing}), every frame 1..N of each video, format checked",
+            f"wrote {len(self.files)} prediction files under {self.out} (split {self.split}), "
+            "every frame 1..N of each video, format checked",
+            *self.notes,
             *self.skipped,
-            f"{'video':<{width}}  {'N':>7}  {'N from':<16}{'last image':>10}",
         ]
-        for video, (total, source, last) in self.frames.items():
-            lines.append(f"{video:<{width}}  {total:>7}  {source:<16}{last:>10}")
+        if left_out:
+            lines.append(
+                f"{len(left_out)} videos have images past their frame count N: those frames "
+                f"are left out ({sum(c.left_out for c in left_out.values())} images; the count "
+                "is authoritative)"
+            )
+        lines.append(
+            f"{'video':<{width}}  {'N':>7}  {'N from':<16}{'last image':>10}{'left out':>10}"
+        )
+        for video, count in self.frames.items():
+            lines.append(
+                f"{video:<{width}}  {count.frames:>7}  {count.source:<16}{count.last_image:>10}"
+                f"{count.left_out:>10}"
+            )
         return "\n".join(lines)
 
 
@@ -236,16 +347,36 @@ def predict(config: EvalConfig, out: str | Path) -> Submission:
 
     Train and val: a file per trained task and video of the split. Test: a file per trained task
     and video that task's test list names (the manifest holds the lists). Every file has the task's
-    header and one line per frame 1..N (see the module docstring). Bad input (a frame-count CSV
-    that is malformed, misses a video or counts fewer frames than its images, smoothing asked for
-    without smoothing.json, a split the pack lacks, ``out`` a folder of other files) is a
-    DataError before anything is written.
+    header and one line per frame 1..N (see the module docstring). Bad input is a DataError before
+    the model runs (:func:`plan_submission`), and nothing is written.
     """
-    out = Path(out)
+    fingerprint = Fingerprint.of(config.checkpoint)
+    checkpoint = load_checkpoint(config.checkpoint)
+    plan = plan_submission(config, out, checkpoint, fingerprint)
+    preds, _, is_main, _ = _predict_split(config, checkpoint)
+    if not is_main:
+        return Submission(plan.out.given, plan.split, frames=plan.frames, windows=plan.windows)
+    return write_submission(plan, preds, config.shards)
+
+
+def plan_submission(
+    config: EvalConfig, out: str | Path, checkpoint: dict, fingerprint: Fingerprint
+) -> SubmissionPlan:
+    """Everything predict checks before inference, as a plan for :func:`write_submission`.
+
+    A DataError for: ``out`` not a folder predict may replace (or holding an input), a split the
+    pack lacks, a frame-count CSV that is malformed, counts beyond :data:`MAX_FRAMES` or misses a
+    video, ``smooth`` without windows tuned for this checkpoint, thresholds tuned for other
+    bytes of it.
+    """
+    inputs = [(config.checkpoint, "checkpoint"), (config.shards, "shards")]
+    if config.frame_counts is not None:
+        inputs.append((config.frame_counts, "frame-count CSV"))
+    folder = check_out(out, inputs)
     manifest = load_manifest(config.shards)
     wanted = _videos_wanted(manifest, config)
-    last_images = _last_images(config)  # from the shard index, before any inference
-    unseen = sorted(set().union(*(wanted or {}).values()) - set(last_images))
+    images = image_frames(config.shards, config.split)
+    unseen = sorted(set().union(*(wanted or {}).values()) - set(images))
     if unseen:  # every image of it was bad and skipped at pack time, say
         raise DataError(
             config.shards / MANIFEST,
@@ -254,9 +385,8 @@ def predict(config: EvalConfig, out: str | Path) -> Submission:
         )
     given = read_frame_counts(config.frame_counts) if config.frame_counts else None
     frames = resolve_frame_counts(
-        last_images, manifest.get("frame_counts", {}), given, config.frame_counts
+        images, frame_counts_of(manifest, config.shards), given, config.frame_counts
     )
-    checkpoint = load_checkpoint(config.checkpoint)
     trained = tuple(checkpoint["config"]["tasks"])
     tasks = [t for t in trained if wanted is None or t in wanted]
     if not tasks:
@@ -265,34 +395,74 @@ def predict(config: EvalConfig, out: str | Path) -> Submission:
             f"the checkpoint predicts {','.join(trained)} but the test split lists videos for "
             f"{','.join(wanted)} only: nothing to write",
         )
-    windows = _smoothing_windows(config, trained) if config.smooth else None
-    _check_out(out)
-
-    preds, _, is_main, _ = _predict_split(config, checkpoint)
-    submission = Submission(out, config.split, frames=frames, windows=windows)
-    if not is_main:
-        return submission
-    submission.skipped = [
-        f"no {t} files: the test split has no {t} list" for t in trained if t not in tasks
-    ]
-    submission.skipped += [
+    windows, untuned, smoothing_path = None, (), None
+    if config.smooth:
+        smoothing_path = tuned_path(config.checkpoint, SMOOTHING)
+        windows, untuned = _smoothing_windows(smoothing_path, fingerprint, trained)
+    thresholds = (
+        au_thresholds_for(config.checkpoint, checkpoint, fingerprint)
+        if "au" in tasks
+        else AuThresholds(np.full(NUM_AU, HALF), "none: no AU files", tuned=False)
+    )
+    skipped = [f"no {t} files: the test split has no {t} list" for t in trained if t not in tasks]
+    skipped += [
         f"no {t} files: the checkpoint has no {t} head" for t in wanted or () if t not in trained
     ]
-    thresholds = np.asarray(checkpoint.get("au_thresholds") or [0.5] * NUM_AU)
-    staging = _new_folder(out, "tmp")
-    try:
-        expected = {
-            task: {v: frames[v][0] for v in sorted(frames) if wanted is None or v in wanted[task]}
-            for task in tasks
-        }
-        for path in write_files(staging, preds, expected, windows, thresholds, config.shards):
-            submission.files.append(out / path.relative_to(staging))
-        check_submission(staging, expected)
-        _write_marker(staging / MARKER, config, submission)
-        _swap_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
+    expected = {
+        task: {v: frames[v].frames for v in sorted(frames) if wanted is None or v in wanted[task]}
+        for task in tasks
+    }
+    record_inputs = {
+        "checkpoint": {"path": str(config.checkpoint), **fingerprint.to_dict()},
+        "shards": str(config.shards),
+        "split": config.split,
+        "smoothing": None
+        if windows is None
+        else {"windows": windows, "untuned": list(untuned), "file": str(smoothing_path)},
+        "au_thresholds": {"values": thresholds.values.tolist(), "source": thresholds.source},
+        "frame_counts": {v: c._asdict() for v, c in frames.items()},
+    }
+    return SubmissionPlan(
+        folder, config.split, expected, frames, windows, untuned, thresholds, skipped, record_inputs
+    )
+
+
+def write_submission(plan: SubmissionPlan, preds: Predictions, source: Path) -> Submission:
+    """Complete, smooth and write ``preds`` as ``plan`` says, check every file, and put the
+    folder in place of ``plan.out`` (see :mod:`affectfast.prediction_folder`). ``source`` (the
+    shards) is named in the error for a malformed key."""
+    submission = Submission(
+        plan.out.given, plan.split, frames=plan.frames, windows=plan.windows, skipped=plan.skipped
+    )
+    submission.notes = _notes(plan)
+
+    def fill(staging: Path) -> dict:
+        paths = write_files(
+            staging, preds, plan.expected, plan.windows, plan.thresholds.values, source
+        )
+        check_submission(staging, plan.expected)
+        submission.files = [plan.out.given / p.relative_to(staging) for p in paths]
+        return plan.inputs
+
+    write_folder(plan.out, fill)
     return submission
+
+
+def _notes(plan: SubmissionPlan) -> list[str]:
+    """The smoothing and AU thresholds a submission was written with, in words."""
+    if plan.windows is None:
+        smoothing = "smoothing: none"
+    else:
+        smoothing = "smoothing windows: " + ", ".join(
+            f"{t} {w}" + (" (not tuned: no val label)" if t in plan.untuned else "")
+            for t, w in plan.windows.items()
+        )
+    notes = [smoothing]
+    if "au" in plan.expected:
+        notes.append(f"AU thresholds: {plan.thresholds.source}")
+    if plan.out.path != plan.out.given.absolute():
+        notes.append(f"{plan.out.given} is {plan.out.path}")
+    return notes
 
 
 def write_files(
@@ -304,19 +474,33 @@ def write_files(
     source: Path,
 ) -> list[Path]:
     """Write ``folder/<Challenge>/<video>.txt`` for each ``expected[task][video]`` = N frames:
-    complete the video's outputs to N frames, smooth (``windows``), format. Returns the paths."""
+    complete the video's outputs to N frames, smooth (``windows``), format. Images after frame N
+    are left out. Returns the paths."""
     written = []
     for video, frames, rows in video_rows(preds.keys, source):
         for task, videos in expected.items():
             if video not in videos:
                 continue
-            values = task_values(task, preds.outputs[task][rows])
+            total = videos[video]
+            kept, values = within_count(frames, task_values(task, preds.outputs[task][rows]), total)
             window = 1 if windows is None else windows[task]
-            filled = complete_and_smooth(task, frames, values, videos[video], window)
+            filled = complete_and_smooth(task, kept, values, total, window)
             path = _output_path(folder, task, video, source)
             _write_prediction(path, task, filled, thresholds)
             written.append(path)
     return written
+
+
+def within_count(
+    frames: np.ndarray, values: np.ndarray, total: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The frames (and their rows of ``values``) within 1..``total``, what completion starts
+    from. When every image lies after frame ``total``, the first image's row stands at frame
+    ``total`` (the nearest frame any image has), so the video is still written whole."""
+    kept = frames <= total
+    if kept.any():
+        return frames[kept], values[kept]
+    return np.array([total]), values[:1]
 
 
 def _videos_wanted(manifest: dict, config: EvalConfig) -> dict[str, set[str]] | None:
@@ -337,7 +521,7 @@ def split_key(key: str, source: Path) -> tuple[str, int]:
     if not is_video_name(video) or len(frame) != FRAME_DIGITS or not frame.isdigit():
         raise DataError(
             source,
-            f"sample key {key[:80]!r} is not <video>/<NNNNN> with a plain video name "
+            f"sample key {excerpt(key)} is not <video>/<NNNNN> with a plain video name "
             "(printable ASCII, no space, slash or dot): refusing to write a file for it",
         )
     return video, int(frame)
@@ -365,24 +549,21 @@ def task_values(task: str, outputs: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _last_images(config: EvalConfig) -> dict[str, int]:
-    """The last frame with an image of each video of the split, from the shards' DALI index files
-    (a line per sample, its first member's name fourth): known before the model runs, so a bad
-    frame count stops predict before the inference, not after it."""
-    last: dict[str, int] = {}
-    for shard in split_shards(config.shards, config.split):
-        try:
-            with open(shard.idx, encoding="ascii") as index:
-                lines = index.read().splitlines()[1:]  # after "v1.2 N"
-        except (OSError, UnicodeDecodeError) as error:
-            raise DataError(shard.idx, f"cannot read the shard index: {error}") from None
-        for number, line in enumerate(lines, start=2):
+def image_frames(shards: Path, split: str) -> dict[str, np.ndarray]:
+    """The frames with an image of each video of the split (sorted), from the shards' DALI index
+    files (a line per sample, its first member's name fourth): known before the model runs, so
+    a bad frame count stops predict before the inference, not after it."""
+    found: dict[str, list[int]] = {}
+    for shard in split_shards(shards, split):
+        limit = 4096 + INDEX_LINE_LIMIT * shard.samples
+        text = read_text(shard.idx, limit=limit, encoding="ascii", follow_links=False, what="index")
+        for number, line in enumerate(text.splitlines()[1:], start=2):  # after "v1.2 N"
             fields = line.split(" ", 4)
             if len(fields) < 4:
                 raise DataError(shard.idx, "expected 'ext offset size name' groups", number)
             video, frame = split_key(split_member(fields[3])[0], shard.idx)
-            last[video] = max(last.get(video, 0), frame)
-    return dict(sorted(last.items()))
+            found.setdefault(video, []).append(frame)
+    return {video: np.unique(found[video]) for video in sorted(found)}
 
 
 # --- frame counts ---------------------------------------------------------------------------------
@@ -391,32 +572,32 @@ def _last_images(config: EvalConfig) -> dict[str, int]:
 def read_frame_counts(path: str | Path) -> dict[str, tuple[int, int]]:
     """``{video: (frames, line)}`` from a CSV with the header ``video,frames``, one line per video.
 
-    A wrong header, a line without exactly two fields, a count that is not a positive integer, a
-    bad video name or a video listed twice is a DataError naming the file and line.
+    Read as a regular file of at most :data:`FRAME_COUNTS_LIMIT` bytes. A wrong header, a line
+    without exactly two fields, a count that is not an integer in 1..:data:`MAX_FRAMES`, a bad
+    video name or a video listed twice is a DataError naming the file and line.
     """
     path = Path(path)
-    try:
-        lines = path.read_bytes().decode("utf-8-sig").splitlines()
-    except OSError as error:
-        raise DataError(path, f"cannot read the frame counts: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise DataError(path, "the frame counts are not UTF-8 text") from None
+    text = read_text(path, limit=FRAME_COUNTS_LIMIT, encoding="utf-8-sig", what="frame-count CSV")
+    lines = text.splitlines()
     header = [f.strip().lower() for f in lines[0].split(",")] if lines else []
     if header != list(FRAME_COUNTS_HEADER):
-        got = lines[0][:80] if lines else ""
-        raise DataError(path, f"expected the header 'video,frames', got {got!r}", 1)
+        got = excerpt(lines[0] if lines else "")
+        raise DataError(path, f"expected the header 'video,frames', got {got}", 1)
     counts: dict[str, tuple[int, int]] = {}
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         fields = [f.strip() for f in line.split(",")]
         if len(fields) != 2:
-            raise DataError(path, f"expected 'video,frames', got {line[:80]!r}", number)
+            raise DataError(path, f"expected 'video,frames', got {excerpt(line)}", number)
         video, frames = fields
         if not is_video_name(video):
-            raise DataError(path, f"{video[:80]!r} is not a video name", number)
-        if not frames.isascii() or not frames.isdigit() or int(frames) < 1:
-            raise DataError(path, f"frames {frames[:80]!r}: expected a positive integer", number)
+            raise DataError(path, f"{excerpt(video)} is not a video name", number)
+        digits = frames.lstrip("0")  # int() of a huge string is slow, and refused past 4300
+        if not frames.isascii() or not frames.isdigit() or not digits:
+            raise DataError(path, f"frames {excerpt(frames)}: expected a positive integer", number)
+        if len(digits) > len(str(MAX_FRAMES)) or int(digits) > MAX_FRAMES:
+            raise DataError(path, f"video {video}: {_too_many(digits)}", number)
         if video in counts:
             raise DataError(
                 path, f"video {video} is listed twice (first on line {counts[video][1]})", number
@@ -425,32 +606,56 @@ def read_frame_counts(path: str | Path) -> dict[str, tuple[int, int]]:
     return counts
 
 
+def _too_many(count: int | str) -> str:
+    """Why a frame count (an int, or a CSV's digits) is refused."""
+    text = str(count)
+    shown = text if len(text) <= 20 else f"{text[:12]}... ({len(text)} digits)"
+    return (
+        f"{shown} frames is more than any video has: frame names have {FRAME_DIGITS} digits, "
+        f"so at most {MAX_FRAMES:,}"
+    )
+
+
+def frame_counts_of(manifest: dict, shards: Path = Path(".")) -> dict[str, int]:
+    """The manifest's ``frame_counts`` (from the annotation files), each checked: an integer in
+    1..:data:`MAX_FRAMES` for a plain video name; else a DataError naming the manifest."""
+    path = Path(shards) / MANIFEST
+    counts = manifest.get("frame_counts", {})
+    if not isinstance(counts, dict):
+        raise DataError(path, f"frame_counts must map videos to counts, got {excerpt(counts)}")
+    for video, count in counts.items():
+        if not is_video_name(video):
+            raise DataError(path, f"frame_counts: {excerpt(video)} is not a video name")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise DataError(
+                path, f"frame_counts.{video}: {excerpt(count)} is not a positive integer"
+            )
+        if count > MAX_FRAMES:
+            raise DataError(path, f"frame_counts.{video}: {_too_many(count)}")
+    return counts
+
+
 def resolve_frame_counts(
-    last_images: dict[str, int],
+    images: dict[str, np.ndarray],
     annotated: dict[str, int],
     given: dict[str, tuple[int, int]] | None,
     csv: Path | None,
-) -> dict[str, tuple[int, str, int]]:
-    """``{video: (N, source, last image)}`` for each predicted video (``last_images``).
+) -> dict[str, FrameCount]:
+    """``{video: FrameCount}`` for each predicted video (``images``: its sorted frames with an
+    image).
 
-    N is the ``given`` CSV count where it names the video (fewer frames than its last image is a
-    DataError naming the line), else the manifest's count from the annotations (at least the last
-    image), else, without a CSV, the last image; with a CSV, a video it must supply (no count in
-    the manifest) and lacks is a DataError.
+    N is the ``given`` CSV count where it names the video, else the manifest's count from the
+    annotations, else, without a CSV, the last image; with a CSV, a video it must supply (no
+    count in the manifest) and lacks is a DataError. A given count is authoritative: images
+    after frame N are left out (counted in ``left_out``), never a reason to refuse.
     """
     resolved = {}
-    for video, last in last_images.items():
+    for video, frames in images.items():
+        last = int(frames[-1])
         if given is not None and video in given:
-            count, line = given[video]
-            if count < last:
-                raise DataError(
-                    csv,
-                    f"video {video} has {count} frames here, but an image of frame {last}",
-                    line,
-                )
-            resolved[video] = (count, FROM_CSV, last)
+            count, source = given[video][0], FROM_CSV
         elif video in annotated:
-            resolved[video] = (max(int(annotated[video]), last), FROM_ANNOTATIONS, last)
+            count, source = int(annotated[video]), FROM_ANNOTATIONS
         elif given is not None:
             raise DataError(
                 csv,
@@ -458,54 +663,43 @@ def resolve_frame_counts(
                 "come from here",
             )
         else:
-            resolved[video] = (last, FROM_LAST_IMAGE, last)
+            count, source = last, FROM_LAST_IMAGE
+        left_out = len(frames) - int(np.searchsorted(frames, count, side="right"))
+        resolved[video] = FrameCount(count, source, last, left_out)
     return resolved
 
 
-# --- smoothing windows, the output folder --------------------------------------------------------
+# --- smoothing windows, the output files ---------------------------------------------------------
 
 
-def _smoothing_windows(config: EvalConfig, tasks: tuple[str, ...]) -> dict[str, int]:
-    """The windows in smoothing.json beside the checkpoint, one for each of its tasks."""
-    path = config.checkpoint.parent / SMOOTHING_FILE
-    if not path.exists():
+def _smoothing_windows(
+    path: Path, fingerprint: Fingerprint, tasks: tuple[str, ...]
+) -> tuple[dict[str, int], tuple[str, ...]]:
+    """(a window for each of ``tasks``, the tasks among them not tuned for want of val labels:
+    window 1) from ``path``, which must be the windows tuned for this checkpoint."""
+    if not (path.exists() or path.is_symlink()):
         raise DataError(
             path,
             "no smoothing windows beside the checkpoint: run `affectfast evaluate CKPT SHARDS "
             "--tune-smoothing` first (it tunes them on val and writes this file)",
         )
-    windows, _ = load_windows(path)
-    missing = [t for t in tasks if t not in windows]
+    windows, _, absent = load_windows(path, fingerprint)
+    missing = [t for t in tasks if t not in windows and t not in absent]
     if missing:
         raise DataError(
             path,
-            f"no window for {','.join(missing)}: tuned for another model; run `affectfast "
-            "evaluate CKPT SHARDS --tune-smoothing` again",
+            f"no window for {','.join(missing)}; run `affectfast evaluate CKPT SHARDS "
+            "--tune-smoothing` again",
         )
-    return {t: int(windows[t]) for t in tasks}
-
-
-def _check_out(out: Path) -> None:
-    """``out`` must be missing, an empty folder or an earlier prediction folder (holds MARKER)."""
-    if not out.exists():
-        if not out.parent.is_dir():
-            raise DataError(out.parent, "the folder that should hold --out does not exist")
-        return
-    if not out.is_dir():
-        raise DataError(out, "--out exists and is not a folder")
-    if any(out.iterdir()) and not (out / MARKER).is_file():
-        raise DataError(
-            out,
-            f"--out is not empty and not an earlier prediction folder (no {MARKER}); predict "
-            "replaces its folder whole, so choose a new or empty --out",
-        )
+    untuned = tuple(t for t in tasks if t not in windows)
+    return {t: int(windows.get(t, 1)) for t in tasks}, untuned
 
 
 def _output_path(folder: Path, task: str, video: str, source: Path) -> Path:
     """``folder/<Challenge>/<video>.txt``, checked to resolve inside ``folder``."""
     path = folder / CHALLENGE_DIRS[task][0] / f"{video}.txt"
     if not path.resolve().is_relative_to(folder.resolve()):
-        raise DataError(source, f"video {video!r} would be written outside {folder}")
+        raise DataError(source, f"video {excerpt(video)} would be written outside {folder}")
     path.parent.mkdir(exist_ok=True)
     return path
 
@@ -521,48 +715,6 @@ def _write_prediction(path: Path, task: str, rows: np.ndarray, thresholds: np.nd
     path.write_text(",".join(HEADERS[task]) + "\n" + "".join(line + "\n" for line in lines))
 
 
-def _write_marker(path: Path, config: EvalConfig, submission: Submission) -> None:
-    record = {
-        "written_by": "affectfast predict",
-        "checkpoint": str(config.checkpoint),
-        "shards": str(config.shards),
-        "split": config.split,
-        "smoothing": submission.windows,
-        "frame_counts": {v: {"frames": n, "from": s} for v, (n, s, _) in submission.frames.items()},
-        "files": len(submission.files),
-    }
-    path.write_text(json.dumps(record, indent=1) + "\n")
-
-
-def _new_folder(out: Path, kind: str) -> Path:
-    """A new hidden folder beside ``out``: ``.<name>.<random>.<kind>`` (created with the umask's
-    mode, unlike ``tempfile.mkdtemp``'s 0700, since it becomes ``out``)."""
-    path = out.parent / f".{out.name}.{secrets.token_hex(6)}.{kind}"
-    path.mkdir()
-    return path
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Put the finished ``staging`` folder at ``out``, removing the earlier one there.
-
-    Two renames on one filesystem: ``out`` moves aside, ``staging`` takes its name, then the old
-    one is deleted. A crash between the renames leaves the earlier folder beside ``out`` under a
-    hidden ``.<name>.*.old`` name, never a mix of two runs.
-    """
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    aside = _new_folder(out, "old")
-    os.rename(out, aside / out.name)
-    try:
-        os.rename(staging, out)
-    except OSError:
-        os.rename(aside / out.name, out)  # the earlier predictions back in place
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside)
-
-
 # --- the format checker --------------------------------------------------------------------------
 
 
@@ -576,19 +728,20 @@ def check_prediction_file(path: str | Path, task: str, frames: int | None = None
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="ascii").split("\n")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(path, f"cannot read the prediction file as ASCII text: {error}") from None
+        text = read_text(path, limit=PREDICTION_LIMIT, encoding="ascii", what="prediction file")
+    except OSError as error:
+        raise DataError(path, f"cannot read the prediction file: {error.strerror}") from None
+    lines = text.split("\n")
     if lines[-1] == "":  # the final newline
         lines.pop()
     expected = ",".join(HEADERS[task])
     if not lines or lines[0] != expected:
-        got = lines[0][:80] if lines else ""
-        raise DataError(path, f"expected the {task} header {expected!r}, got {got!r}", 1)
+        got = excerpt(lines[0] if lines else "")
+        raise DataError(path, f"expected the {task} header {expected!r}, got {got}", 1)
     for number, line in enumerate(lines[1:], start=2):
         problem = _LINE_CHECKS[task](line)
         if problem:
-            raise DataError(path, f"{problem}, got {line[:80]!r}", number)
+            raise DataError(path, f"{problem}, got {excerpt(line)}", number)
     if frames is not None and len(lines) - 1 != frames:
         raise DataError(
             path, f"{len(lines) - 1} frame lines, expected {frames} (one per frame of the video)"

@@ -5,7 +5,8 @@ redirected: the one place every command reads such files and takes its locks.
   (while it holds a lock, say), a device such as ``/dev/zero`` never ends. Files are opened with
   ``O_NONBLOCK`` (opening a FIFO never waits for a writer) and checked with ``fstat`` on the open
   descriptor, so the file checked is the file read.
-- Reads are bounded: a caller says how large the file may be (``limit``, bytes).
+- Reads are bounded: a caller says how large the file may be (``limit``, bytes), or hashes it
+  in chunks (:func:`sha256_file`: a checkpoint's fingerprint).
 - ``follow_links=False`` for names that come from a manifest or a stamp (they must be plain files
   in their folder, never a way out of it); a path the user typed may be a link to a regular file.
 - Locks are opened with ``O_NOFOLLOW`` and must be regular files: a planted symbolic link named
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import reprlib
 import stat
@@ -61,24 +63,11 @@ def read_bytes(
 
     ``what`` names the file in the message ("frame-count CSV", "manifest").
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    fd = _open_regular(path, follow_links, what)
     try:
-        fd = os.open(path, flags)
-    except OSError as error:
-        if error.errno == errno.ELOOP and not follow_links:
-            raise DataError(
-                path, f"is a symbolic link; the {what} must be a regular file"
-            ) from None
-        raise
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise DataError(
-                path, f"is {describe_kind(info.st_mode)}; the {what} must be a regular file"
-            )
-        if info.st_size > limit:
-            raise DataError(path, f"{info.st_size:,} bytes: a {what} holds at most {limit:,}")
-        os.set_blocking(fd, True)
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise DataError(path, f"{size:,} bytes: a {what} holds at most {limit:,}")
         parts, size = [], 0
         while size <= limit and (chunk := os.read(fd, min(CHUNK, limit + 1 - size))):
             parts.append(chunk)
@@ -88,6 +77,38 @@ def read_bytes(
         return b"".join(parts)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | Path, *, follow_links: bool = True, what: str = "file") -> str:
+    """The sha256 (hex) of the regular file ``path``, read in chunks (memory stays bounded
+    however large it is); anything but a regular file is a DataError, as in :func:`read_bytes`."""
+    with os.fdopen(_open_regular(path, follow_links, what), "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _open_regular(path: str | Path, follow_links: bool, what: str) -> int:
+    """A blocking read-only descriptor of the regular file ``path``; else a DataError.
+
+    Opened with O_NONBLOCK (a FIFO without a writer would block the open itself), then checked
+    with fstat, so the file checked is the file read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP and not follow_links:
+            raise DataError(
+                path, f"is a symbolic link; the {what} must be a regular file"
+            ) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise DataError(
+            path, f"is {describe_kind(info.st_mode)}; the {what} must be a regular file"
+        )
+    os.set_blocking(fd, True)
+    return fd
 
 
 def read_text(

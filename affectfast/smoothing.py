@@ -10,22 +10,24 @@ model only sees the frames that have a face image. The order is always the same:
 3. Score (on val) or write (on test).
 
 :func:`tune_windows` picks each task's window on val with the project's metrics, and
-:func:`save_windows` / :func:`load_windows` keep the choice beside a checkpoint
-(:data:`SMOOTHING_FILE`). Every function here works on numpy arrays of one video at a time and costs
-O(frames): a video has up to about 50k frames and the test set has hundreds of videos.
+:func:`save_windows` / :func:`load_windows` keep the choice beside the checkpoint it was tuned for
+(``best.pt`` -> ``best.smoothing.json``, bound to the checkpoint's bytes: :mod:`affectfast.tuned`).
+Every function here works on numpy arrays of one video at a time and costs O(frames): a video has
+up to about 50k frames (never more than :data:`MAX_FRAMES`) and the test set has hundreds of videos.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from affectfast.affwild2 import FRAME_DIGITS
 from affectfast.errors import DataError
 from affectfast.metrics import Predictions, compute_metrics
+from affectfast.safe_files import excerpt
 from affectfast.tasks import TASKS
+from affectfast.tuned import SMOOTHING, Fingerprint, read_tuned, write_tuned
 
 # How frames without a prediction get one: VA values vary continuously, so interpolate; EXPR and
 # AU probabilities are copied from the nearest frame (an interpolated class distribution between two
@@ -35,8 +37,10 @@ INTERPOLATION: dict[str, str] = {"va": "linear", "expr": "nearest", "au": "neare
 WINDOW_GRID: tuple[int, ...] = (1, 3, 5, 9, 15, 25, 41)
 # The metric each task's window is chosen by: keys of metrics.compute_metrics.
 TASK_METRIC: dict[str, str] = {"va": "ccc_mean", "expr": "f1_expr", "au": "f1_au"}
-SMOOTHING_FILE = "smoothing.json"  # beside a checkpoint
-FORMAT_VERSION = 1
+# Frame names have five digits, so no video has more frames than this: the cap on a frame count
+# and on a window (a larger one would only average the same frames), checked before any work.
+MAX_FRAMES = 10**FRAME_DIGITS - 1
+ORDER = "complete every frame, then smooth, then score or write"
 
 
 # --- completion -----------------------------------------------------------------------------------
@@ -50,6 +54,8 @@ def complete_video(frames: np.ndarray, values: np.ndarray, total: int, kind: str
     predicted frame take that frame's values under both kinds. Returns shape (total, ...).
     """
     frames, values = np.asarray(frames), np.asarray(values)
+    if not 1 <= total <= MAX_FRAMES:
+        raise ValueError(f"total must be in 1..{MAX_FRAMES} frames; got {total}")
     _check_frames(frames, values, total)
     targets = np.arange(1, total + 1)
     if kind == "nearest":
@@ -113,9 +119,11 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def _check_window(window) -> None:
-    """A window is an odd positive int, so that it is centred on its frame."""
+    """A window is an odd int in 1..MAX_FRAMES, so that it is centred on its frame."""
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"window must be a positive odd integer; got {window!r}")
+        raise ValueError(f"window must be a positive odd integer; got {excerpt(window)}")
+    if window > MAX_FRAMES:
+        raise ValueError(f"window must be at most {MAX_FRAMES} frames (any video); got {window}")
     if window % 2 == 0:
         raise ValueError(f"window must be odd (centred on its frame); got {window}")
 
@@ -145,7 +153,8 @@ def tune_windows(
     probabilities (T×12); ``labels`` and ``masks`` as in :class:`affectfast.metrics.Predictions`.
     Each video is smoothed on its own, then all frames with a valid label are scored together with
     :func:`affectfast.metrics.compute_metrics` (AU at 0.5, or at ``au_thresholds`` when given).
-    Window 1 is always tried: its score is the raw one. A tie goes to the smaller window.
+    Window 1 is always tried: its score is the raw one. A tie goes to the smaller window. A task
+    without a single valid label has nothing to be tuned on: it is left out of both results.
 
     Returns ``(windows, scores)``: ``windows[task]`` the chosen window; ``scores[task]`` a dict with
     ``metric`` (its name), ``raw`` (window 1), ``smoothed`` (the chosen window), ``grid`` and
@@ -158,6 +167,8 @@ def tune_windows(
     for task in (t for t in TASKS if t in outputs):
         _check_videos(task, outputs, labels, masks)
         label, mask = np.concatenate(labels[task]), np.concatenate(masks[task]).astype(bool)
+        if not mask.any():  # absent from this split: no score to choose by
+            continue
         tried = [
             _score(task, [smooth(o, w) for o in outputs[task]], label, mask, au_thresholds)
             for w in candidates
@@ -203,42 +214,45 @@ def _score(
 
 
 # --- the choice beside a checkpoint ---------------------------------------------------------------
-def save_windows(path: str | Path, windows: dict[str, int], scores: dict[str, dict]) -> Path:
-    """Write ``windows`` and ``scores`` (as :func:`tune_windows` returns them) to a JSON file.
+def save_windows(
+    path: str | Path,
+    fingerprint: Fingerprint,
+    windows: dict[str, int],
+    scores: dict[str, dict],
+    absent: tuple[str, ...] = (),
+) -> Path:
+    """Write ``windows`` and ``scores`` (as :func:`tune_windows` returns them), tuned for the
+    checkpoint of ``fingerprint``, to a JSON file (``absent``: tasks the split had no label for).
 
     Written to a temporary file and renamed, so a reader never sees half a file.
     """
     path = Path(path)
-    document = {
-        "version": FORMAT_VERSION,
-        "order": "complete every frame, then smooth, then score or write",
+    body = {
+        "order": ORDER,
         "windows": {task: int(w) for task, w in windows.items()},
         "scores": scores,
+        "absent": list(absent),
     }
-    _check_document(path, document)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
+    _check_body(path, body)
+    return write_tuned(path, SMOOTHING, fingerprint, body)
 
 
-def load_windows(path: str | Path) -> tuple[dict[str, int], dict[str, dict]]:
-    """Read what :func:`save_windows` wrote: ``(windows, scores)``; DataError for a bad file."""
+def load_windows(
+    path: str | Path, fingerprint: Fingerprint
+) -> tuple[dict[str, int], dict[str, dict], tuple[str, ...]]:
+    """Read what :func:`save_windows` wrote for ``fingerprint``'s checkpoint: ``(windows, scores,
+    absent)``; a DataError naming the file for anything else (a FIFO, a file too large, another
+    checkpoint's windows, a window beyond :data:`MAX_FRAMES`)."""
     path = Path(path)
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(path, f"cannot read the smoothing windows: {error}") from None
-    _check_document(path, document)
-    return document["windows"], document["scores"]
+    document = read_tuned(path, SMOOTHING, fingerprint)
+    _check_body(path, document)
+    return document["windows"], document["scores"], tuple(document["absent"])
 
 
-def _check_document(path: Path, document) -> None:
+def _check_body(path: Path, document: dict) -> None:
     """Refuse anything but the format save_windows writes, naming the field at fault."""
-    if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
-        raise DataError(path, f"expected a JSON object with version {FORMAT_VERSION}")
-    windows, scores = document.get("windows"), document.get("scores")
-    if not isinstance(windows, dict) or not windows or not set(windows) <= set(TASKS):
+    windows, scores, absent = (document.get(k) for k in ("windows", "scores", "absent"))
+    if not isinstance(windows, dict) or not set(windows) <= set(TASKS):
         raise DataError(path, f"'windows' must map some of {', '.join(TASKS)} to a window")
     for task, window in windows.items():
         try:
@@ -249,6 +263,17 @@ def _check_document(path: Path, document) -> None:
         raise DataError(path, "'scores' must have an entry for each task in 'windows'")
     for task, entry in scores.items():
         _check_scores(path, task, entry)
+    if (
+        not isinstance(absent, list)
+        or not all(isinstance(t, str) for t in absent)
+        or not set(absent) <= set(TASKS) - set(windows)
+        or not windows | dict.fromkeys(absent)
+    ):
+        raise DataError(
+            path,
+            f"'absent' must list the tasks without a window (got {excerpt(absent)}), and a "
+            "task must have a window or be absent",
+        )
 
 
 def _check_scores(path: Path, task: str, entry) -> None:

@@ -4,6 +4,8 @@ A study is a folder of runs, ``OUT/<init>/<model>/`` (each an ordinary ``affectf
 three summaries written after every run: ``results.md``, ``results.csv`` and ``curves.png`` (each
 run's val metrics per epoch). A finished run (``epochs`` records in its metrics.jsonl) is skipped and
 an interrupted one resumed, so a study on a GPU node can simply be started again after a time limit.
+Before the first run trains, every input every run will read is checked (:func:`check_inputs`):
+a missing ImageNet file stops the study at once, not after hours of the runs before it.
 
 Initializations: the base ones ``TrainConfig.init`` accepts (``scratch``, ``imagenet``,
 ``imagenet:PATH``, ``ckpt:PATH``) give four rows each (uni-va, uni-expr, uni-au, multi); ``uni-TASK``
@@ -24,32 +26,55 @@ from pathlib import Path
 from affectfast.config import TrainConfig, parse_init
 from affectfast.console import say
 from affectfast.errors import DataError
+from affectfast.model import build_model
 from affectfast.rundir import RunDir, read_metrics
+from affectfast.shards import MANIFEST, load_manifest, split_shards
 from affectfast.tasks import TASKS, parse_tasks
-from affectfast.train import config_changes, resolve_device, train
+from affectfast.train import build_task_loss, config_changes, resolve_device, train
 
 RESULT_COLUMNS = (
     "run",
     "init",
+    "best_epoch",
+    "epochs",
     "ccc_valence",
     "ccc_arousal",
     "f1_expr",
     "f1_au",
     "p_mtl",
+    "p_mtl_last",
     "images_per_s",
-    "wall_s",
+    "train_s",
 )
+METRIC_COLUMNS = ("ccc_valence", "ccc_arousal", "f1_expr", "f1_au", "p_mtl")
 HEADINGS = {
+    "best_epoch": "best epoch",
     "ccc_valence": "CCC-V",
     "ccc_arousal": "CCC-A",
     "f1_expr": "F1-EXPR",
     "f1_au": "F1-AU",
     "p_mtl": "P_MTL",
+    "p_mtl_last": "P_MTL last",
     "images_per_s": "images/s",
-    "wall_s": "wall time (s)",
+    "train_s": "train time (s)",
 }
+# Printed under the table and written under it in results.md: how to read it fairly.
+TABLE_NOTES = (
+    "Val metrics at each run's best epoch. The val split both picks that epoch (the highest val "
+    "P_MTL) and reports it, so every row is optimistic by the same rule; P_MTL last is the last "
+    "epoch's val P_MTL, which nothing picked. P_MTL sums the metrics of the tasks a run trains: "
+    "a uni-task run picks its epoch by its one task's metric (CCC mean, F1-EXPR or F1-AU), the "
+    "multi-task run by the sum of all three, so its best epoch need not be best for each task. "
+    "images/s: the median training throughput over epochs; train time: the training epochs' "
+    "wall time summed, validation and checkpointing excluded."
+)
 ABSENT = "absent"  # in results.md/.csv: a trained task without a single val label
 CURVE_METRICS = ("ccc_mean", "f1_expr", "f1_au", "p_mtl")
+SUMMARIES = {
+    "results.md": "the table and how to read it",
+    "results.csv": "the same rows as CSV",
+    "curves.png": "val metrics per epoch, a line per run",
+}
 
 
 @dataclass(frozen=True)
@@ -123,18 +148,18 @@ def read_records(run_dir: Path) -> list[dict]:
 
 
 def run_study(config: StudyConfig) -> list[dict]:
-    """Train every run of the study that is not finished yet; return the result rows."""
+    """Train every run of the study that is not finished yet; return the result rows.
+
+    Every input is checked first (:func:`check_inputs`), so a study fails in seconds or not
+    for want of a file."""
     runs = plan_runs(config)
     base, _ = resolve_device(config.base)  # what each run's config.json records
+    check_inputs(base, runs)
     config.out.mkdir(parents=True, exist_ok=True)
     for index, run in enumerate(runs, 1):
-        weights = tuple((t, w) for t, w in base.task_weights if t in run.tasks)
-        train_config = dataclasses.replace(
-            base, out=run.out, tasks=run.tasks, init=run.init, task_weights=weights
-        )
+        train_config = run_config(base, run)
         folder = RunDir(run.out)
         if len(read_records(run.out)) >= base.epochs and folder.config.is_file():
-            _check_finished(folder, train_config)
             say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped")
             continue
         say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}")
@@ -143,9 +168,35 @@ def run_study(config: StudyConfig) -> list[dict]:
     return write_summaries(config.out, runs)
 
 
-def _check_finished(folder: RunDir, config: TrainConfig) -> None:
-    """A finished run is skipped only if it was trained as this study asks: a rerun into the same
-    --out with other settings would otherwise print the old results as the new ones."""
+def run_config(base: TrainConfig, run: StudyRun) -> TrainConfig:
+    """The training settings of one run: the study's, with the run's folder, tasks and init."""
+    weights = tuple((t, w) for t, w in base.task_weights if t in run.tasks)
+    return dataclasses.replace(
+        base, out=run.out, tasks=run.tasks, init=run.init, task_weights=weights
+    )
+
+
+def check_inputs(base: TrainConfig, runs: list[StudyRun]) -> None:
+    """Before any run trains, what every run will read: the pack (manifest, the train and val
+    shards, the counts each run's loss is weighted by), the weights each base initialization
+    names (ImageNet's, a ckpt:), and the settings of each run folder already there. A DataError
+    names the first problem; nothing is trained or written."""
+    manifest = load_manifest(base.shards)
+    for split in ("train", "val"):
+        split_shards(base.shards, split)
+    for run in runs:
+        config = run_config(base, run)
+        build_task_loss(config, manifest, base.shards / MANIFEST)
+        if RunDir(run.out).config.is_file():
+            _check_same_settings(RunDir(run.out), config)
+    for init in dict.fromkeys(run.init for run in runs if not run.init_label.startswith("uni-")):
+        build_model(("va",), init)  # reads the weights and checks they are a ResNet-18's
+
+
+def _check_same_settings(folder: RunDir, config: TrainConfig) -> None:
+    """A run already in the study's folder is skipped or resumed only if it was trained as this
+    study asks: a rerun into the same --out with other settings would otherwise print the old
+    results as the new ones (or mix them)."""
     try:
         saved = json.loads(folder.config.read_text())
     except (OSError, ValueError) as error:
@@ -154,21 +205,24 @@ def _check_finished(folder: RunDir, config: TrainConfig) -> None:
     if changed:
         raise DataError(
             folder.config,
-            f"this finished run was trained with other settings than this study asks "
+            f"this run was trained with other settings than this study asks "
             f"({', '.join(changed)}); choose another --out or ask for the same settings",
         )
 
 
 def result_row(run: StudyRun, records: list[dict]) -> dict:
-    """One table row: val metrics of the best epoch (highest P_MTL), median images/s, total wall time."""
+    """One table row: val metrics of the best epoch (highest val P_MTL) and its number, the
+    last epoch's P_MTL, median images/s, the training epochs' total seconds."""
     best = max(records, key=lambda r: -math.inf if r.get("p_mtl") is None else r["p_mtl"])
-    row = {"run": run.name, "init": run.init_label}
+    row = {"run": run.name, "init": run.init_label, "best_epoch": best["epoch"]}
+    row["epochs"] = len(records)
     # A task the run trained but val had no label for is "absent"; one it did not train is None.
     row.update(
-        {k: ABSENT if k in best and best[k] is None else best.get(k) for k in RESULT_COLUMNS[2:7]}
+        {k: ABSENT if k in best and best[k] is None else best.get(k) for k in METRIC_COLUMNS}
     )
+    row["p_mtl_last"] = records[-1].get("p_mtl")
     row["images_per_s"] = statistics.median(r["images_per_s"] for r in records)
-    row["wall_s"] = sum(r["epoch_seconds"] for r in records)
+    row["train_s"] = sum(r["epoch_seconds"] for r in records)
     return row
 
 
@@ -181,7 +235,7 @@ def write_summaries(out: Path, runs: list[StudyRun]) -> list[dict]:
         writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.md").write_text(format_table(rows) + "\n")
+    (out / "results.md").write_text(format_table(rows) + "\n\n" + TABLE_NOTES + "\n")
     if finished:
         plot_curves(finished, out / "curves.png")
     return rows
@@ -189,13 +243,34 @@ def write_summaries(out: Path, runs: list[StudyRun]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """The comparison table as Markdown: a dash where a run did not train that task, "absent"
-    where it did but the val split has no label for it."""
-    columns = RESULT_COLUMNS
+    where it did but the val split has no label for it; the best epoch as "best/epochs"."""
+    columns = [c for c in RESULT_COLUMNS if c != "epochs"]
     header = [c if c not in HEADINGS else HEADINGS[c] for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [_format_cell(row.get(c), c in ("images_per_s", "wall_s")) for c in columns]
+        cells = [
+            f"{row['best_epoch']}/{row['epochs']}"
+            if c == "best_epoch"
+            else _format_cell(row.get(c), c in ("images_per_s", "train_s"))
+            for c in columns
+        ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_summary(config: StudyConfig) -> str:
+    """One screen at the end of a study: where its files went, and each run's folder and epochs."""
+    runs = plan_runs(config)
+    width = max(len(str(run.out.relative_to(config.out))) for run in runs)
+    lines = [f"study folder {config.out}:"]
+    lines += [f"  {name:<{width + 2}}{what}" for name, what in SUMMARIES.items()]
+    lines.append("  a run folder each (config.json, metrics.jsonl, last.pt, best.pt, tb/):")
+    for run in runs:
+        done = len(read_records(run.out))
+        lines.append(
+            f"    {str(run.out.relative_to(config.out)):<{width}}  {done}/{config.base.epochs} "
+            f"epochs"
+        )
     return "\n".join(lines)
 
 

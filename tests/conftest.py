@@ -84,6 +84,30 @@ def packed_holdout(tmp_path_factory, holdout_tree, holdout_lists):
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_run(packed_holdout, tmp_path_factory):
+    """A one-epoch multi-task run folder (best.pt, last.pt) on ``packed_holdout``, on the CPU:
+    for evaluate and predict, where the files' format matters, not the scores. Tests that tune
+    (and so write beside best.pt) work on a copy of best.pt."""
+    from affectfast.config import TrainConfig
+    from affectfast.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "mtl"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(shards=packed_holdout, out=out, epochs=1, **TINY_RUN))
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+# Settings of the tiny CPU runs tests train.
+TINY_RUN = dict(
+    loader="dali-cpu", batch_size=32, image_size=48, num_threads=1, amp="off", device="cpu"
+)
+
+
 def write_manifest(folder: Path, split: str = "train") -> Path:
     """A format_version 2 manifest for hand-made ``<split>-*.tar`` + ``.idx`` files in ``folder``
     (counts, bytes and frame sizes read from the tars), for tests that build shards by hand."""

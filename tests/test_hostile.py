@@ -499,7 +499,7 @@ def test_a_task_without_val_labels_is_reported_absent_not_zero(synth_tree, tmp_p
     assert "ccc_mean" in format_tables(logged) and "absent" in format_tables(logged)
     row = result_row(StudyRun("multi", "scratch", TASKS, "scratch", config.out), [logged])
     assert row["ccc_valence"] == row["ccc_arousal"] == "absent"
-    assert "| multi | scratch | absent | absent |" in format_table([row])
+    assert "| multi | scratch | 1/1 | absent | absent |" in format_table([row])
 
 
 def test_the_files_kind_refuses_a_tree_the_shards_were_not_packed_from(

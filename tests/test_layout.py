@@ -19,8 +19,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "constants", "tasks", "jpeg", "dist", "console", "batch", "safe_files"),
     ("affwild2", "shards", "config"),
     ("pack", "verify", "synth", "stage"),
-    ("loaders", "model", "losses", "metrics", "smoothing"),
-    ("rundir", "train", "predict"),
+    ("loaders", "model", "losses", "metrics", "smoothing", "tuned"),
+    ("rundir", "train", "predict", "prediction_folder"),
     ("bench", "study", "doctor"),
     ("cli", "__main__"),
 )

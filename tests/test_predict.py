@@ -24,7 +24,7 @@ from affectfast.predict import (
     FROM_ANNOTATIONS,
     FROM_CSV,
     FROM_LAST_IMAGE,
-    MARKER,
+    FrameCount,
     check_prediction_file,
     check_submission,
     evaluate,
@@ -34,11 +34,13 @@ from affectfast.predict import (
     split_key,
     tune_smoothing,
 )
+from affectfast.prediction_folder import RECORD
 from affectfast.shards import load_manifest
-from affectfast.smoothing import SMOOTHING_FILE, save_windows, smooth
+from affectfast.smoothing import save_windows, smooth
 from affectfast.synth import FRAME_COUNTS_FILE, TEST_LISTS_DIR
 from affectfast.tasks import CHALLENGE_DIRS, TASKS
 from affectfast.train import build_run, resolve_device
+from affectfast.tuned import SMOOTHING, Fingerprint, tuned_path
 
 EXAMPLE = Path(__file__).parent / "data" / "abaw_submission"  # written by hand
 EXAMPLE_FRAMES = {"va": {"video1": 4}, "expr": {"video1": 4}, "au": {"video2_left": 3}}
@@ -52,11 +54,9 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
-def run(packed_holdout, tmp_path_factory):
-    """A one-epoch multi-task run folder on the pack with a test split."""
-    out = tmp_path_factory.mktemp("runs") / "mtl"
-    train_module.train(TrainConfig(shards=packed_holdout, out=out, epochs=1, **SMALL))
-    return out
+def run(trained_run):
+    """A one-epoch multi-task run folder on the pack with a test split (tests/conftest.py)."""
+    return trained_run
 
 
 def eval_config(run, packed, **kwargs) -> EvalConfig:
@@ -148,26 +148,33 @@ def test_frame_counts_csv_is_read_and_bad_lines_are_named(tmp_path):
 
 def test_frame_count_comes_from_the_csv_then_the_manifest_then_the_last_image(tmp_path):
     csv = tmp_path / "counts.csv"
-    last = {"a": 10, "b": 20, "c": 30}
-    assert resolve_frame_counts(last, {"a": 12}, None, None) == {
-        "a": (12, FROM_ANNOTATIONS, 10),
-        "b": (20, FROM_LAST_IMAGE, 20),
-        "c": (30, FROM_LAST_IMAGE, 30),
+    images = {"a": np.array([2, 10]), "b": np.array([1, 18, 20]), "c": np.array([30])}
+    assert resolve_frame_counts(images, {"a": 12}, None, None) == {
+        "a": (12, FROM_ANNOTATIONS, 10, 0),
+        "b": (20, FROM_LAST_IMAGE, 20, 0),
+        "c": (30, FROM_LAST_IMAGE, 30, 0),
     }
     given = {"a": (11, 2), "b": (25, 3), "c": (30, 4), "other": (5, 5)}
-    assert resolve_frame_counts(last, {"a": 12}, given, csv) == {
-        "a": (11, FROM_CSV, 10),  # the CSV overrides the manifest
-        "b": (25, FROM_CSV, 20),
-        "c": (30, FROM_CSV, 30),
+    assert resolve_frame_counts(images, {"a": 12}, given, csv) == {
+        "a": (11, FROM_CSV, 10, 0),  # the CSV overrides the manifest
+        "b": (25, FROM_CSV, 20, 0),
+        "c": (30, FROM_CSV, 30, 0),
     }
-    with pytest.raises(
-        DataError, match=r"counts.csv:3: video b has 19 frames here, but an image of frame 20"
-    ):
-        resolve_frame_counts(last, {}, {**given, "b": (19, 3)}, csv)
     with pytest.raises(DataError, match=r"counts.csv: no line for video c"):
-        resolve_frame_counts(last, {}, {"a": (11, 2), "b": (25, 3)}, csv)
+        resolve_frame_counts(images, {}, {"a": (11, 2), "b": (25, 3)}, csv)
     # A video the manifest counts needs no line.
-    assert resolve_frame_counts({"a": 10}, {"a": 12}, {}, csv) == {"a": (12, FROM_ANNOTATIONS, 10)}
+    assert resolve_frame_counts({"a": images["a"]}, {"a": 12}, {}, csv) == {
+        "a": FrameCount(12, FROM_ANNOTATIONS, 10, 0)
+    }
+
+
+def test_a_count_below_the_last_image_is_authoritative_and_counts_what_it_leaves_out(tmp_path):
+    csv = tmp_path / "counts.csv"
+    images = {"a": np.array([2, 9, 10, 11, 14]), "b": np.array([5, 6])}
+    assert resolve_frame_counts(images, {"a": 12, "b": 3}, {"a": (10, 2)}, csv) == {
+        "a": (10, FROM_CSV, 14, 2),  # frames 11 and 14 have images past N = 10
+        "b": (3, FROM_ANNOTATIONS, 6, 2),  # a manifest count is authoritative too
+    }
 
 
 def test_keys_that_could_leave_the_output_folder_are_refused():
@@ -194,14 +201,17 @@ def test_test_split_submission_has_every_frame_of_each_listed_video(
     assert sorted(submission.files) == sorted(
         out / FOLDER[t] / f"{v}.txt" for t in TASKS for v in lists[t]
     )
-    assert {v: (n, s) for v, (n, s, _) in submission.frames.items()} == {
+    assert {v: (c.frames, c.source) for v, c in submission.frames.items()} == {
         v: (counts[v], FROM_CSV) for v in counts
     }
-    assert json.loads((out / MARKER).read_text())["split"] == "test"
+    assert json.loads((out / RECORD).read_text())["split"] == "test"
     # Frames after the last image (the CSV counts more) hold the last image's prediction.
     for task in TASKS:
         for video in lists[task]:
-            lines, last = rows(out / FOLDER[task] / f"{video}.txt"), submission.frames[video][2]
+            lines, last = (
+                rows(out / FOLDER[task] / f"{video}.txt"),
+                submission.frames[video].last_image,
+            )
             assert len(lines) == counts[video] > last
             assert set(lines[last - 1 :]) == {lines[last - 1]}
     summary = submission.summary()
@@ -231,7 +241,7 @@ def test_without_counts_test_videos_end_at_their_last_image_and_say_so(
     for video in csv_counts(holdout_tree):
         last = max(int(p.stem) for p in (holdout_tree / "cropped_aligned" / video).glob("*.jpg"))
         line = next(line for line in result.output.splitlines() if line.startswith(video + " "))
-        assert line.split()[1:] == [str(last), "last", "image", str(last)]
+        assert line.split()[1:] == [str(last), "last", "image", str(last), "0"]
         for task, videos in listed(packed_holdout).items():
             if video in videos:
                 assert len(rows(tmp_path / "pred" / FOLDER[task] / f"{video}.txt")) == last
@@ -243,7 +253,7 @@ def test_val_files_cover_every_annotated_frame_and_interpolate_the_gaps(
     out = tmp_path / "pred"
     submission = predict(eval_config(run, packed_holdout), out)
     manifest = load_manifest(packed_holdout)
-    videos = {v for v, (_, source, _) in submission.frames.items() if source == FROM_ANNOTATIONS}
+    videos = {v for v, c in submission.frames.items() if c.source == FROM_ANNOTATIONS}
     assert videos == set(submission.frames) and len(videos) == manifest["splits"]["val"]["videos"]
     expected = {t: {v: manifest["frame_counts"][v] for v in videos} for t in TASKS}
     check_submission(out, expected)
@@ -313,7 +323,7 @@ def test_a_folder_of_other_files_is_refused_before_any_work(run, packed_holdout,
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep")
-    with pytest.raises(DataError, match="not empty and not an earlier prediction folder"):
+    with pytest.raises(DataError, match="holds notes.txt and is not a prediction folder"):
         predict(eval_config(run, packed_holdout, split="test"), out)
     assert snapshot(out) == {"notes.txt": b"keep"}
 
@@ -328,13 +338,16 @@ def test_test_split_missing_from_the_pack_is_a_one_line_error(run, packed, tmp_p
 # --- evaluate and smoothing ---------------------------------------------------------------------
 
 
-def test_evaluate_refuses_the_test_split_in_one_line(run, packed_holdout):
+def test_evaluate_does_not_offer_the_test_split(run, packed_holdout):
     with pytest.raises(DataError, match="the test split has no labels"):
         evaluate(eval_config(run, packed_holdout, split="test"))
-    result = CliRunner().invoke(
+    runner = CliRunner()
+    assert "[train|val]" in runner.invoke(main, ["evaluate", "--help"]).output
+    assert "[train|val|test]" in runner.invoke(main, ["predict", "--help"]).output
+    result = runner.invoke(
         main, ["evaluate", str(run / "best.pt"), str(packed_holdout), "--split", "test"]
     )
-    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.exit_code == 2 and "'test' is not one of 'train', 'val'" in result.output
 
 
 def test_predict_smooth_without_windows_is_a_clear_error(run, packed_holdout, tmp_path):
@@ -343,7 +356,7 @@ def test_predict_smooth_without_windows_is_a_clear_error(run, packed_holdout, tm
     shutil.copy(run / "best.pt", copy / "best.pt")
     with pytest.raises(
         DataError,
-        match=r"smoothing.json: no smoothing windows beside the checkpoint: run `affectfast evaluate CKPT SHARDS --tune-smoothing`",
+        match=r"best.smoothing.json: no smoothing windows beside the checkpoint: run `affectfast evaluate CKPT SHARDS --tune-smoothing`",
     ):
         predict(
             EvalConfig(
@@ -352,7 +365,8 @@ def test_predict_smooth_without_windows_is_a_clear_error(run, packed_holdout, tm
             tmp_path / "pred",
         )
     save_windows(
-        copy / SMOOTHING_FILE,
+        tuned_path(copy / "best.pt", SMOOTHING),
+        Fingerprint.of(copy / "best.pt"),
         {"va": 3},
         {
             "va": {
@@ -364,7 +378,7 @@ def test_predict_smooth_without_windows_is_a_clear_error(run, packed_holdout, tm
             }
         },
     )
-    with pytest.raises(DataError, match=r"no window for expr,au: tuned for another model"):
+    with pytest.raises(DataError, match=r"no window for expr,au; run `affectfast evaluate"):
         predict(
             EvalConfig(
                 copy / "best.pt", packed_holdout, split="test", loader="dali-cpu", smooth=True
@@ -394,7 +408,7 @@ def test_tune_smoothing_prints_raw_and_smoothed_and_predict_applies_the_windows(
     assert result.exit_code == 0, result.output
     assert (
         "smoothing (every frame completed" in result.output
-        and f"saved {run / SMOOTHING_FILE}" in result.output
+        and f"saved {run / 'best.smoothing.json'}" in result.output
     )
     tuned = evaluate(eval_config(run, packed_holdout, tune_smoothing=True))["smoothing"]
     assert set(tuned["windows"]) == set(TASKS)
@@ -408,7 +422,12 @@ def test_tune_smoothing_prints_raw_and_smoothed_and_predict_applies_the_windows(
     line = next(text for text in result.output.splitlines() if text.startswith("va "))
     assert f"{scores['va']['raw']:.4f}" in line and f"{scores['va']['smoothed']:.4f}" in line
     # predict --smooth applies smoothing.json: a 5-frame moving average of the raw VA files.
-    save_windows(run / SMOOTHING_FILE, {"va": 5, "expr": 1, "au": 1}, {t: scores[t] for t in TASKS})
+    save_windows(
+        tuned_path(run / "best.pt", SMOOTHING),
+        Fingerprint.of(run / "best.pt"),
+        {"va": 5, "expr": 1, "au": 1},
+        {t: scores[t] for t in TASKS},
+    )
     raw = predict(eval_config(run, packed_holdout), tmp_path / "raw")
     smoothed = predict(eval_config(run, packed_holdout, smooth=True), tmp_path / "smooth")
     assert smoothed.windows == {"va": 5, "expr": 1, "au": 1} and raw.windows is None

@@ -16,6 +16,7 @@ from affectfast.safe_files import (
     exclusive_lock,
     read_bytes,
     read_text,
+    sha256_file,
 )
 
 
@@ -144,3 +145,21 @@ def test_data_error_messages_are_cut_to_a_line_of_bounded_length(tmp_path):
     error = DataError(tmp_path / "list.txt", "unknown video " + "v" * 10_000_000, 3)
     assert len(error.message) == MAX_MESSAGE and error.message.endswith("(cut off)")
     assert str(error).startswith(f"{tmp_path / 'list.txt'}:3: unknown video vvv")
+
+
+def test_sha256_file_hashes_a_regular_file_and_refuses_anything_else(tmp_path):
+    import hashlib
+
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"weights" * 1000)
+    assert sha256_file(path) == hashlib.sha256(b"weights" * 1000).hexdigest()
+    fifo = tmp_path / "last.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="FIFO .*; the checkpoint must be a regular file"):
+        sha256_file(fifo, what="checkpoint")
+    with pytest.raises(DataError, match="character device"):
+        sha256_file("/dev/zero")  # never ends: refused, not read
+    link = tmp_path / "link.pt"
+    link.symlink_to(path)
+    with pytest.raises(DataError, match="symbolic link"):
+        sha256_file(link, follow_links=False)

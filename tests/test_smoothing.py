@@ -3,6 +3,9 @@ and smoothing that beats per-frame reads on a synthetic tree with corrupted fram
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,6 +31,7 @@ from affectfast.synth import (
     video_labels,
 )
 from affectfast.tasks import NUM_AU, NUM_EXPR
+from affectfast.tuned import Fingerprint
 
 
 # --- complete_video -------------------------------------------------------------------------------
@@ -225,43 +229,110 @@ def test_tuning_refuses_mismatched_videos():
 
 
 # --- save_windows / load_windows ------------------------------------------------------------------
+CHECKPOINT = Fingerprint("best.pt", "ab" * 32)
+
+
 def test_windows_round_trip(tmp_path):
     rng = np.random.default_rng(5)
     truth = _series(rng, videos=2, frames=200)
     windows, scores = tune_windows(_outputs(rng, truth, 0.3), truth, _masks(rng, truth))
-    path = save_windows(tmp_path / "smoothing.json", windows, scores)
-    assert load_windows(path) == (windows, scores)
-    assert not list(tmp_path.glob("*.tmp"))
+    path = save_windows(tmp_path / "best.smoothing.json", CHECKPOINT, windows, scores)
+    assert load_windows(path, CHECKPOINT) == (windows, scores, ())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.smoothing.json"]  # no temporary
+
+
+def _document(**changes) -> str:
+    document = {
+        "version": 2,
+        "kind": "smoothing",
+        "checkpoint": CHECKPOINT.to_dict(),
+        "windows": {"va": 3},
+        "scores": {
+            "va": {
+                "metric": "ccc_mean",
+                "raw": 0.1,
+                "smoothed": 0.2,
+                "grid": [1],
+                "grid_scores": [0.1],
+            }
+        },
+        "absent": [],
+    }
+    return json.dumps({**document, **changes})
 
 
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("{not json", "cannot read"),
-        ('{"version": 2, "windows": {"va": 3}, "scores": {}}', "version"),
-        ('{"version": 1, "windows": {"valence": 3}, "scores": {}}', "'windows'"),
-        ('{"version": 1, "windows": {"va": 4}, "scores": {}}', r"windows\.va.*odd"),
-        ('{"version": 1, "windows": {"va": 3}, "scores": {}}', "'scores'"),
-        ('{"version": 1, "windows": {"va": 3}, "scores": {"va": {"raw": 1}}}', r"scores\.va"),
+        ("{not json", r":1: not JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (_document(version=1), "format version 1, not 2"),
+        (_document(kind="au_thresholds"), "not a smoothing file"),
+        (_document(windows={"valence": 3}), "'windows'"),
+        (_document(windows={"va": 4}), r"windows\.va.*odd"),
+        (_document(windows={"va": 10**30}), r"windows\.va: window must be at most 99999 frames"),
+        (_document(windows={"va": "x" * 10**6}), r"windows\.va: .* got 'xxx"),
+        (_document(scores={}), "'scores'"),
+        (_document(scores={"va": {"raw": 1}}), r"scores\.va"),
+        (_document(absent=["va"]), "'absent'"),
+        (_document(windows={}, scores={}, absent=[]), "'absent'"),
     ],
 )
-def test_a_bad_windows_file_is_a_data_error_naming_it(tmp_path, text, match):
-    path = tmp_path / "smoothing.json"
+def test_a_bad_windows_file_is_a_one_line_data_error_naming_it(tmp_path, text, match):
+    path = tmp_path / "best.smoothing.json"
     path.write_text(text)
     with pytest.raises(DataError, match=match) as caught:
-        load_windows(path)
+        load_windows(path, CHECKPOINT)
     assert caught.value.path == path and str(path) in str(caught.value)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 600
+
+
+def test_windows_tuned_for_other_bytes_of_the_checkpoint_are_refused(tmp_path):
+    path = tmp_path / "best.smoothing.json"
+    path.write_text(_document())
+    assert load_windows(path, CHECKPOINT)[0] == {"va": 3}
+    rewritten = Fingerprint("best.pt", "cd" * 32)  # best.pt after more epochs, say
+    with pytest.raises(DataError, match=r"tuned for another checkpoint .*tune-smoothing` again"):
+        load_windows(path, rewritten)
+
+
+def test_a_windows_file_that_is_a_fifo_or_huge_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "best.smoothing.json"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="FIFO"):
+        load_windows(fifo, CHECKPOINT)  # a plain open() would wait for a writer forever
+    huge = tmp_path / "last.smoothing.json"
+    huge.write_text(" " * (2 << 20))
+    with pytest.raises(DataError, match="a smoothing file holds at most"):
+        load_windows(huge, CHECKPOINT)
 
 
 def test_a_missing_windows_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="cannot read"):
-        load_windows(tmp_path / "absent.json")
+        load_windows(tmp_path / "absent.json", CHECKPOINT)
 
 
 def test_saving_refuses_what_loading_would_refuse(tmp_path):
-    with pytest.raises(DataError, match="odd"):
-        save_windows(tmp_path / "s.json", {"va": 2}, {"va": {}})
-    assert not (tmp_path / "s.json").exists()
+    for windows in ({"va": 2}, {"va": 10**30}):
+        with pytest.raises(DataError, match=r"odd|at most"):
+            save_windows(tmp_path / "s.json", CHECKPOINT, windows, {"va": {}})
+    assert not list(tmp_path.iterdir())
+
+
+def test_windows_and_frame_counts_beyond_any_video_are_refused():
+    with pytest.raises(ValueError, match="at most 99999"):
+        smooth(np.zeros((5, 2)), 10**30 + 1)
+    with pytest.raises(ValueError, match=r"total must be in 1\.\.99999"):
+        complete_video(np.array([1]), np.zeros((1, 2)), 10**12, "linear")
+
+
+def test_a_task_without_a_valid_label_is_left_out_and_the_others_are_tuned():
+    rng = np.random.default_rng(6)
+    truth = _series(rng, videos=2, frames=100)
+    masks = _masks(rng, truth)
+    masks["va"] = [np.zeros_like(m) for m in masks["va"]]  # val: every VA label -5
+    windows, scores = tune_windows(_outputs(rng, truth, 0.3), truth, masks)
+    assert set(windows) == set(scores) == {"expr", "au"}
 
 
 # --- end to end on a synthetic tree with corrupted frames -----------------------------------------

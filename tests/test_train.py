@@ -336,8 +336,10 @@ def test_evaluate_reproduces_the_last_epoch_and_predict_writes_abaw_files(
     )
     val_samples = json.loads((packed / "manifest.json").read_text())["splits"]["val"]["samples"]
     val_batches = -(-val_samples // 64)
-    bar = capsys.readouterr().err  # the validation pass's progress bar, with its ETA
-    assert "val: 100%" in bar and f"{val_batches}/{val_batches} [" in bar and "<00:00" in bar
+    # The validation pass's progress bar: its first render (later ones are rate-limited by
+    # tqdm's mininterval, and the bar is cleared when done) shows the count and the ETA field.
+    bar = capsys.readouterr().err
+    assert f"val:   0%|          | 0/{val_batches} [00:00<?" in bar
     for key in ("ccc_valence", "ccc_arousal", "f1_expr", "f1_au", "p_mtl"):
         assert metrics[key] == pytest.approx(records[-1][key], abs=1e-6), key
     tuned = evaluate(
