@@ -29,6 +29,7 @@ from pathlib import Path
 from affectfast.errors import DataError
 
 CHUNK = 1 << 20  # bytes per read
+SMALL_CHUNK = 1 << 16  # bytes per read of files known to be small (frames)
 EXCERPT_CHARS = 160  # the most of a rejected value an error message quotes
 
 _KINDS = (
@@ -72,6 +73,9 @@ def open_regular(
             raise DataError(
                 path, f"is a symbolic link; the {what} must be a regular file"
             ) from None
+        if error.errno == errno.ENXIO:  # a FIFO without a reader, opened to write
+            kind = describe_kind(os.stat(path, follow_symlinks=follow_links).st_mode)
+            raise DataError(path, f"is {kind}; the {what} must be a regular file") from None
         raise
     try:
         info = os.fstat(fd)
@@ -106,11 +110,11 @@ def read_bytes(
         os.close(fd)
 
 
-def _read_at_most(fd: int, limit: int) -> bytes:
+def _read_at_most(fd: int, limit: int, chunk_size: int = CHUNK) -> bytes:
     """What ``fd`` holds, read until its end or until ``limit + 1`` bytes (so a caller sees
-    that there was more)."""
+    that there was more), ``chunk_size`` bytes a read."""
     parts, size = [], 0
-    while size <= limit and (chunk := os.read(fd, min(CHUNK, limit + 1 - size))):
+    while size <= limit and (chunk := os.read(fd, min(chunk_size, limit + 1 - size))):
         parts.append(chunk)
         size += len(chunk)
     return b"".join(parts)
@@ -125,8 +129,8 @@ def read_listed(path: str, *, limit: int) -> bytes:
     empty), and the bound keeps a device from growing memory.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        return _read_at_most(fd, limit)
+    try:  # os.read allocates the size asked for: 64 KiB, not CHUNK, per 5 kB frame
+        return _read_at_most(fd, limit, SMALL_CHUNK)
     finally:
         os.close(fd)
 
