@@ -33,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from affectfast.errors import DataError
-from affectfast.shards import KEY_RULE, check_key
+from affectfast.safe_files import excerpt, read_bytes
+from affectfast.shards import KEY_RULE, MAX_FRAME_COUNT, MAX_KEY, check_key
 from affectfast.tasks import (
     AU_IGNORE,
     AU_NAMES,
@@ -57,6 +58,11 @@ FRAMES_DIR = "cropped_aligned"
 SEARCH_DEPTH = 3
 FRAME_DIGITS = 5  # frame images are <NNNNN>.jpg, 1-based
 QUOTE_LIMIT = 80  # characters of file content an error quotes: a broken file may hold a 50 MB line
+# The most an annotation file or a test list may hold: 99,999 frames of twelve AU values take
+# about 2.5 MB; anything past this is not such a file (and a device never ends).
+MAX_ANNOTATION_BYTES = 64 << 20
+MAX_TEST_LIST_BYTES = 64 << 20
+MAX_VIDEO_NAME = MAX_KEY - 1 - FRAME_DIGITS  # "<video>/<NNNNN>" fits a key
 
 
 @dataclass(frozen=True)
@@ -137,13 +143,37 @@ def fingerprint_source(
 ) -> str:
     """sha256 over every annotation file (name and bytes), the image names of each video and the
     videos of each task's test list (``test_names``; none: the digest of a pack without them)."""
-    digest = hashlib.sha256()
+    return _fingerprints(dirs, videos, test_names)[0]
 
-    def add(text: str, data: bytes = b"") -> None:
+
+def fingerprint_sources(
+    dirs: AnnotationDirs, labelled: list[str], test_names: dict[str, list[str]]
+) -> tuple[str, str]:
+    """(the fingerprint of the labelled part alone, that of the whole source), reading each file
+    once: the first is what a pack without test lists records (``fingerprint_source(dirs,
+    labelled)``), the second adds the test videos' image names and the lists."""
+    listed = {name for names in test_names.values() for name in names}
+    videos = sorted(set(labelled) | listed)
+    whole, part = _fingerprints(dirs, videos, test_names or None, part=set(labelled))
+    return part, whole
+
+
+def _fingerprints(
+    dirs: AnnotationDirs,
+    videos: list[str],
+    test_names: dict[str, list[str]] | None,
+    part: set[str] | None = None,
+) -> list[str]:
+    """The fingerprint of ``videos`` (and ``test_names``) and, with ``part``, that of the
+    annotations and the videos in ``part`` alone, as ``fingerprint_source`` would give it."""
+    digests = [hashlib.sha256()] + ([hashlib.sha256()] if part is not None else [])
+
+    def add(text: str, data: bytes = b"", whole_only: bool = False) -> None:
         # Length-prefixed so that no two different sources can hash the same stream.
-        for part in (text.encode(), data):
-            digest.update(len(part).to_bytes(8, "little"))
-            digest.update(part)
+        for digest in digests[:1] if whole_only else digests:
+            for item in (text.encode(), data):
+                digest.update(len(item).to_bytes(8, "little"))
+                digest.update(item)
 
     for task in TASKS:
         folder = dirs.task_dir(task)
@@ -155,12 +185,13 @@ def fingerprint_source(
                 for n in os.listdir(folder / set_dir)
                 if n.endswith(".txt") and not n.startswith(".")
             ):
-                add(f"{task}/{set_dir}/{name}", (folder / set_dir / name).read_bytes())
+                add(f"{task}/{set_dir}/{name}", _read_annotation(folder / set_dir / name))
     for video in videos:
-        add(video, "\n".join(sorted(os.listdir(dirs.frames / video))).encode())
+        listing = "\n".join(sorted(os.listdir(dirs.frames / video))).encode()
+        add(video, listing, whole_only=part is not None and video not in part)
     for task, names in sorted((test_names or {}).items()):
-        add(f"test list {task}", "\n".join(names).encode())
-    return "sha256:" + digest.hexdigest()
+        add(f"test list {task}", "\n".join(names).encode(), whole_only=True)
+    return ["sha256:" + digest.hexdigest() for digest in digests]
 
 
 # --- finding the folders --------------------------------------------------------------------------
@@ -418,7 +449,8 @@ def read_test_list(path: str | Path) -> list[tuple[str, int]]:
     naming no video is a DataError naming the file (and line)."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        data = read_bytes(path, limit=MAX_TEST_LIST_BYTES, what="test list")
+        text = data.decode("utf-8-sig")
     except OSError as error:
         raise DataError(path, f"cannot read the test list: {error.strerror or error}") from None
     except UnicodeDecodeError:
@@ -431,8 +463,9 @@ def read_test_list(path: str | Path) -> list[tuple[str, int]]:
         if not is_video_name(name):
             raise DataError(
                 path,
-                f"{_excerpt(name)!r} is not a video name (a folder name under {FRAMES_DIR}: "
-                "printable ASCII, no space, slash or dot)",
+                f"{excerpt(name)} is not a video name (a folder name under {FRAMES_DIR}: "
+                f"at most {MAX_VIDEO_NAME} characters of printable ASCII, no space, slash or "
+                "dot)",
                 number,
             )
         if name in names:
@@ -451,9 +484,10 @@ _VIDEO_NAME = re.compile(r"(?:(?![/\\.])[!-~])+")
 
 
 def is_video_name(name: str) -> bool:
-    """Whether ``name`` can be a video: one path component of printable ASCII without space,
-    slash, backslash or dot (so ``<folder>/<name>.txt`` never leaves ``<folder>``)."""
-    return _VIDEO_NAME.fullmatch(name) is not None
+    """Whether ``name`` can be a video: one path component of at most ``MAX_VIDEO_NAME``
+    characters of printable ASCII without space, slash, backslash or dot (so
+    ``<folder>/<name>.txt`` never leaves ``<folder>``, and its keys fit a tar header)."""
+    return len(name) <= MAX_VIDEO_NAME and _VIDEO_NAME.fullmatch(name) is not None
 
 
 def read_test_set(
@@ -525,16 +559,23 @@ def _parse_annotation(path: Path, task: str) -> np.ndarray:
 def _read_body(path: Path, task: str) -> list[bytes]:
     """The data lines of a file after its header was checked (CRLF, no final newline, trailing
     blank lines accepted)."""
-    lines = path.read_bytes().splitlines()  # splits on \n, \r\n and \r; no final newline needed
+    lines = _read_annotation(path).splitlines()  # on \n, \r\n and \r; no final newline needed
     expected = ",".join(HEADERS[task])
     header = lines[0].decode("utf-8-sig", errors="replace").strip() if lines else ""
     if [f.strip().lower() for f in header.split(",")] != [h.lower() for h in HEADERS[task]]:
         raise DataError(
-            path, f"expected the {task} header {expected!r}, got {_excerpt(header)!r}", 1
+            path, f"expected the {task} header {expected!r}, got {excerpt(header, QUOTE_LIMIT)}", 1
         )
     body = lines[1:]
     while body and not body[-1].strip():
         body.pop()
+    if len(body) > MAX_FRAME_COUNT:  # frame numbers have 5 digits: no image could be frame 10^5
+        raise DataError(
+            path,
+            f"{len(body):,} frame lines: frame numbers have {FRAME_DIGITS} digits, so a video "
+            f"has at most {MAX_FRAME_COUNT:,} frames",
+            MAX_FRAME_COUNT + 2,
+        )
     # The EXPR header names 8 classes but each line holds one class index: widths come from tasks.
     width = LABEL_SIZE[task]
     fields = np.fromiter(map(bytes.count, body, repeat(b",")), dtype=np.int64, count=len(body)) + 1
@@ -544,6 +585,11 @@ def _read_body(path: Path, task: str) -> list[bytes]:
         what = "value" if width == 1 else "comma-separated values"
         raise DataError(path, f"expected {width} {what} ({_FIELDS[task]}), got {fields[i]}", i + 2)
     return body
+
+
+def _read_annotation(path: Path) -> bytes:
+    """An annotation file's bytes: a regular file (a FIFO would block pack for ever), bounded."""
+    return read_bytes(path, limit=MAX_ANNOTATION_BYTES, what="annotation file")
 
 
 def _parse_numbers(path: Path, body: list[bytes], width: int, integer: bool) -> np.ndarray:
@@ -567,7 +613,7 @@ def _parse_numbers(path: Path, body: list[bytes], width: int, integer: bool) -> 
             parsed = _fromstring(field, np.float64)
             if parsed is None or parsed.size != 1:
                 text = field.decode("utf-8", errors="replace").strip()
-                raise DataError(path, f"{_excerpt(text)!r} is not a number", number)
+                raise DataError(path, f"{excerpt(text, QUOTE_LIMIT)} is not a number", number)
     raise DataError(path, "could not parse the values as numbers")  # unreachable in practice
 
 
@@ -596,7 +642,8 @@ def _find_blank_field(joined: bytes) -> tuple[int, str] | None:
 
 
 def _excerpt(text: str) -> str:
-    """``text`` cut to :data:`QUOTE_LIMIT` characters, for quoting file content in an error."""
+    """``text`` cut to :data:`QUOTE_LIMIT` characters, for a number shown unquoted in an error
+    (``safe_files.excerpt`` quotes)."""
     return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT] + "..."
 
 

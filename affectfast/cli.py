@@ -363,7 +363,8 @@ def verify_command(out, decode, workers):
     "--to",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Node-local folder for the copy (LOCAL_DIR; created if needed).",
+    help="Node-local folder for the copy (LOCAL_DIR; created if needed): new, empty, or one "
+    "an earlier stage wrote (a folder of other files is refused).",
 )
 @click.option(
     "--recheck",

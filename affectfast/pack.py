@@ -16,23 +16,31 @@ Guarantees:
   reuses the finished shards and writes the rest. Shards from another source or settings are never
   reused: that is a DataError.
 - One pack at a time per output folder: ``.pack.lock`` (flock) makes a second one a DataError.
+  Locks, the state file and temporaries are never opened through a link (``safe_files``).
+- A SIGTERM (what a scheduler sends) stops the worker processes and removes the temporaries
+  before pack exits; workers also die with pack however it dies (Linux), so a pack run again at
+  once finds no writer left and resumes.
 - A bad JPEG is a DataError naming the file, and the shards this run wrote are removed; with
   ``skip_bad`` it is left out, listed and counted in the manifest. ``manifest.json`` comes last.
 
 With ``test_lists`` (ABAW test-set lists, one per task or one for all) it also writes a ``test``
 split: every frame with an image of each listed video, the JPEG alone, in video/frame order. The
 manifest records each task's list and, for every annotated video, its frame count (what a
-submission needs: a line for every frame, faces or not).
+submission needs: a line for every frame, faces or not). The train and val shards do not depend
+on the test lists: a test split added to a finished pack reuses them.
 """
 
 from __future__ import annotations
 
-import fcntl
+import ctypes
 import hashlib
 import json
 import multiprocessing
 import os
+import re
+import signal
 import tarfile
+import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -47,28 +55,41 @@ from affectfast.affwild2 import (
     AnnotationDirs,
     VideoLabels,
     find_annotation_dirs,
-    fingerprint_source,
+    fingerprint_sources,
     image_path,
     read_test_set,
     read_tree,
     sample_key,
 )
+from affectfast.console import say
 from affectfast.constants import LABELLED_SPLITS
 from affectfast.errors import DataError, check_writable_folder
 from affectfast.jpeg import CHECKS, JpegError, check_jpeg
+from affectfast.safe_files import (
+    create_new,
+    excerpt,
+    exclusive_lock,
+    open_regular,
+    read_listed,
+    read_text,
+)
 from affectfast.shards import (
     FORMAT_VERSION,
     KEY_RULE,
     MANIFEST,
+    MAX_MANIFEST_BYTES,
     check_key,
+    check_manifest,
     index_line,
     index_text,
+    regular_size,
     shard_name,
     size_text,
     tar_end,
     tar_member,
 )
 from affectfast.tasks import (
+    CHALLENGE_DIRS,
     EXPR_NAMES,
     IMAGE_EXT,
     LABEL_DTYPE,
@@ -85,6 +106,8 @@ from affectfast.tasks import (
 STATE = ".pack-state.jsonl"
 LOCK = ".pack.lock"  # held (flock) by the pack writing into a folder; holds its process id
 TMP_SUFFIX = ".tmp"
+MAX_FRAME_BYTES = 64 << 20  # a face crop is kilobytes; past this a "frame" is not one
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -132,17 +155,23 @@ class PackConfig:
             raise ValueError(f"check must be one of {', '.join(CHECKS)}, got {self.check!r}")
 
     def settings(self) -> dict:
-        """The settings that decide the output bytes (recorded in the state file and manifest)."""
-        settings = {
+        """The settings that decide the output bytes (recorded in the state file). The test
+        lists decide them by their content, which the source fingerprint covers, not by how
+        their paths are spelled."""
+        return {
             "format_version": FORMAT_VERSION,  # a state file of another format is not reused
             "shard_size": self.shard_size,
             "seed": self.seed,
             "check": self.check,
             "skip_bad": self.skip_bad,
         }
-        if self.test_lists:  # only then: a pack without a test set keeps the settings it had
-            settings["test_lists"] = {task: str(path) for task, path in sorted(self.test_lists)}
-        return settings
+
+    def manifest_config(self) -> dict:
+        """The manifest's ``config``: the settings, and the test list files as given."""
+        config = self.settings()
+        if self.test_lists:  # only then: a pack without a test set keeps the manifest it had
+            config["test_lists"] = {task: str(path) for task, path in sorted(self.test_lists)}
+        return config
 
 
 # --- the global index -----------------------------------------------------------------------------
@@ -285,7 +314,7 @@ def write_shard(job: ShardJob, context: WriterContext) -> ShardResult:
         tar_tmp.unlink()
         return result
     try:
-        idx_tmp.write_text(index_text(lines), encoding="ascii")
+        _write_new(idx_tmp, index_text(lines).encode("ascii"))
     except OSError as error:
         error.filename = error.filename or str(idx_tmp)
         raise
@@ -308,7 +337,9 @@ def _write_tar(job: ShardJob, context: WriterContext, path: Path) -> tuple[Shard
         )
         for v in np.unique(job.video).tolist()
     }
-    with open(path, "wb", buffering=1 << 20) as file:
+    # Created exclusively (never through a link planted under the temporary's name); the
+    # temporaries of a killed run were removed before any worker started.
+    with open(create_new(path), "wb", buffering=1 << 20) as file:
         sink = _HashingWriter(file)
         for i in range(len(job.rows)):
             frame = f"{job.frame[i]:0{FRAME_DIGITS}d}"
@@ -343,16 +374,10 @@ def _write_tar(job: ShardJob, context: WriterContext, path: Path) -> tuple[Shard
 
 
 def read_file(path: str) -> bytes:
-    """A whole small file's bytes. Raw ``os.read`` calls: half the cost of ``open().read()``
-    (which adds an fstat, a buffer and a Python file object) for 5 kB frames."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    """A frame's bytes (a file the folder listing reported as regular): raw ``os.read`` calls,
+    half the cost of ``open().read()`` for 5 kB frames; never blocks (a FIFO swapped in reads as
+    empty), never more than ``MAX_FRAME_BYTES + 1`` bytes (see ``safe_files.read_listed``)."""
+    return read_listed(path, limit=MAX_FRAME_BYTES)
 
 
 def _count_sample(result: ShardResult, tasks: list[str], jpeg_bytes: int, size) -> None:
@@ -371,6 +396,8 @@ def _read_checked(path: str, check: str) -> tuple[bytes | JpegError | OSError, t
         data = read_file(path)
     except OSError as error:
         return OSError(f"cannot read: {error.strerror or error}"), None
+    if len(data) > MAX_FRAME_BYTES:
+        return JpegError(f"more than {MAX_FRAME_BYTES:,} bytes: not a face crop"), None
     try:
         size = check_jpeg(data, check)
     except JpegError as error:
@@ -382,9 +409,23 @@ def _read_checked(path: str, check: str) -> tuple[bytes | JpegError | OSError, t
 _CONTEXT: WriterContext | None = None
 
 
-def _init_worker(context: WriterContext) -> None:
+def _init_worker(context: WriterContext, parent: int) -> None:
     global _CONTEXT
     _CONTEXT = context
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel send this worker SIGTERM when the pack process ``parent`` dies, SIGKILL
+    included (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing): a worker left writing
+    would race the next pack in the same folder."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
 
 
 def _write_in_worker(job: ShardJob) -> ShardResult:
@@ -401,7 +442,9 @@ def run_jobs(
             yield write_shard(job, context)
         return
     spawn = multiprocessing.get_context("spawn")  # no inherited threads or locks
-    with spawn.Pool(workers, initializer=_init_worker, initargs=(context,)) as pool:
+    # Leaving this block (the results read, an error, SIGTERM via _stop_on_sigterm) terminates
+    # the workers: none outlives the pack.
+    with spawn.Pool(workers, initializer=_init_worker, initargs=(context, os.getpid())) as pool:
         pending = deque()
         for job in jobs:
             pending.append(pool.apply_async(_write_in_worker, (job,)))
@@ -415,21 +458,27 @@ def run_jobs(
 
 
 class PackState:
-    """``.pack-state.jsonl``: line 1 the source fingerprint and settings, then one line per shard
-    finished (after its tar and idx were renamed into place)."""
+    """``.pack-state.jsonl``: line 1 the source fingerprint (of the labelled part) and settings,
+    then one line per shard finished (after its tar and idx were renamed into place), and
+    ``{"test_set": FINGERPRINT}`` (the whole source, test lists included) before the first
+    test shard: train and val shards are reused whatever the test lists; test shards only for
+    the same test set."""
 
     def __init__(self, out: Path, header: dict):
         self.path = out / STATE
         self.out = out
         self.header = header
         self.done: dict[str, dict] = {}
-        self.created = not self.path.exists()
+        self.test_set: str | None = None
+        self.created = not os.path.lexists(self.path)
         if self.created:
             self._refuse_foreign_files()
             _write_atomic(self.path, json.dumps(header, sort_keys=True) + "\n")
             self._initial = None
         else:
-            self._initial = self.path.read_text()
+            self._initial = read_text(
+                self.path, limit=MAX_MANIFEST_BYTES, follow_links=False, what="pack state file"
+            )
             self._load(self._initial)
 
     def _refuse_foreign_files(self) -> None:
@@ -452,12 +501,35 @@ class PackState:
             header = None
         if header != self.header:
             raise DataError(self.path, _difference(header, self.header))
-        for line in lines[1:]:
+        for number, line in enumerate(lines[1:], start=2):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill: that shard is redone
                 continue
-            self.done[record["name"]] = record
+            if isinstance(record, dict) and isinstance(record.get("test_set"), str):
+                self.test_set = record["test_set"]
+            elif _is_record(record):
+                self.done[record["name"]] = record
+            else:
+                raise DataError(
+                    self.path,
+                    f"not a shard record pack wrote ({excerpt(record)}); remove the folder or "
+                    "choose another --out",
+                    number,
+                )
+
+    def claim_test_set(self, fingerprint: str | None) -> None:
+        """Accept the test set of this pack (``fingerprint`` of the whole source, None without
+        test lists): the first one is recorded; another than the one recorded is refused."""
+        if fingerprint == self.test_set:
+            return
+        advice = "give the same --test-videos as before, or choose another --out"
+        if self.test_set is not None:
+            what = "a test split of other test lists" if fingerprint else "a test split"
+            raise DataError(self.path, f"holds {what} (test lists changed); {advice}")
+        with open(self._append(), "a", encoding="utf-8") as file:
+            file.write(json.dumps({"test_set": fingerprint}) + "\n")
+        self.test_set = fingerprint
 
     def finished(self, name: str) -> dict | None:
         """The record of a finished shard whose files are still in place, else None."""
@@ -466,8 +538,8 @@ class PackState:
             return None
         if record["samples"] == 0:
             return record
-        tar, idx = self.out / f"{name}.tar", self.out / f"{name}.idx"
-        if tar.is_file() and idx.is_file() and tar.stat().st_size == record["bytes"]:
+        sizes = [regular_size(self.out / f"{name}{ext}") for ext in (".tar", ".idx")]
+        if sizes[0] == record["bytes"] and sizes[1] is not None:
             return record
         return None
 
@@ -475,10 +547,16 @@ class PackState:
         """Append a finished shard to the state file."""
         record = asdict(result)
         del record["error"]
-        with open(self.path, "a", encoding="utf-8") as file:
+        with open(self._append(), "a", encoding="utf-8") as file:
             file.write(json.dumps(record, sort_keys=True) + "\n")
         self.done[result.name] = record
         return record
+
+    def _append(self) -> int:
+        """A descriptor appending to the state file, never through a link."""
+        return open_regular(
+            self.path, flags=os.O_WRONLY | os.O_APPEND, follow_links=False, what="pack state file"
+        )
 
     def roll_back(self, names: list[str]) -> None:
         """Remove the shards this run was writing (``names``, recorded or not: a worker may have
@@ -492,20 +570,49 @@ class PackState:
             _write_atomic(self.path, self._initial)
 
 
+_RECORD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-[0-9]{{6,}}")
+_RECORD_INTEGERS = ("samples", "bytes", "jpeg_bytes")
+
+
+def _is_record(record) -> bool:
+    """A state line with what the manifest is built from, of the right types (their ranges are
+    checked with the manifest, ``shards.check_manifest``)."""
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("name"), str)
+        and _RECORD_NAME.fullmatch(record["name"]) is not None
+        and all(_is_int(record.get(k)) for k in _RECORD_INTEGERS)
+        and isinstance(record.get("sha256"), str)
+        and isinstance(record.get("counts"), dict)
+        and all(_is_int(record["counts"].get(task)) for task in TASKS)
+        and isinstance(record.get("frame_sizes"), dict)
+        and all(isinstance(k, str) and _is_int(v) for k, v in record["frame_sizes"].items())
+        and isinstance(record.get("bad"), list)
+        and all(
+            isinstance(item, dict)
+            and _is_int(item.get("row"))
+            and all(isinstance(item.get(k), str) for k in ("key", "path", "error"))
+            for item in record["bad"]
+        )
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _difference(found: dict | None, wanted: dict) -> str:
     """Why an output folder's state does not match this pack, for the error message."""
     advice = "remove the folder or choose another --out"
     if not isinstance(found, dict):
         return f"unreadable pack state; {advice}"
     if found.get("fingerprint") != wanted["fingerprint"]:
-        return (
-            "holds shards of another source tree (its annotations, images or test lists "
-            f"changed); {advice}"
-        )
+        return f"holds shards of another source tree (its annotations or images changed); {advice}"
+    settings = found.get("settings") if isinstance(found.get("settings"), dict) else {}
     changed = [
-        f"{k} {found.get('settings', {}).get(k)!r} -> {v!r}"
+        f"{k} {excerpt(settings.get(k))} -> {excerpt(v)}"
         for k, v in wanted["settings"].items()
-        if found.get("settings", {}).get(k) != v
+        if settings.get(k) != v
     ]
     if changed:
         return f"holds shards packed with other settings ({', '.join(changed)}); {advice}"
@@ -514,12 +621,18 @@ def _difference(found: dict | None, wanted: dict) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
+    try:  # our temporary (we hold the lock): a killed run's, or a planted link, is replaced
+        _write_new(tmp, text.encode("utf-8"), replace=True)
         os.replace(tmp, path)
     except BaseException:  # a full disk: no half-written temporary left behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_new(path: Path, data: bytes, replace: bool = False) -> None:
+    """Write ``data`` to a file created at ``path`` (``safe_files.create_new``)."""
+    with open(create_new(path, replace=replace), "wb") as file:
+        file.write(data)
 
 
 def remove_temporaries(out: Path, shards: list[str]) -> None:
@@ -536,35 +649,37 @@ def remove_temporaries(out: Path, shards: list[str]) -> None:
 def lock_output(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out/.pack.lock`` (holding this process id) while packing into
     ``out``: a second pack there would delete the first one's temporaries. It fails at once."""
-    path = out / LOCK
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = os.read(fd, 64).decode("ascii", errors="replace").strip() or "unknown"
-            os.close(fd)
-            if isinstance(error, BlockingIOError):
-                raise DataError(
-                    out,
-                    f"locked by process {holder}: another `affectfast pack` is writing here; "
-                    "wait for it to end or choose another --out",
-                ) from None
-            raise DataError(path, f"cannot lock: {error.strerror or error}") from None
-        # A pack that just ended unlinked the file it locked: a lock on that inode guards nothing.
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+
+    def refuse(holder: str) -> None:
+        raise DataError(
+            out,
+            f"locked by process {holder}: another `affectfast pack` is writing here; "
+            "wait for it to end or choose another --out",
+        )
+
+    # Removed at the end (while still locked); one left by a killed pack holds no lock.
+    with exclusive_lock(out / LOCK, on_busy=refuse, remove=True):
+        yield
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """While packing, SIGTERM (what a scheduler sends before SIGKILL) raises SystemExit in the
+    main thread, so the ``with`` blocks it unwinds stop the worker pool and remove temporaries;
+    a second SIGTERM is ignored while that runs. Elsewhere than the main thread, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        os.ftruncate(fd, 0)  # a killed pack leaves its file (and process id) but no lock
-        os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still locked, so no one locks the file being removed
-        os.close(fd)
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- statistics and the manifest ------------------------------------------------------------------
@@ -642,7 +757,7 @@ def build_manifest(
             "frames": str(dirs.frames),
             **{task: str(dirs.task_dir(task)) if dirs.task_dir(task) else None for task in TASKS},
         },
-        "config": config.settings(),
+        "config": config.manifest_config(),
         "components": {
             IMAGE_EXT: {"content": "original JPEG bytes"},
             **{
@@ -716,6 +831,11 @@ def _jobs(
 
 def pack(config: PackConfig, *, progress: bool = True) -> dict:
     """Pack the tree into ``config.out``; return the manifest (also written as manifest.json)."""
+    with _stop_on_sigterm():
+        return _pack(config, progress)
+
+
+def _pack(config: PackConfig, progress: bool) -> dict:
     dirs = find_annotation_dirs(
         config.root, frames=config.frames, va=config.va, expr=config.expr, au=config.au
     )
@@ -726,6 +846,7 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
             dirs.frames, "no frame has both an image and a valid label: nothing to pack"
         )
     frame_counts = {video.name: video.frame_count for video in videos}
+    labelled = sorted(frame_counts)
     test_videos, test_names = (
         read_test_set(dirs, dict(config.test_lists)) if config.test_lists else ([], {})
     )
@@ -733,7 +854,9 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
     ignored = {video.name: video.ignored_files for video in videos if video.ignored_files}
     index = build_index(videos, dirs.frames)
     del videos  # the index holds copies of its arrays: 70 MB at full scale
-    fingerprint = fingerprint_source(dirs, sorted(set(index.videos)), test_names or None)
+    for line in describe_tasks(config, dirs, index):
+        say(line)
+    labelled_fingerprint, fingerprint = fingerprint_sources(dirs, labelled, test_names)
     plan = plan_shards(index, config)
 
     config.out.mkdir(parents=True, exist_ok=True)
@@ -742,10 +865,11 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
             config.out,
             {
                 "format_version": FORMAT_VERSION,
-                "fingerprint": fingerprint,
+                "fingerprint": labelled_fingerprint,
                 "settings": config.settings(),
             },
         )
+        state.claim_test_set(fingerprint if config.test_lists else None)
         shards = [(split, n) for split in plan for n in range(len(plan[split]))]
         names = [shard_name(*s) for s in shards]
         remove_temporaries(config.out, names)  # only now: PackState accepted the folder as ours
@@ -782,5 +906,37 @@ def pack(config: PackConfig, *, progress: bool = True) -> dict:
         records = {shard_name(*s): state.finished(shard_name(*s)) for s in shards}
         manifest = build_manifest(config, dirs, fingerprint, index, plan, records, ignored)
         add_submission_fields(manifest, frame_counts, test_names)
+        check_manifest(manifest, state.path)  # what every reader checks: built from the state
         _write_atomic(config.out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def describe_tasks(config: PackConfig, dirs: AnnotationDirs, index: SampleIndex) -> list[str]:
+    """What pack found, one line per task (its folder, and per split the videos and frames with
+    its label) and for the test split; a warning line for each task without a folder (a
+    misnamed folder would otherwise go unnoticed: the pack just lacks that task)."""
+    lines = []
+    for task in TASKS:
+        folder = dirs.task_dir(task)
+        if folder is None:
+            where = config.root if config.root is not None else "the folders given"
+            names = " or ".join(CHALLENGE_DIRS[task])
+            lines.append(
+                f"warning: no {task} annotation folder ({names}) under {where}: the pack has no "
+                f"{task} labels (pass --{task} FOLDER if it is elsewhere)"
+            )
+            continue
+        valid = valid_mask(task, getattr(index, task))
+        parts = []
+        for split in LABELLED_SPLITS:
+            rows = valid & (index.split == SPLITS.index(split))
+            videos = len(np.unique(index.video[rows]))
+            parts.append(f"{split} {videos} videos, {int(rows.sum()):,} frames")
+        lines.append(f"{task}: {'; '.join(parts)} ({folder})")
+    if config.test_lists:
+        rows = index.split == SPLITS.index("test")
+        lines.append(
+            f"test: {len(np.unique(index.video[rows]))} videos, {int(rows.sum()):,} frames "
+            f"(lists for {', '.join(task for task, _ in config.test_lists)})"
+        )
+    return lines

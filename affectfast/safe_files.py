@@ -10,7 +10,8 @@ redirected: the one place every command reads such files and takes its locks.
 - ``follow_links=False`` for names that come from a manifest or a stamp (they must be plain files
   in their folder, never a way out of it); a path the user typed may be a link to a regular file.
 - Locks are opened with ``O_NOFOLLOW`` and must be regular files: a planted symbolic link named
-  like a lock would otherwise have its target truncated.
+  like a lock would otherwise have its target truncated. Temporaries are created with
+  ``O_CREAT | O_EXCL`` (:func:`create_new`), which never opens an existing file or link.
 - :func:`excerpt` quotes a rejected value in an error message, at most a few hundred characters
   however large or deeply nested the value is.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 from affectfast.errors import DataError
 
 CHUNK = 1 << 20  # bytes per read
+SMALL_CHUNK = 1 << 16  # bytes per read of files known to be small (frames)
 EXCERPT_CHARS = 160  # the most of a rejected value an error message quotes
 
 _KINDS = (
@@ -56,43 +58,16 @@ def check_regular(path: str | Path, *, follow_links: bool = True) -> os.stat_res
     return info
 
 
-def read_bytes(
-    path: str | Path, *, limit: int, follow_links: bool = True, what: str = "file"
-) -> bytes:
-    """The whole of the regular file ``path``, at most ``limit`` bytes; else a DataError.
+def open_regular(
+    path: str | Path, *, flags: int = os.O_RDONLY, follow_links: bool = True, what: str = "file"
+) -> int:
+    """A descriptor of the regular file ``path`` opened with ``flags`` (``os.O_RDONLY``,
+    ``os.O_WRONLY | os.O_APPEND``, ...), in blocking mode; anything else is a DataError naming it.
 
-    ``what`` names the file in the message ("frame-count CSV", "manifest").
+    Opened with ``O_NONBLOCK`` (a FIFO never blocks the open) and checked with ``fstat`` on the
+    descriptor; ``follow_links=False`` adds ``O_NOFOLLOW``. A missing file raises the OSError.
     """
-    fd = _open_regular(path, follow_links, what)
-    try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise DataError(path, f"{size:,} bytes: a {what} holds at most {limit:,}")
-        parts, size = [], 0
-        while size <= limit and (chunk := os.read(fd, min(CHUNK, limit + 1 - size))):
-            parts.append(chunk)
-            size += len(chunk)
-        if size > limit:  # it grew while being read
-            raise DataError(path, f"more than {limit:,} bytes: a {what} holds at most {limit:,}")
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: str | Path, *, follow_links: bool = True, what: str = "file") -> str:
-    """The sha256 (hex) of the regular file ``path``, read in chunks (memory stays bounded
-    however large it is); anything but a regular file is a DataError, as in :func:`read_bytes`."""
-    with os.fdopen(_open_regular(path, follow_links, what), "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _open_regular(path: str | Path, follow_links: bool, what: str) -> int:
-    """A blocking read-only descriptor of the regular file ``path``; else a DataError.
-
-    Opened with O_NONBLOCK (a FIFO without a writer would block the open itself), then checked
-    with fstat, so the file checked is the file read.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    flags |= os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
     except OSError as error:
@@ -100,15 +75,87 @@ def _open_regular(path: str | Path, follow_links: bool, what: str) -> int:
             raise DataError(
                 path, f"is a symbolic link; the {what} must be a regular file"
             ) from None
+        if error.errno == errno.ENXIO:  # a FIFO without a reader, opened to write
+            kind = describe_kind(os.stat(path, follow_symlinks=follow_links).st_mode)
+            raise DataError(path, f"is {kind}; the {what} must be a regular file") from None
         raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(
+                path, f"is {describe_kind(info.st_mode)}; the {what} must be a regular file"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
-        raise DataError(
-            path, f"is {describe_kind(info.st_mode)}; the {what} must be a regular file"
-        )
-    os.set_blocking(fd, True)
+        raise
     return fd
+
+
+def read_bytes(
+    path: str | Path, *, limit: int, follow_links: bool = True, what: str = "file"
+) -> bytes:
+    """The whole of the regular file ``path``, at most ``limit`` bytes; else a DataError.
+
+    ``what`` names the file in the message ("frame-count CSV", "manifest").
+    """
+    fd = open_regular(path, follow_links=follow_links, what=what)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise DataError(path, f"{size:,} bytes: a {what} holds at most {limit:,}")
+        data = _read_at_most(fd, limit)
+        if len(data) > limit:  # it grew while being read
+            raise DataError(path, f"more than {limit:,} bytes: a {what} holds at most {limit:,}")
+        return data
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | Path, *, follow_links: bool = True, what: str = "file") -> str:
+    """The sha256 (hex) of the regular file ``path``, read in chunks (memory stays bounded
+    however large it is); anything but a regular file is a DataError, as in :func:`read_bytes`."""
+    with os.fdopen(open_regular(path, follow_links=follow_links, what=what), "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _read_at_most(fd: int, limit: int, chunk_size: int = CHUNK) -> bytes:
+    """What ``fd`` holds, read until its end or until ``limit + 1`` bytes (so a caller sees
+    that there was more), ``chunk_size`` bytes a read."""
+    parts, size = [], 0
+    while size <= limit and (chunk := os.read(fd, min(chunk_size, limit + 1 - size))):
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+def read_listed(path: str, *, limit: int) -> bytes:
+    """The bytes of a file a directory listing just reported as regular (``os.scandir``'s
+    ``is_file()``), at most ``limit + 1`` of them; the caller refuses a longer result.
+
+    For millions of small files (frames) where one more system call per file shows: no ``fstat``.
+    ``O_NONBLOCK`` still keeps a FIFO swapped in since the listing from blocking (it reads as
+    empty), and the bound keeps a device from growing memory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:  # os.read allocates the size asked for: 64 KiB, not CHUNK, per 5 kB frame
+        return _read_at_most(fd, limit, SMALL_CHUNK)
+    finally:
+        os.close(fd)
+
+
+def create_new(path: str | Path, *, replace: bool = False, mode: int = 0o666) -> int:
+    """A write descriptor of a file created at ``path`` (``mode & ~umask``), never opened through
+    a link or onto an existing file (``O_CREAT | O_EXCL``, which refuses a planted link too).
+
+    ``replace=True`` first removes whatever is at ``path`` (the link itself, never its target):
+    for temporaries whose name the caller owns, a killed run's included.
+    """
+    if replace:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path, flags, mode)
 
 
 def read_text(

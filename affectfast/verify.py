@@ -1,9 +1,11 @@
 """Check a pack output folder against its manifest: sizes, checksums, indexes, counts, decodes.
 
 ``verify(out)`` reads every shard once: its size and sha256 must match the manifest, its ``.idx``
-must equal the index rebuilt from the tar's own headers, and the samples, label components and label
-statistics it holds must add up to what the manifest says. With ``decode=True`` every image is also
-fully decoded. It returns the problems found, one line each; an empty list means all is well.
+must equal the index rebuilt from the tar's own headers, and the samples, label components, label
+statistics and frame sizes (from each JPEG's frame header) it holds must add up to what the
+manifest says. With ``decode=True`` every image is also fully decoded. Files are read as the
+manifest names them and only so (``shards.open_listed``: regular files of the folder, never
+through a link). It returns the problems found, one line each; an empty list means all is well.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from affectfast.errors import DataError
 from affectfast.jpeg import JpegError, check_jpeg
+from affectfast.safe_files import excerpt, read_bytes, read_text
 from affectfast.shards import (
     KEY_RULE,
     MANIFEST,
@@ -28,6 +31,8 @@ from affectfast.shards import (
     index_text,
     load_manifest,
     manifest_summary,
+    open_listed,
+    size_text,
 )
 from affectfast.tasks import (
     IMAGE_EXT,
@@ -55,9 +60,12 @@ class ShardCounts:
     au: np.ndarray = field(default_factory=lambda: np.zeros(NUM_AU, dtype=np.int64))
     va_sum: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.float64))
     va_squares: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.float64))
+    frame_sizes: dict[str, int] = field(default_factory=dict)  # "HxW" -> images of that size
 
     def add(self, other: ShardCounts) -> None:
         self.samples += other.samples
+        for text, count in other.frame_sizes.items():
+            self.frame_sizes[text] = self.frame_sizes.get(text, 0) + count
         for task in TASKS:
             self.valid[task] += other.valid[task]
         self.expr += other.expr
@@ -117,10 +125,12 @@ def _check_shard(job: tuple[Path, dict, bool]) -> tuple[list[str], ShardCounts |
     """Check one shard against its manifest entry and count what it holds."""
     out, shard, decode = job
     path = out / shard["name"]
-    try:
-        data = path.read_bytes()
+    try:  # never more than the manifest's size: a larger file is not this shard anyway
+        data = read_bytes(path, limit=shard["bytes"], follow_links=False, what="shard")
     except OSError as error:
         return [f"{path}: missing or unreadable ({error.strerror or error})"], None
+    except DataError as error:
+        return [str(error)], None
     problems = []
     if len(data) != shard["bytes"]:
         problems.append(f"{path}: {len(data)} bytes, the manifest says {shard['bytes']}")
@@ -146,11 +156,13 @@ def _read_tar(
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
             if not member.isreg():
-                problems.append(f"{path}: member {member.name} is not a regular file")
+                problems.append(f"{path}: member {excerpt(member.name)} is not a regular file")
                 continue
             key, ext = split_member(member.name)
             if not check_key(key):
-                problems.append(f"{path}: member {member.name!r} is not a sample's: {KEY_RULE}")
+                problems.append(
+                    f"{path}: member {excerpt(member.name)} is not a sample's: {KEY_RULE}"
+                )
             if key != last and sample:
                 lines.append(index_line(sample))
                 sample = []
@@ -174,23 +186,24 @@ def _count_component(
     problems: list[str],
 ) -> None:
     if ext == IMAGE_EXT:
-        if decode:
-            try:
-                check_jpeg(payload, "full")
-            except JpegError as error:
-                problems.append(f"{path}: {name}: {error}")
+        try:
+            text = size_text(*check_jpeg(payload, "full" if decode else "header"))
+        except JpegError as error:
+            problems.append(f"{path}: {excerpt(name)}: {error}")
+            return
+        counts.frame_sizes[text] = counts.frame_sizes.get(text, 0) + 1
         return
     task = TASK_OF_EXT.get(ext)
     if task is None:
-        problems.append(f"{path}: {name}: unknown component .{ext}")
+        problems.append(f"{path}: {excerpt(name)}: unknown component {excerpt(ext)}")
         return
     try:
         label = decode_label(task, payload)
     except ValueError as error:
-        problems.append(f"{path}: {name}: {error}")
+        problems.append(f"{path}: {excerpt(name)}: {error}")
         return
     if not labels_in_range(task, label[None]).all():
-        problems.append(f"{path}: {name}: label {label.tolist()} out of range")
+        problems.append(f"{path}: {excerpt(name)}: label {label.tolist()} out of range")
         return
     counts.valid[task] += 1
     if task == "expr":
@@ -204,10 +217,14 @@ def _count_component(
 
 
 def _compare_index(path: Path, expected: str) -> list[str]:
-    try:
-        found = path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as error:
-        return [f"{path}: missing or unreadable ({error})"]
+    try:  # twice the expected size is plenty to say where they differ, and bounds the read
+        found = read_text(
+            path, limit=2 * len(expected) + 4096, encoding="ascii", follow_links=False, what="index"
+        )
+    except OSError as error:
+        return [f"{path}: missing or unreadable ({error.strerror or error})"]
+    except DataError as error:
+        return [str(error)]
     if found == expected:
         return []
     for number, (a, b) in enumerate(zip(found.splitlines(), expected.splitlines()), start=1):
@@ -244,6 +261,11 @@ def _compare_split(manifest: Path, split: str, entry: dict, counts: ShardCounts)
             f"{where}: AU positive counts {counts.au.tolist()} differ from the "
             f"manifest's {stats['au']['positive_counts']}"
         )
+    if counts.frame_sizes != entry["frame_sizes"]:
+        problems.append(
+            f"{where}: frame sizes {excerpt(dict(sorted(counts.frame_sizes.items())))} in the "
+            f"JPEG headers, the manifest says {excerpt(entry['frame_sizes'])}"
+        )
     n = max(counts.valid["va"], 1)
     mean = counts.va_sum / n
     std = np.sqrt(np.maximum(counts.va_squares / n - mean * mean, 0))
@@ -269,7 +291,7 @@ def first_bad_label(
     for entry in load_manifest(out)["splits"][split]["shards"]:
         path = Path(out) / entry["name"]
         try:
-            with tarfile.open(path) as tar:
+            with open_listed(path) as file, tarfile.open(fileobj=file) as tar:
                 for member in tar:
                     task = wanted.get(split_member(member.name)[1])
                     if task is None:
@@ -281,7 +303,7 @@ def first_bad_label(
                         return path, member.name, str(error)
                     if not labels_in_range(task, label[None]).all():
                         return path, member.name, f"{task} label {label.tolist()}"
-        except (OSError, tarfile.TarError) as error:
+        except (OSError, tarfile.TarError, DataError) as error:
             return path, "", f"unreadable ({error})"
     return None
 

@@ -110,12 +110,16 @@ TINY_RUN = dict(
 
 def write_manifest(folder: Path, split: str = "train") -> Path:
     """A format_version 2 manifest for hand-made ``<split>-*.tar`` + ``.idx`` files in ``folder``
-    (counts, bytes and frame sizes read from the tars), for tests that build shards by hand."""
+    (counts, bytes, frame sizes and label statistics read from the tars), for tests that build
+    shards by hand."""
+    import numpy as np
+
     from affectfast.jpeg import check_jpeg
     from affectfast.shards import FORMAT_VERSION, MANIFEST, size_text
-    from affectfast.tasks import LABEL_EXT, TASKS
+    from affectfast.tasks import LABEL_EXT, NUM_AU, NUM_EXPR, TASKS, decode_label
 
-    shards, sizes = [], {}
+    shards, sizes, videos = [], {}, set()
+    labels = {task: [] for task in TASKS}
     for tar_path in sorted(Path(folder).glob(f"{split}-*.tar")):
         data = tar_path.read_bytes()
         counts, jpeg_bytes, keys = dict.fromkeys(TASKS, 0), 0, set()
@@ -123,11 +127,16 @@ def write_manifest(folder: Path, split: str = "train") -> Path:
             for member in tar.getmembers():
                 key, _, ext = member.name.partition(".")
                 keys.add(key)
+                videos.add(key.split("/")[0])
+                payload = tar.extractfile(member).read()
                 if ext == "jpg":
                     jpeg_bytes += member.size
-                    text = size_text(*check_jpeg(tar.extractfile(member).read(), "header"))
+                    text = size_text(*check_jpeg(payload, "header"))
                     sizes[text] = sizes.get(text, 0) + 1
-                counts.update({t: counts[t] + 1 for t in TASKS if ext == LABEL_EXT[t]})
+                for task in TASKS:
+                    if ext == LABEL_EXT[task]:
+                        counts[task] += 1
+                        labels[task].append(decode_label(task, payload))
         shards.append(
             {
                 "name": tar_path.name,
@@ -139,13 +148,31 @@ def write_manifest(folder: Path, split: str = "train") -> Path:
                 "jpeg_bytes": jpeg_bytes,
             }
         )
+    va = np.array(labels["va"], dtype=np.float64).reshape(-1, 2)
+    expr = np.array(labels["expr"], dtype=np.int64).reshape(-1)
+    au = np.array(labels["au"], dtype=np.int64).reshape(-1, NUM_AU)
+    stats = {
+        "va": {
+            "valid": len(va),
+            "mean": va.mean(axis=0).tolist() if len(va) else [0.0, 0.0],
+            "std": va.std(axis=0).tolist() if len(va) else [0.0, 0.0],
+        },
+        "expr": {
+            "valid": len(expr),
+            "class_counts": np.bincount(expr, minlength=NUM_EXPR).tolist(),
+        },
+        "au": {"valid": len(au), "positive_counts": (au == 1).sum(axis=0).tolist()},
+    }
     manifest = {
         "format_version": FORMAT_VERSION,
         "splits": {
             split: {
                 "samples": sum(s["samples"] for s in shards),
+                "videos": len(videos),
                 "shards": shards,
                 "frame_sizes": sizes,
+                "stats": stats,
+                "bad_files": [],
             }
         },
     }

@@ -6,6 +6,7 @@ damaged in place) and must end in a DataError naming the file, never a wrong epo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,7 +72,7 @@ def write_split(folder: Path, split: str, tar_keys: list[str], idx_keys: list[st
             "index": f"{split}-000000.idx",
             "samples": len(lines),
             "bytes": len(blob),
-            "sha256": "",
+            "sha256": hashlib.sha256(blob).hexdigest(),
             "counts": {task: len(lines) for task in TASKS},
             "jpeg_bytes": len(jpeg) * len(lines),
         }

@@ -439,7 +439,7 @@ def test_lock_taken_on_a_lock_file_unlinked_meanwhile_is_taken_again(tmp_path, m
         locked.append(os.fstat(fd).st_ino)
         return real_flock(fd, operation)
 
-    monkeypatch.setattr(pack_module.fcntl, "flock", flock)
+    monkeypatch.setattr(fcntl, "flock", flock)
     with pack_module.lock_output(tmp_path):
         path = tmp_path / pack_module.LOCK
         assert len(locked) == 2 and path.stat().st_ino == locked[1]

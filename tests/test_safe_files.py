@@ -12,9 +12,12 @@ import pytest
 from affectfast.errors import MAX_MESSAGE, DataError
 from affectfast.safe_files import (
     check_regular,
+    create_new,
     excerpt,
     exclusive_lock,
+    open_regular,
     read_bytes,
+    read_listed,
     read_text,
     sha256_file,
 )
@@ -163,3 +166,39 @@ def test_sha256_file_hashes_a_regular_file_and_refuses_anything_else(tmp_path):
     link.symlink_to(path)
     with pytest.raises(DataError, match="symbolic link"):
         sha256_file(link, follow_links=False)
+
+
+def test_create_new_never_writes_through_a_planted_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    temp = tmp_path / ".train-000000.tar.tmp"
+    temp.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        create_new(temp)
+    os.close(create_new(temp, replace=True))  # the link goes, never its target
+    assert victim.read_text() == "precious\n" and not temp.is_symlink() and temp.is_file()
+
+
+def test_open_regular_appends_only_to_a_regular_file_not_through_a_link(tmp_path):
+    state, victim = tmp_path / ".pack-state.jsonl", tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    state.symlink_to(victim)
+    with pytest.raises(DataError, match="symbolic link; the pack state file"):
+        open_regular(
+            state, flags=os.O_WRONLY | os.O_APPEND, follow_links=False, what="pack state file"
+        )
+    state.unlink()
+    os.mkfifo(state)
+    with pytest.raises(DataError, match="FIFO"):
+        open_regular(state, flags=os.O_WRONLY | os.O_APPEND, what="pack state file")
+    assert victim.read_text() == "precious\n"
+
+
+def test_read_listed_never_blocks_and_is_bounded(tmp_path):
+    fifo = tmp_path / "00001.jpg"
+    os.mkfifo(fifo)  # swapped in after a listing said "regular file": reads as empty, at once
+    assert read_listed(str(fifo), limit=100) == b""
+    assert len(read_listed("/dev/zero", limit=100)) == 101  # one more: the caller sees "too big"
+    frame = tmp_path / "00002.jpg"
+    frame.write_bytes(b"x" * 50)
+    assert read_listed(str(frame), limit=100) == b"x" * 50

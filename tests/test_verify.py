@@ -61,6 +61,7 @@ def test_wrong_index_is_reported(damaged):
 def test_manifest_counts_and_stats_are_checked(damaged):
     manifest = json.loads((damaged / MANIFEST).read_text())
     manifest["splits"]["val"]["stats"]["expr"]["class_counts"][0] += 1
+    manifest["splits"]["val"]["stats"]["expr"]["valid"] += 1  # still adds up: checked on load
     manifest["splits"]["val"]["stats"]["au"]["valid"] -= 1
     manifest["splits"]["train"]["shards"][0]["samples"] += 1
     (damaged / MANIFEST).write_text(json.dumps(manifest))
