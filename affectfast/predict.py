@@ -185,11 +185,7 @@ def evaluate(config: EvalConfig) -> dict | None:
         )
     tuning = config.tune_smoothing or config.tune_au_thresholds
     fingerprint = Fingerprint.of(config.checkpoint) if tuning else None
-    counts = (
-        frame_counts_of(load_manifest(config.shards), config.shards)
-        if config.tune_smoothing
-        else {}
-    )
+    counts = load_manifest(config.shards).get("frame_counts", {}) if config.tune_smoothing else {}
     preds, run, is_main, checkpoint = _predict_split(config)
     if not is_main:  # the main rank holds every rank's predictions, and reports
         return None
@@ -230,7 +226,7 @@ def tune_smoothing(
 ) -> tuple[dict[str, int], dict[str, dict]]:
     """``smoothing.tune_windows`` on every video of ``preds`` completed to its frame count.
 
-    Outputs are completed over frames 1..N (``frame_counts``, checked by :func:`frame_counts_of`,
+    Outputs are completed over frames 1..N (``frame_counts``, checked by ``shards.check_manifest``,
     else the last predicted frame); the frames without a prediction have no label in the shards,
     so they are masked out of the score, and predicted frames after N are left out as predict
     leaves them out. AU is scored at ``au_thresholds`` where given (those predict will write
@@ -385,7 +381,7 @@ def plan_submission(
         )
     given = read_frame_counts(config.frame_counts) if config.frame_counts else None
     frames = resolve_frame_counts(
-        images, frame_counts_of(manifest, config.shards), given, config.frame_counts
+        images, manifest.get("frame_counts", {}), given, config.frame_counts
     )
     trained = tuple(checkpoint["config"]["tasks"])
     tasks = [t for t in trained if wanted is None or t in wanted]
@@ -614,25 +610,6 @@ def _too_many(count: int | str) -> str:
         f"{shown} frames is more than any video has: frame names have {FRAME_DIGITS} digits, "
         f"so at most {MAX_FRAMES:,}"
     )
-
-
-def frame_counts_of(manifest: dict, shards: Path = Path(".")) -> dict[str, int]:
-    """The manifest's ``frame_counts`` (from the annotation files), each checked: an integer in
-    1..:data:`MAX_FRAMES` for a plain video name; else a DataError naming the manifest."""
-    path = Path(shards) / MANIFEST
-    counts = manifest.get("frame_counts", {})
-    if not isinstance(counts, dict):
-        raise DataError(path, f"frame_counts must map videos to counts, got {excerpt(counts)}")
-    for video, count in counts.items():
-        if not is_video_name(video):
-            raise DataError(path, f"frame_counts: {excerpt(video)} is not a video name")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise DataError(
-                path, f"frame_counts.{video}: {excerpt(count)} is not a positive integer"
-            )
-        if count > MAX_FRAMES:
-            raise DataError(path, f"frame_counts.{video}: {_too_many(count)}")
-    return counts
 
 
 def resolve_frame_counts(
