@@ -149,7 +149,8 @@ def affect_pipeline(
     fixed_angle: float | None = None,
 ):
     """Decode, augment and normalize one batch of frames; outputs (images, *labels, frame sizes
-    [, keys]). ``order`` None reads in stored order (evaluation)."""
+    [, keys]). ``order`` None reads in stored order (evaluation); ``augment_seed`` is this rank's
+    (the flip and the angle derive their own seeds from it); ``fixed_angle``: see ``_geometry``."""
     exts = [IMAGE_EXT] + [LABEL_EXT[t] for t in tasks]
     shuffle = {}
     if order is not None:
@@ -210,20 +211,20 @@ def affect_pipeline(
         mean=[255 * m for m in IMAGENET_MEAN] if normalized else [0.0],
         std=[255 * s for s in IMAGENET_STD] if normalized else [1.0],
     )
-    padded = [
+    rest = [
         fn.pad(label, fill_value=SENTINEL[t], shape=[LABEL_SIZE[t]])
         for t, label in zip(tasks, labels)
     ]
     if gpu:
         # GPU-only: labels travel with the images (in the graph, not as several small pageable
         # copies per step); the masks are then computed on the GPU (_to_batch).
-        padded = [label.gpu() for label in padded]
+        rest = [label.gpu() for label in rest]
     # (height, width, channels) from the JPEG header, as pack read it (no EXIF turn): on the CPU.
-    padded.append(fn.peek_image_shape(jpegs, adjust_orientation=False))
+    rest.append(fn.peek_image_shape(jpegs, adjust_orientation=False))
     if with_keys:
         # "<tar>:<offset>:<key>.jpg" as bytes, zero-padded to the batch's longest (stays on the CPU).
-        padded.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
-    return (images, *padded)
+        rest.append(fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0))
+    return (images, *rest)
 
 
 def _geometry(
