@@ -155,6 +155,22 @@ def test_resize_then_warp_scales_each_axis_about_the_pixel_centres(handmade, int
     assert np.allclose(red[:, :, :15], red[:, :1, :1], atol=0.1)  # uniform halves, no smear
 
 
+def test_a_fixed_quarter_turn_puts_the_edge_across(handmade):
+    """fixed_angle (the pixel checks' rotation): 48x64 frames resized to 32 px and turned by 90
+    degrees: the dark and bright halves are top and bottom, each uniform, with no black corner."""
+    pipe = build_pipeline(
+        _config(handmade, batch_size=10), split_shards(handmade, "train"), fixed_angle=90.0
+    )
+    red = pipe.run()[0].as_array()[..., 0]
+    top, bottom = red[:, 1:15, 1:31], red[:, 17:31, 1:31]
+    assert (
+        np.minimum(top, bottom).max(axis=(1, 2)) < np.maximum(top, bottom).min(axis=(1, 2))
+    ).all()
+    assert np.allclose(top, top[:, :1, :1], atol=0.1) and np.allclose(
+        bottom, bottom[:, :1, :1], atol=0.1
+    )
+
+
 def test_flip_mirrors_the_image(handmade):
     """With flip on, each image is either the plain one or its mirror, never anything else."""
     shards = split_shards(handmade, "train")

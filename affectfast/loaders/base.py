@@ -27,6 +27,7 @@ each kind lives in its own module beside this one, and ``build_loader`` in the p
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,14 @@ def raise_worker_error(item):
     if isinstance(item, WorkerError):
         raise item.error
     return item
+
+
+def collect_before_fork() -> None:
+    """Collect cyclic garbage before forking DataLoader workers. A DALI pipeline left in a
+    reference cycle (an exception's traceback holding a loader, say) would otherwise be destroyed
+    by a forked worker's garbage collector, where its threads do not exist: the worker hangs in
+    DALI's executor destructor (seen in the test suite), and the epoch with it."""
+    gc.collect()
 
 
 def worker_init(worker_id: int) -> None:

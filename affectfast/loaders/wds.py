@@ -40,6 +40,7 @@ from affectfast.loaders.base import (
     LoaderConfig,
     carry_errors,
     collate_examples,
+    collect_before_fork,
     epoch_seed,
     finish_batch,
     raise_worker_error,
@@ -97,6 +98,7 @@ class WdsLoader(EpochLoader):
             prefetch_factor=4 if workers else None,
             pin_memory=c.device.type == "cuda",
         )
+        collect_before_fork()
         batches = iter(loader)  # owns the worker processes
         try:
             merged = _rebatch(map(raise_worker_error, batches), c.batch_size, len(self))
