@@ -118,7 +118,11 @@ class PackConfig:
     root: Path | None  # the Aff-Wild2 tree; folders are searched below it
     out: Path  # output folder for shards, indexes and manifest.json
     workers: int = os.cpu_count() or 1
-    shard_size: int = 5000  # samples per shard (the last shard of a split may hold fewer)
+    # Samples per shard (the last of a split may hold fewer). Small enough that a training
+    # loader's shuffle buffer (loaders.base.SHUFFLE_BUFFER) spans many shards, so the shards
+    # that meet in a batch change with each epoch's shard order; large enough that a shard is
+    # still megabytes (about 8 MB at Aff-Wild2's frame sizes) read sequentially.
+    shard_size: int = 1000
     seed: int = 0  # seed of the global train shuffle
     check: str = "full"  # "full": decode every JPEG; "header": markers + end only
     skip_bad: bool = False  # leave bad JPEGs out (listed in the manifest), don't fail

@@ -17,7 +17,7 @@ import torch
 from affectfast.batch import Batch
 from affectfast.config import AugmentSpec
 from affectfast.constants import LOADER_KINDS
-from affectfast.loaders.base import LoaderConfig, screen_labels
+from affectfast.loaders.base import SHUFFLE_BUFFER, LoaderConfig, screen_labels
 from affectfast.tasks import parse_tasks
 
 __all__ = ["LOADER_KINDS", "AugmentSpec", "Loader", "LoaderConfig", "build_loader", "screen_labels"]
@@ -62,6 +62,7 @@ def build_loader(
     fancy_upsampling: bool = False,  # dali-gpu: chroma upsampling as the CPU decoder does it
     dont_use_mmap: bool = False,  # DALI kinds: plain file reads instead of mmap (shared filesystems)
     read_ahead: bool = False,  # DALI kinds: read each tar ahead on first access
+    shuffle_buffer: int = SHUFFLE_BUFFER,  # training: samples each epoch's order is drawn from
 ) -> Loader:
     """Build a loader of ``Batch`` for one split and task set."""
     config = LoaderConfig(
@@ -87,6 +88,7 @@ def build_loader(
         fancy_upsampling=fancy_upsampling,
         dont_use_mmap=dont_use_mmap,
         read_ahead=read_ahead,
+        shuffle_buffer=shuffle_buffer,
     )
     # Imported here so a wds user never loads DALI, and a DALI user never forks DataLoader workers.
     if kind in ("dali-gpu", "dali-cpu"):

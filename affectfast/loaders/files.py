@@ -32,6 +32,7 @@ from affectfast.loaders.base import (
     LoaderConfig,
     WorkerError,
     collate_examples,
+    collect_before_fork,
     epoch_seed,
     finish_batch,
     raise_worker_error,
@@ -151,6 +152,7 @@ class FilesLoader(EpochLoader):
             pin_memory=c.device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)),
         )
+        collect_before_fork()
         batches = iter(loader)  # owns the worker processes
         try:
             for _, item in zip(range(len(self)), batches):

@@ -13,14 +13,21 @@ processes. It follows the same epoch rules as the DALI loaders (see ``affectfast
   main process merges the workers' partial last batches (``_rebatch``) so only the epoch's last
   batch can be partial, and training stops after ``len(loader)`` batches on every rank.
 - The uni-task filter runs before ``decode``, so frames without the label are never decoded.
-- Training shuffles the order of tars from (seed, epoch) and samples in a 1024-sample buffer seeded
-  from the worker's seed (derived from (seed, epoch) through the DataLoader generator).
+- Training shuffles the order of tars from (seed, epoch), so the workers' share of tars changes
+  too, and each worker draws its samples from a buffer of ``shuffle_buffer`` samples seeded from
+  the worker's seed (derived from (seed, epoch, rank) through the DataLoader generator).
+- Every decoded frame's size must be one the manifest lists for the split (as the DALI kinds
+  check), else a DataError names the pack.
+- Bound for a GPU, the DataLoader pins its batches (page-locked memory), so the copy to the
+  device runs asynchronously.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,11 +36,11 @@ from webdataset.autodecode import DecodingError
 
 from affectfast.errors import DataError
 from affectfast.loaders.base import (
-    SHUFFLE_BUFFER,
     EpochLoader,
     LoaderConfig,
     carry_errors,
     collate_examples,
+    collect_before_fork,
     epoch_seed,
     finish_batch,
     raise_worker_error,
@@ -41,7 +48,14 @@ from affectfast.loaders.base import (
     torch_transform,
     worker_init,
 )
-from affectfast.shards import KEY_RULE, check_key, sample_counts, split_shards
+from affectfast.shards import (
+    KEY_RULE,
+    MANIFEST,
+    check_key,
+    frame_sizes,
+    sample_counts,
+    split_shards,
+)
 from affectfast.tasks import IMAGE_EXT, LABEL_EXT, decode_label
 
 
@@ -65,6 +79,9 @@ class WdsLoader(EpochLoader):
         self.expected = {
             str(s.tar): (s.samples, s.first_key) for s in self.shards if str(s.tar) in self.offsets
         }
+        self.sizes = FrameSizes(
+            config.shards / MANIFEST, config.split, frame_sizes(config.shards, config.split)
+        )
 
     def __iter__(self):
         c = self.config
@@ -79,14 +96,15 @@ class WdsLoader(EpochLoader):
             worker_init_fn=worker_init,
             generator=torch.Generator().manual_seed(epoch_seed(c.seed, self.epoch, c.rank)),
             prefetch_factor=4 if workers else None,
+            pin_memory=c.device.type == "cuda",
         )
+        collect_before_fork()
         batches = iter(loader)  # owns the worker processes
         try:
             merged = _rebatch(map(raise_worker_error, batches), c.batch_size, len(self))
             for keys, images, labels, masks in merged:
-                yield finish_batch(
-                    images, labels, masks, keys if c.with_keys else None, c.device, c.dtype
-                )
+                keys = keys if c.with_keys else None
+                yield finish_batch(images, labels, masks, keys, c.device, c.dtype, pin=True)
         finally:
             del batches  # stop the workers now, even while an error's traceback holds this frame
         self.epoch += 1  # a finished pass: state_dict() names the next epoch, as DALI's does
@@ -100,9 +118,10 @@ class WdsLoader(EpochLoader):
             RankPart(self.offsets, c.label_tasks, *self.range),
         ]
         if c.shuffle:
-            stages.append(_worker_shuffle)
+            stages.append(partial(_worker_shuffle, c.shuffle_buffer))
         stages += [
             wds.decode("pil", only=[IMAGE_EXT], handler=_decode_error),
+            wds.map(self.sizes.check),
             wds.map(partial(_example, c.tasks, torch_transform(c.image_size, c.augment))),
             wds.batched(c.batch_size, collation_fn=partial(_collate, c.tasks), partial=True),
             carry_errors,  # a DataError reaches the main process as one (raise_worker_error)
@@ -192,11 +211,33 @@ def _collate(tasks: tuple[str, ...], examples: list[tuple]) -> tuple:
     return collate_examples(examples, tasks)
 
 
-def _worker_shuffle(samples):
+def _worker_shuffle(buffer: int, samples):
     """Stage: buffer shuffle seeded from this DataLoader worker's seed (so from (seed, epoch))."""
     info = torch.utils.data.get_worker_info()
     seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
-    yield from wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, seed=seed)(samples)
+    yield from wds.shuffle(buffer, initial=buffer, seed=seed)(samples)
+
+
+@dataclass(frozen=True)
+class FrameSizes:
+    """Stage (after decode): a frame whose size the manifest does not list is a DataError naming
+    the pack, as in the DALI kinds (which would otherwise skip a needed resize)."""
+
+    manifest: Path
+    split: str
+    sizes: dict[tuple[int, int], int]
+
+    def check(self, sample: dict) -> dict:
+        image = sample[IMAGE_EXT]
+        if (image.height, image.width) not in self.sizes:
+            listed = ", ".join(f"{h}x{w}" for h, w in sorted(self.sizes)[:6])
+            raise DataError(
+                self.manifest,
+                f"{self.split} frame {sample['__key__']} of {Path(sample['__url__']).name} is "
+                f"{image.height}x{image.width}, a size its frame_sizes do not list ({listed}): the "
+                "manifest does not describe its shards; run affectfast verify (or pack again)",
+            )
+        return sample
 
 
 def _rebatch(batches, batch_size: int, limit: int):
