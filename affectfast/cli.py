@@ -26,7 +26,7 @@ from affectfast.constants import (
     SPLITS,
     VA_LOSSES,
 )
-from affectfast.errors import DataError, check_writable_folder
+from affectfast.errors import DataError, SystemFailure, check_writable_folder
 
 # The dataclasses whose fields the options fill, as "module:Class": imported only to show --help.
 TRAIN = "affectfast.config:TrainConfig"
@@ -121,7 +121,8 @@ def describe_os_error(error: OSError) -> str:
 
 class SafeGroup(click.Group):
     """The safety net under every command: a DataError or an OSError (permissions, a full disk,
-    a path through a file, ...) ends in one line on stderr and exit code 2, never a traceback."""
+    a path through a file, ...) ends in one line on stderr and exit code 2, a SystemFailure (out
+    of memory, CUDA, the driver) in one line and exit code 1; never a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -134,6 +135,9 @@ class SafeGroup(click.Group):
                 raise
             click.echo(f"error: {describe_os_error(error)}", err=True)
             sys.exit(2)
+        except SystemFailure as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=SafeGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -31,6 +31,12 @@ class DataError(ValueError):
         return type(self), (self.path, self.message, self.line)
 
 
+class SystemFailure(RuntimeError):
+    """The machine failed, not the data: out of memory, CUDA, the driver, a decoder library. The
+    message says which, in one line; the CLI prints it and exits with code 1 (not 2: the input
+    was fine, running again elsewhere or with other settings may succeed)."""
+
+
 def check_writable_folder(folder: str | Path) -> None:
     """Before any work: ``folder`` can be created or written to (its nearest existing ancestor
     is a folder this process may write), else a DataError naming it and the reason."""

@@ -81,7 +81,9 @@ def test_tiny_run_measures_every_stage(bench, tmp_path):
     assert rows[("full epoch dali-cpu", "train samples seen")] == rows[("shards", "train samples")]
     for stage in ("pack --check header", "pack --check full", "verify"):
         assert rows[(stage, "wall")] > 0 and rows[(stage, "peak PSS all processes")] > 0
-    for kind in ("dali-cpu", "files"):
-        assert rows[(kind, "steady")] > 0 and rows[(kind, "epoch boundary")] > 0
+    assert rows[("dali-cpu", "steady")] > 0 and rows[("files", "steady")] > 0
+    # DALI's boundary is measured at the end of its whole epoch; files sets up every epoch anew.
+    assert rows[("full epoch dali-cpu", "epoch boundary (last batch to next first)")] > 0
+    assert rows[("files", "epoch boundary")] > 0
     assert out.with_suffix(".png").stat().st_size > 0
     assert not (tmp_path / "work" / "tree-2000").exists()  # removed without --keep

@@ -6,6 +6,8 @@ import io
 import math
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -265,6 +267,23 @@ def test_running_out_of_host_memory_is_not_a_damaged_shard(handmade):
     with pytest.raises(LoaderFailure, match="the host ran out of memory") as error:
         _epoch(handmade, image_size=20_000_000)
     assert "std::bad_alloc" in str(error.value) and "verify" not in str(error.value)
+
+
+def test_the_command_line_reports_a_system_failure_in_one_line_with_exit_code_1(packed):
+    # The same resize to 20M px squares, through `affectfast bench loaders` in its own process:
+    # one line naming what failed, exit 1 (the input is fine), no traceback.
+    done = subprocess.run(
+        [sys.executable, "-m", "affectfast", "bench", "loaders", str(packed)]
+        + ["--loaders", "dali-cpu", "--image-size", "20000000", "--seconds", "0.1"]
+        + ["--batch-size", "4", "--num-threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: DALI stopped reading {packed}: the host ran out of memory")
+    assert "Traceback" not in done.stderr
 
 
 # Reasons as DALI 2.4 words them on a GPU node (include/dali/core/cuda_error.h; nvImageCodec's

@@ -58,7 +58,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from affectfast.batch import Batch
 from affectfast.config import AugmentSpec
-from affectfast.errors import DataError
+from affectfast.errors import DataError, SystemFailure
 from affectfast.loaders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -365,7 +365,7 @@ def _tensor_init_bytes(shards: list[Shard]) -> int:
     return max(MIN_TENSOR_BYTES, 4 * math.ceil(mean))
 
 
-class LoaderFailure(RuntimeError):
+class LoaderFailure(SystemFailure):
     """DALI stopped for a reason that is not the data: out of memory, CUDA, nvImageCodec/nvJPEG,
     the driver. The message says which, in one line."""
 
