@@ -58,7 +58,7 @@ from affectfast.rundir import (
     truncate_metrics,
 )
 from affectfast.safe_files import excerpt, exclusive_lock
-from affectfast.shards import MANIFEST, check_stats, load_manifest
+from affectfast.shards import MANIFEST, load_manifest
 from affectfast.stage import stage
 from affectfast.verify import first_bad_label
 
@@ -146,8 +146,8 @@ def set_torch_threads(info: DistInfo) -> None:
 
 
 def build_task_loss(config: TrainConfig, manifest: dict, manifest_path: Path) -> TaskLoss:
-    """Loss settings: EXPR class weights and AU pos_weight from the train split's counts in the manifest."""
-    check_stats(manifest, manifest_path)  # weights from negative or non-finite counts train on
+    """Loss settings: EXPR class weights and AU pos_weight from the train split's counts in the
+    manifest (``manifest`` as ``load_manifest`` returns it: its stats already checked)."""
     try:
         stats = manifest["splits"]["train"]["stats"]
         unlabelled = [t for t in config.tasks if stats[t]["valid"] == 0]
