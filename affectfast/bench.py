@@ -46,6 +46,7 @@ class BenchConfig:
     tasks: tuple[str, ...] = TASKS
     num_threads: int = 2  # DALI threads / DataLoader workers
     device: str = "cpu"  # for dali-gpu: "cuda"
+    hw_decoder_load: float = 0.65  # dali-gpu: share of JPEGs for the hardware decoder
 
     def __post_init__(self):
         object.__setattr__(self, "shards", Path(self.shards))
@@ -58,6 +59,8 @@ class BenchConfig:
             raise ValueError("the files loader reads the raw tree: pass tree (--tree ROOT)")
         if self.batch_size < 1 or self.seconds <= 0 or self.warmup < 0:
             raise ValueError("batch_size >= 1, seconds > 0 and warmup >= 0 required")
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ def _loader(config: BenchConfig, kind: str) -> Loader:
         device=device,
         num_threads=config.num_threads,
         tree=config.tree,
+        hw_decoder_load=config.hw_decoder_load,
     )
 
 

@@ -747,6 +747,13 @@ def bench_group():
     help="DALI threads / DataLoader workers.",
 )
 @click.option("--threads", "threads_alias", type=click.IntRange(min=1), hidden=True)
+@config_option(
+    "--hw-decoder-load",
+    config=BENCH,
+    type=click.FloatRange(0, 1),
+    help="dali-gpu: share of JPEGs for the GPU's hardware decoder (time 0, 0.65 and 1 to choose "
+    "train's --hw-decoder-load; `affectfast doctor` sweeps it too).",
+)
 @click.option(
     "--csv",
     "csv_path",

@@ -78,6 +78,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--torch-threads", type=int, default=None, help="intra-op threads for the CPU step"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model, as train --compile does"
+    )
     parser.add_argument("--csv", type=Path, default=Path("runs/bench_train.csv"))
     args = parser.parse_args(argv)
     if args.torch_threads:
@@ -103,6 +106,7 @@ def main(argv=None) -> None:
                 image_size=args.image_size,
                 amp=args.amp,
                 num_threads=args.num_threads,
+                torch_compile=args.compile,
             )
         )
         rows = run_benchmark(config, args)
@@ -118,6 +122,7 @@ def main(argv=None) -> None:
     print(
         f"loader overhead (train+memory / train+loader): {ratio:.2f}x   "
         f"[{config.loader}, amp {config.amp}, batch {config.batch_size}, {config.image_size}px, "
+        f"{'compiled, ' if config.torch_compile else ''}"
         f"torch threads {torch.get_num_threads()}]  csv: {args.csv}"
     )
 
@@ -129,7 +134,7 @@ def run_benchmark(config: TrainConfig, args) -> list[dict]:
     training = build_run(config, DistInfo(device=device))
 
     def step(batch):
-        return training.step(training.model, batch)
+        return training.step(training.ddp, batch)  # compiled with --compile, as train runs it
 
     loader = training.train_loader
     stream = endless(loader)
