@@ -384,3 +384,38 @@ def test_test_split_on_a_pack_without_one_is_a_data_error(packed, synth_tree):
         build_loader("dali-cpu", packed, "test", TASKS, BATCH)
     with pytest.raises(DataError, match="no test split"):
         build_loader("files", packed, "test", TASKS, BATCH, tree=synth_tree)
+
+
+def test_bench_loaders_refuses_a_hardware_decoder_share_outside_0_to_1(packed):
+    from click.testing import CliRunner
+
+    from affectfast.cli import main
+
+    args = ["bench", "loaders", str(packed), "--loaders", "dali-cpu", "--hw-decoder-load", "1.5"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--hw-decoder-load" in result.output
+
+
+@pytest.mark.gpu
+def test_bench_loaders_times_dali_gpu_at_each_hardware_decoder_share(packed, tmp_path):
+    from click.testing import CliRunner
+
+    from affectfast.cli import main
+
+    for load in ("0", "1"):
+        csv_path = tmp_path / f"bench-{load}.csv"
+        args = ["bench", "loaders", str(packed), "--loaders", "dali-gpu", "--hw-decoder-load", load]
+        args += [
+            "--batch-size",
+            "16",
+            "--image-size",
+            "32",
+            "--seconds",
+            "0.2",
+            "--csv",
+            str(csv_path),
+        ]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        rows = {r.split(",")[0]: r.split(",") for r in csv_path.read_text().splitlines()[1:]}
+        assert float(rows["dali-gpu"][1]) > 0 and "decode-only-gpu" in rows
