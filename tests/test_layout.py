@@ -17,10 +17,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "affectfast"
 # Lowest first; a module may import from its own layer (without a cycle) or any layer below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "constants", "tasks", "jpeg", "dist", "console", "batch", "safe_files"),
-    ("affwild2", "shards", "config"),
+    ("affwild2", "shards", "config", "features"),
     ("pack", "verify", "synth", "stage"),
-    ("loaders", "model", "losses", "metrics", "smoothing", "tuned"),
-    ("rundir", "train", "predict", "prediction_folder"),
+    ("loaders", "model", "losses", "metrics", "smoothing", "tuned", "sequence"),
+    ("rundir", "train", "predict", "prediction_folder", "extract", "train_temporal"),
     ("bench", "study", "doctor"),
     ("cli", "__main__"),
 )
