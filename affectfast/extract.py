@@ -166,6 +166,12 @@ def resolve_splits(config: ExtractConfig, pack: dict) -> tuple[str, ...]:
 # --- OUT and its staging folder --------------------------------------------------------------
 
 
+def output_path(config: ExtractConfig) -> Path:
+    """``config.out`` absolute and normalized: ``.`` and ``a/..`` name a folder with a parent to
+    stage beside."""
+    return Path(os.path.abspath(config.out))
+
+
 def staging_path(out: Path) -> Path:
     """The hidden folder beside ``out`` that extract fills, then renames to ``out``."""
     return out.parent / f".{out.name}.extract-staging"
@@ -177,10 +183,10 @@ def _claim(
     """On the main rank: lock OUT, check it is missing or empty, remove a killed extract's
     staging folder and create a new one. Returns its resolved path (``write_split`` compares
     the memmap's path) and the manifest's record of the sources (:func:`_source`)."""
-    out = config.out
+    out = output_path(config)
     check_writable_folder(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise DataError(out, "is not a folder: give --out a new or empty folder")
+        raise DataError(out, "is a file or a link, not a folder: give --out a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
         raise DataError(
             out,
@@ -290,7 +296,7 @@ def _extract_into(
         result.seconds += entries[split].pop("seconds", 0.0) if info.is_main else 0.0
     if info.is_main:
         write_manifest(staging, {**source, **_holds(run, entries)})
-        _publish(staging, config.out)
+        _publish(staging, output_path(config))
     return result
 
 

@@ -306,3 +306,26 @@ def test_two_processes_write_the_folder_one_process_writes(
     manifest, alone = load_manifest(out), load_manifest(features)
     assert manifest["splits"] == {s: alone["splits"][s] for s in ("val", "test")}
     assert {**manifest, "splits": None} == {**alone, "splits": None}
+
+
+def test_the_wds_loader_gives_the_same_rows_and_labels(
+    trained_run, packed_holdout, features, tmp_path
+):
+    out = tmp_path / "wds"
+    extract(config(trained_run, packed_holdout, out, splits=("val",), loader="wds"))
+    mine, alone = load_split(out, "val"), load_split(features, "val")
+    assert mine.videos == alone.videos and (mine.frames == alone.frames).all()
+    for task in alone.labels:
+        assert (mine.masks[task] == alone.masks[task]).all()
+        assert (mine.labels[task] == alone.labels[task]).all()
+    # another JPEG decoder and resize: close, not equal
+    gap = np.abs(mine.features.astype(np.float32) - alone.features.astype(np.float32)).mean()
+    assert gap < 0.05 * np.abs(alone.features.astype(np.float32)).mean(), gap
+
+
+def test_extract_config_is_validated():
+    with pytest.raises(ValueError, match="splits must be distinct"):
+        ExtractConfig("a.pt", "shards", "out", splits=("val", "val"))
+    with pytest.raises(ValueError, match="loader must be one of"):
+        ExtractConfig("a.pt", "shards", "out", loader="files")
+    assert ExtractConfig("a.pt", "shards", "out", splits="test").splits == ("test",)
