@@ -710,6 +710,71 @@ def predict_command(out, **options):
     click.echo(predict(_eval_config(**options), out).summary())
 
 
+# --- extract -------------------------------------------------------------------------------------
+
+EXTRACT = "affectfast.config:ExtractConfig"
+
+
+def _splits(ctx, param, value):
+    """Parse --split: comma-separated split names (None when not given)."""
+    if value is None:
+        return None
+    names = tuple(s.strip() for s in value.split(",") if s.strip())
+    unknown = [s for s in names if s not in SPLITS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise click.BadParameter(f"expected distinct names of {','.join(SPLITS)}, got {value!r}")
+    return names
+
+
+@main.command("extract")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The feature folder to write: missing or empty (its parents are created).",
+)
+@config_option(
+    "--split",
+    "splits",
+    config=EXTRACT,
+    callback=_splits,
+    metavar="SPLITS",
+    help="Comma-separated splits, e.g. train,val,test  [default: every split the pack has]",
+)
+@config_option(
+    "--loader",
+    config=EXTRACT,
+    type=click.Choice(SHARD_LOADER_KINDS),
+    help="Without CUDA dali-gpu falls back to dali-cpu.",
+)
+@config_option("--batch-size", config=EXTRACT, type=click.IntRange(min=1))
+@config_option(
+    "--num-threads",
+    config=EXTRACT,
+    callback=_thread_count,
+    metavar="auto|N",
+    help="Loader threads/workers, or auto (from the CPUs this process may use).",
+)
+def extract_command(**options):
+    """Write every frame's pooled trunk features of CHECKPOINT (a frame checkpoint: train's
+    best.pt/last.pt) on SHARDS into a feature folder for train-temporal (docs/temporal.md).
+
+    Per split: 512-d float16 features in video/frame order, the frame numbers, a table of
+    videos, and the labels and masks the split has; features.json names the checkpoint and pack
+    by sha256. Written beside --out and renamed into place when complete. Several processes:
+    launch it with torchrun.
+    """
+    from affectfast.config import ExtractConfig
+    from affectfast.dist import launched_rank
+    from affectfast.extract import extract
+
+    result = extract(ExtractConfig(**given(options)))
+    if launched_rank() == 0:
+        click.echo(result.summary())
+
+
 # --- bench loaders ---------------------------------------------------------------------------------
 
 

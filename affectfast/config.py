@@ -317,3 +317,40 @@ class EvalConfig:
                 ("batch_size", self.batch_size >= 1, "batch_size must be >= 1"),
             ],
         )
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What ``affectfast extract`` needs beyond the frame checkpoint (which carries its tasks,
+    image size and precision): where to read, where to write, which splits."""
+
+    checkpoint: Path
+    shards: Path
+    out: Path  # the feature folder: missing or empty
+    splits: tuple[str, ...] = ()  # empty: every split the pack has
+    loader: str = "dali-gpu"  # one of SHARD_LOADER_KINDS (without CUDA dali-gpu -> dali-cpu)
+    batch_size: int = 256
+    num_threads: int | str = "auto"  # as TrainConfig.num_threads
+
+    def __post_init__(self):
+        check_field_types(self)
+        for name in ("checkpoint", "shards", "out"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        splits = (self.splits,) if isinstance(self.splits, str) else tuple(self.splits)
+        object.__setattr__(self, "splits", splits)
+        check_fields(
+            self,
+            [
+                (
+                    "splits",
+                    all(s in SPLITS for s in splits) and len(set(splits)) == len(splits),
+                    f"splits must be distinct names of {SPLITS}",
+                ),
+                (
+                    "loader",
+                    self.loader in SHARD_LOADER_KINDS,
+                    f"loader must be one of {SHARD_LOADER_KINDS}",
+                ),
+                ("batch_size", self.batch_size >= 1, "batch_size must be >= 1"),
+            ],
+        )
