@@ -27,13 +27,15 @@ import torch
 from torch import nn
 
 from affectfast.constants import SEQUENCE_MODELS
-from affectfast.features import FeatureSplit
+from affectfast.errors import DataError
+from affectfast.features import FeatureSplit, split_dir
 from affectfast.model import HEAD_SIZE
+from affectfast.safe_files import excerpt
 
 TCN_DILATIONS = (1, 2, 4, 8, 16, 32)  # kernel 3: a receptive field of 253 frames
 TRANSFORMER_LAYERS = 4
 TRANSFORMER_HEADS = 4
-STATS_CHUNK = 1 << 18  # rows per chunk when computing the standardization (~256 MB as float64)
+STATS_CHUNK = 1 << 15  # rows per chunk when computing the standardization (128 MB as float64)
 
 
 # --- timelines and windows ------------------------------------------------------------------------
@@ -78,7 +80,14 @@ def build_timeline(split: FeatureSplit) -> Timeline:
     """Every video's timeline of ``split`` (see :class:`Timeline`)."""
     sources, rows, lengths = [], [], []
     for video in split.videos:
-        source, row = video_timeline(split.frames[video.row_slice], video.first_row, video.frames)
+        frames = np.asarray(split.frames[video.row_slice])
+        if frames[0] < 1 or (np.diff(frames) <= 0).any():
+            raise DataError(
+                split_dir(split.folder, split.split) / "frames.npy",
+                f"video {excerpt(video.name)}: frame numbers must rise from 1 up (rows "
+                f"{video.first_row}..{video.first_row + video.rows - 1}): run extract again",
+            )
+        source, row = video_timeline(frames, video.first_row, video.frames)
         sources.append(source)
         rows.append(row)
         lengths.append(len(row))

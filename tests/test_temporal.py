@@ -19,6 +19,7 @@ from torch import nn
 
 from affectfast.cli import main
 from affectfast.config import TemporalConfig
+from affectfast.errors import DataError
 from affectfast.features import (
     FEATURES_MANIFEST,
     VideoSpan,
@@ -162,6 +163,15 @@ def test_labels_sit_only_on_frames_with_an_image_and_padding_is_masked(tmp_path)
     assert batch.masks["expr"][0].tolist() == [False, True, True, False, False, False]
     assert batch.masks["expr"][3].tolist() == [True, False, True, False, False, False]
     assert batch.labels["expr"][3, [0, 2]].tolist() == [6, 7]
+
+
+def test_frame_numbers_out_of_order_are_refused(tmp_path):
+    frames = np.array([1, 3, 3])
+    videos = [VideoSpan("A", 0, 3, 3)]
+    split = (np.zeros((3, 2), np.float32), frames, videos, {}, {})
+    folder = write_folder(tmp_path / "bad", {"train": split}, dim=2)
+    with pytest.raises(DataError, match="frame numbers must rise from 1 up"):
+        build_timeline(load_split(folder, "train"))
 
 
 @pytest.mark.parametrize(
