@@ -392,3 +392,18 @@ def test_a_temporal_checkpoint_is_refused_by_train_init(straight_run, packed, tm
     assert code == 2 and len(lines) == 1, lines
     assert "a temporal checkpoint has no ResNet trunk" in lines[0] and str(checkpoint) in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_without_a_val_split_the_metrics_are_null_and_no_best_pt(tmp_path):
+    train, _ = onset_split(2, 40, seed=0)
+    folder = write_folder(tmp_path / "train-only", {"train": train}, dim=24)
+    config = TemporalConfig(features=folder, out=tmp_path / "r", epochs=1, **SMALL)
+    (record,) = train_temporal(config)
+    assert set(record) | {"f1_au_tuned"} == readme_metrics_fields()
+    assert record["p_mtl"] is None and record["frames_expr"] == 0
+    assert sorted(p.name for p in config.out.iterdir()) == [
+        "config.json",
+        "last.pt",
+        "metrics.jsonl",
+        "tb",
+    ]
