@@ -202,8 +202,11 @@ def train_step(run: TemporalRun, batch) -> torch.Tensor:
 
 
 def train_one_epoch(run: TemporalRun, epoch: int, desc: str = "", show: bool = True) -> dict:
-    """One pass over every train window; the train fields of a metrics.jsonl record
-    (``images_per_s`` counts frames with an image, as train counts images)."""
+    """One pass over every train window; the train fields of a metrics.jsonl record.
+
+    ``images_per_s`` counts the frames with an image the model stepped through, as train counts
+    images: a frame in two overlapping windows counts twice (with the default window 256 and
+    stride 128, about twice the split's frames per epoch)."""
     config, data = run.config, run.train
     run.model.train()
     order = epoch_order(config, epoch, len(data.windows))
