@@ -141,9 +141,9 @@ def main(argv=None) -> int:
                 rows.append(time_model(folder, root, model, device, args))
                 print_table(rows)
                 write_csv(rows, args.csv)
-    finally:
+    finally:  # what this run wrote; a --dir given stays (it may hold other files)
         if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(root if args.dir is None else folder, ignore_errors=True)
     return 0
 
 
