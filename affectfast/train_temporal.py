@@ -66,7 +66,6 @@ from affectfast.train import (
     config_changes,
     scalar_tag,
     score,
-    unlabelled_tasks_error,
 )
 
 STAGE = "temporal"
@@ -106,8 +105,14 @@ def build_task_loss(config: TemporalConfig, split: FeatureSplit, manifest_path: 
     manifest's counts; a trained task without a train label is refused as ``train`` does."""
     valid = {t: int(np.count_nonzero(split.masks[t])) if t in split.masks else 0 for t in TASKS}
     unlabelled = [t for t in config.tasks if valid[t] == 0]
-    if unlabelled:
-        raise unlabelled_tasks_error(config.tasks, unlabelled, manifest_path)
+    if unlabelled:  # a head trained on nothing, as train refuses it
+        kept = [t for t in config.tasks if t not in unlabelled]
+        advice = f"train with --tasks {','.join(kept)}" if kept else "nothing to train"
+        raise DataError(
+            manifest_path,
+            f"the train split has no {' and no '.join(unlabelled)} labels (splits.train."
+            f"labelled): {advice}, or extract features from a pack with those labels",
+        )
     expr_weights = pos_weight = None
     if "expr" in config.tasks:
         labels = np.asarray(split.labels["expr"])[np.asarray(split.masks["expr"])]
