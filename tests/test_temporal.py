@@ -32,6 +32,7 @@ from affectfast.sequence import (
     build_timeline,
     build_windows,
     count_parameters,
+    feature_stats,
     gather_windows,
     predict_rows,
     video_timeline,
@@ -195,6 +196,15 @@ def test_windows_never_cross_videos_and_cover_every_frame(onset_folder):
     # A window longer than every video: one padded window per video, nothing refused.
     long = build_windows(timeline, window=1000, stride=500)
     assert long[:, 0].tolist() == timeline.starts.tolist()
+
+
+def test_the_standardization_is_read_in_chunks_and_matches_numpy():
+    features = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float16)
+    features[:, 2] = 5  # a constant dimension: std 1, not a division by zero
+    mean, std = feature_stats(features, chunk=3)
+    np.testing.assert_allclose(mean, features.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std[:2], features[:, :2].astype(np.float64).std(0), rtol=1e-5)
+    assert std[2] == 1.0 and mean[2] == 5.0
 
 
 # --- models and per-row prediction ----------------------------------------------------------------
