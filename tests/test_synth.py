@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from affectfast.cli import main
+from affectfast.smoothing import complete_video, tune_windows
 from affectfast.synth import (
     NO_CUE,
     ONSET_SEGMENT,
@@ -23,7 +24,7 @@ from affectfast.synth import (
     synthesize,
     video_labels,
 )
-from affectfast.tasks import CHALLENGE_DIRS, HEADERS, NUM_AU
+from affectfast.tasks import CHALLENGE_DIRS, HEADERS, NUM_AU, NUM_EXPR
 
 CHALLENGES = {task: names[0] for task, names in CHALLENGE_DIRS.items()}
 SETS = {"Train_Set": "train", "Validation_Set": "val"}
@@ -474,6 +475,7 @@ def test_onset_cues_show_in_the_pixels_only_at_onsets_and_offsets(tmp_path):
     synthesize(config)
     files = annotations(tmp_path)
     shown = {"expr": 0, "hidden expr": 0, "au": 0, "hidden au": 0}
+    per_frame, truths = [], []  # EXPR as a per-frame reader sees it: one-hot, uniform where hidden
     for plan in plan_tree(config):
         truth = video_labels(config.seed, plan, config.frames, k)
         # The annotation files hold the labels, constant over each segment, not the cues.
@@ -488,6 +490,16 @@ def test_onset_cues_show_in_the_pixels_only_at_onsets_and_offsets(tmp_path):
                 onset = frame - 1 - start < k
                 assert reads[frame]["expr"] == (truth.expr[start] if onset else NO_CUE)
                 shown["expr" if onset else "hidden expr"] += 1
+        # Carrying the last expression cue forward reads every frame right (the first K frames of a
+        # segment always have an image: gaps are at most 4 frames long) ...
+        frames = np.array(list(reads))
+        expr = np.array([read["expr"] for read in reads.values()])
+        last_cue = np.maximum.accumulate(np.where(expr != NO_CUE, np.arange(len(expr)), 0))
+        np.testing.assert_array_equal(expr[last_cue], truth.expr[frames - 1])
+        onehot = np.eye(NUM_EXPR)[np.maximum(expr, 0)]
+        probs = np.where((expr == NO_CUE)[:, None], 1 / NUM_EXPR, onehot)
+        per_frame.append(complete_video(frames, probs, len(truth.expr), "nearest"))
+        truths.append(truth.expr)
         for au in range(NUM_AU):
             for start, stop in _runs(truth.au[:, au]):
                 for frame in (f for f in reads if start < f <= stop):
@@ -496,6 +508,10 @@ def test_onset_cues_show_in_the_pixels_only_at_onsets_and_offsets(tmp_path):
                     cue = on and (i < k or (last < k and last % 2 == 0))
                     assert reads[frame]["au"][au] == cue, (plan.name, au, frame, start, stop)
                     shown["au" if cue else "hidden au"] += on
+    # ... while per-frame reads, even at the best smoothing window, miss most of them.
+    masks = [np.ones(len(t), bool) for t in truths]
+    _, scores = tune_windows({"expr": per_frame}, {"expr": truths}, {"expr": masks})
+    assert scores["expr"]["smoothed"] < 0.6, scores
     # Most frames of a segment hide its cue: that is what the option is for.
     assert shown["hidden expr"] > 5 * shown["expr"] > 0
     assert shown["hidden au"] > 5 * shown["au"] > 0
