@@ -203,6 +203,14 @@ def main():
     help="More frame folders held out as an ABAW test set: no annotation file; "
     "test_lists/{VA,EXPR,AU}_test_set.txt and test_lists/frame_counts.csv name them.",
 )
+@config_option(
+    "--onset-cues",
+    config=SYNTH,
+    type=click.IntRange(0, 24),
+    help="K > 0: the expression and AU cues show only on the K frames at each segment's onset "
+    "(an AU also blinks on its last K frames), labels constant over the segment, segments "
+    "48-120 frames: a tree on which only a model of time reads the labels between onsets.",
+)
 @click.option(
     "--overwrite", is_flag=True, help="Write into a non-empty OUT (old files may remain)."
 )
