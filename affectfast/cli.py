@@ -22,6 +22,7 @@ from affectfast.constants import (
     JPEG_CHECKS,
     LABELLED_SPLITS,
     LOADER_KINDS,
+    SEQUENCE_MODELS,
     SHARD_LOADER_KINDS,
     SPLITS,
     VA_LOSSES,
@@ -30,6 +31,7 @@ from affectfast.errors import DataError, SystemFailure, check_writable_folder
 
 # The dataclasses whose fields the options fill, as "module:Class": imported only to show --help.
 TRAIN = "affectfast.config:TrainConfig"
+TEMPORAL = "affectfast.config:TemporalConfig"
 EVAL = "affectfast.config:EvalConfig"
 PACK = "affectfast.pack:PackConfig"
 SYNTH = "affectfast.synth:SynthConfig"
@@ -200,6 +202,14 @@ def main():
     type=click.IntRange(min=0),
     help="More frame folders held out as an ABAW test set: no annotation file; "
     "test_lists/{VA,EXPR,AU}_test_set.txt and test_lists/frame_counts.csv name them.",
+)
+@config_option(
+    "--onset-cues",
+    config=SYNTH,
+    type=click.IntRange(0, 24),
+    help="K > 0: the expression and AU cues show only on the K frames at each segment's onset "
+    "(an AU also blinks on its last K frames), labels constant over the segment, segments "
+    "48-120 frames: a tree on which only a model of time reads the labels between onsets.",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Write into a non-empty OUT (old files may remain)."
@@ -572,6 +582,79 @@ def train_command(shards, out, resume, stop_after, **options):
     train(config, resume=resume, stop_after=stop_after)
     if launched_rank() == 0:  # the run folder is the main rank's
         click.echo(run_summary(config))
+
+
+@main.command("train-temporal")
+@click.argument("features", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run folder (config.json, metrics.jsonl, tb/, last.pt, best.pt), e.g. runs/NAME-gru.",
+)
+@config_option("--tasks", config=TEMPORAL, help="Comma-separated subset of va,expr,au.")
+@config_option("--model", config=TEMPORAL, type=click.Choice(SEQUENCE_MODELS))
+@config_option("--window", config=TEMPORAL, type=click.IntRange(min=2), help="Frames per window.")
+@config_option(
+    "--stride", config=TEMPORAL, type=click.IntRange(min=1), help="Frames between window starts."
+)
+@config_option("--epochs", config=TEMPORAL, type=click.IntRange(min=1))
+@config_option(
+    "--batch-size", config=TEMPORAL, type=click.IntRange(min=1), help="Windows per step."
+)
+@config_option(
+    "--lr",
+    config=TEMPORAL,
+    type=click.FloatRange(min=0, min_open=True),
+    help="AdamW peak learning rate (5% linear warm-up, then cosine to zero).",
+)
+@config_option("--weight-decay", config=TEMPORAL, type=click.FloatRange(min=0))
+@config_option(
+    "--hidden", config=TEMPORAL, type=click.IntRange(min=8), help="Encoder width (a multiple of 4)."
+)
+@config_option("--dropout", config=TEMPORAL, type=click.FloatRange(0, 1, max_open=True))
+@config_option("--va-loss", config=TEMPORAL, type=click.Choice(VA_LOSSES))
+@config_option(
+    "--task-weights",
+    config=TEMPORAL,
+    callback=_task_weights,
+    help="Loss weight per task, e.g. va=1,expr=0.5 (unlisted tasks weigh 1).",
+)
+@config_option("--seed", config=TEMPORAL, type=click.IntRange(min=0))
+@config_option(
+    "--tune-au-thresholds/--no-tune-au-thresholds",
+    config=TEMPORAL,
+    help="Also report AU F1 at per-AU thresholds tuned on val.",
+)
+@config_option(
+    "--device", config=TEMPORAL, type=click.Choice(DEVICES), help="auto: CUDA where present."
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option(
+    "--stop-after",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train at most this many epochs now, leaving last.pt for --resume.",
+)
+def train_temporal_command(features, out, resume, stop_after, **options):
+    """Train a sequence head (GRU, TCN or Transformer) over the feature folder FEATURES.
+
+    Windows of consecutive frames (overlapping, never across videos) of the features `affectfast
+    extract` wrote; frames without an image read the nearest frame's features and a missing flag.
+    The same losses, metrics and run folder as `train`.
+
+    \b
+    affectfast train-temporal features/mtl --tasks va,expr,au --model gru --out runs/mtl-gru
+    """
+    from affectfast.config import TemporalConfig
+    from affectfast.train_temporal import run_summary, train_temporal
+
+    try:
+        config = TemporalConfig(features=features, out=out, **given(options))
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    train_temporal(config, resume=resume, stop_after=stop_after)
+    click.echo(run_summary(config))
 
 
 def _eval_options(splits: tuple[str, ...]):

@@ -19,6 +19,7 @@ from affectfast.constants import (
     DEVICES,
     INTERPOLATIONS,
     LOADER_KINDS,
+    SEQUENCE_MODELS,
     SHARD_LOADER_KINDS,
     SPLITS,
     VA_LOSSES,
@@ -275,6 +276,95 @@ class TrainConfig:
             AugmentSpec(self.flip, self.rotate_degrees, self.interpolation)
             if self.augment
             else None
+        )
+
+
+@dataclass(frozen=True)
+class TemporalConfig:
+    """Everything that defines a train-temporal run (a sequence head over a feature folder);
+    saved as config.json and inside every checkpoint, as TrainConfig is."""
+
+    features: Path  # a feature folder (affectfast extract)
+    out: Path  # the run folder, e.g. runs/NAME-temporal
+    tasks: tuple[str, ...] = TASKS
+    model: str = "gru"  # one of SEQUENCE_MODELS
+    window: int = 256  # frames per window
+    stride: int = 128  # frames between window starts (overlap = window - stride)
+    epochs: int = 20
+    batch_size: int = 16  # windows per step
+    lr: float = 1e-3  # AdamW peak learning rate (warm-up, then cosine, as train)
+    weight_decay: float = 1e-2
+    hidden: int = 128  # the encoder's width (GRU: per direction)
+    dropout: float = 0.1
+    va_loss: str = "ccc"  # ccc (1 - CCC) | mse
+    task_weights: tuple[tuple[str, float], ...] = ()  # (task, weight) pairs; unlisted tasks weigh 1
+    seed: int = 0
+    tune_au_thresholds: bool = False  # also report AU F1 at per-AU thresholds tuned on val
+    device: str = "auto"  # auto (CUDA where present) | cuda | cpu
+
+    def __post_init__(self):
+        check_field_types(self)
+        set_ = functools.partial(object.__setattr__, self)
+        set_("features", Path(self.features))
+        set_("out", Path(self.out))
+        try:
+            set_("tasks", parse_tasks(self.tasks))
+        except ValueError:
+            raise ValueError(
+                f"tasks must be a non-empty subset of {','.join(TASKS)}; got {excerpt(self.tasks)}"
+            ) from None
+        set_("task_weights", tuple((str(t), float(w)) for t, w in dict(self.task_weights).items()))
+        check_fields(
+            self,
+            [
+                ("model", self.model in SEQUENCE_MODELS, f"model must be one of {SEQUENCE_MODELS}"),
+                ("window", self.window >= 2, "window must be >= 2 frames"),
+                ("stride", 1 <= self.stride <= self.window, "stride must be in [1, window]"),
+                ("epochs", self.epochs >= 1, "epochs must be >= 1"),
+                ("batch_size", self.batch_size >= 1, "batch_size must be >= 1 window"),
+                ("lr", 0 < self.lr < math.inf, "lr must be finite and > 0"),
+                (
+                    "weight_decay",
+                    0 <= self.weight_decay < math.inf,
+                    "weight_decay must be finite and >= 0",
+                ),
+                (
+                    "hidden",
+                    self.hidden >= 8 and self.hidden % 4 == 0,
+                    "hidden must be a multiple of 4, >= 8",
+                ),
+                ("dropout", 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+                ("va_loss", self.va_loss in VA_LOSSES, f"va_loss must be one of {VA_LOSSES}"),
+                (
+                    "task_weights",
+                    all(t in self.tasks and 0 <= w < math.inf for t, w in self.task_weights),
+                    "task_weights must name trained tasks with finite weights >= 0",
+                ),
+                ("seed", 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),
+                ("device", self.device in DEVICES, f"device must be one of {DEVICES}"),
+            ],
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (paths as strings, tuples as lists)."""
+        d = dataclasses.asdict(self)
+        d.update(
+            features=str(self.features),
+            out=str(self.out),
+            tasks=list(self.tasks),
+            task_weights=[list(p) for p in self.task_weights],
+        )
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TemporalConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            **{
+                **d,
+                "tasks": tuple(d["tasks"]),
+                "task_weights": tuple(map(tuple, d["task_weights"])),
+            }
         )
 
 

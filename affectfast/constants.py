@@ -14,6 +14,8 @@ AMP_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
 DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 VA_LOSSES: tuple[str, ...] = ("ccc", "mse")
 JPEG_CHECKS: tuple[str, ...] = ("full", "header")
+# The sequence heads of train-temporal (affectfast.sequence).
+SEQUENCE_MODELS: tuple[str, ...] = ("gru", "tcn", "transformer")
 # Splits with labels (train and val) and the unlabelled ABAW test set (images only, packed from the
 # challenge's test lists). Training reads train and val only; evaluate refuses test; predict reads any.
 LABELLED_SPLITS: tuple[str, ...] = ("train", "val")

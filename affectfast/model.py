@@ -98,6 +98,13 @@ def load_imagenet_trunk(model: AffectNet, path: Path | None) -> None:
 def load_checkpoint_trunk(model: AffectNet, path: Path) -> None:
     """Load the trunk of another affectfast run's checkpoint; its heads are ignored."""
     checkpoint = load_weights_file(path, "checkpoint")
+    if checkpoint.get("stage") == "temporal":
+        raise DataError(
+            path,
+            "a temporal checkpoint has no ResNet trunk (affectfast train-temporal trains a "
+            "sequence head over features): give --init ckpt: a frame run's checkpoint "
+            "(affectfast train)",
+        )
     if not isinstance(checkpoint.get("model"), dict):
         raise DataError(path, "not an affectfast checkpoint (no 'model' entry)")
     prefix = "trunk."

@@ -24,12 +24,23 @@ videos that lack one task's file, ``_left``/``_right`` subjects, a Train_Set / V
 by video, annotation lines past the last image, some files without a final newline, and labels that
 change smoothly along a video.
 
-Two options make harder trees; at their defaults the tree is byte-identical to a tree made without
+Three options make harder trees; at their defaults the tree is byte-identical to a tree made without
 them:
 
 - ``noisy_frames``: that fraction of frames has its cues corrupted (an occlusion, an exposure jump
   or a blur, see :func:`corrupt_frame`) while the labels stay smooth along the video, so a
   per-frame reader errs on those frames and temporal smoothing helps (``affectfast.smoothing``);
+- ``onset_cues`` (K): the expression and AU cues show only around their segments' changes, the
+  labels stay constant over each segment, so a per-frame reader is blind between changes and only
+  a model of time can carry a segment's label along it (see :func:`cue_visibility`). The disc
+  shows the class colour on the first K frames of each expression segment and :data:`NEUTRAL_DISC`
+  after them; AU k's marks show on the first K frames of each "on" segment (its onset) and on
+  alternate frames of its last K frames (its offset, a blink that ends on the segment's last
+  frame), and nowhere else. Valence and arousal show on every frame. Segments are then
+  :data:`ONSET_SEGMENT` frames long: longer than the widest smoothing window, so smoothing cannot
+  spread an onset over its segment, and at most 120, so with sequence windows of 256 frames at a
+  stride of 128 every frame shares a window with its segment's onset. AU segments alternate on and
+  off, so every "on" run is one segment with an onset of its own.
 - ``test_videos``: that many more frame folders held out as an ABAW test set: frames written,
   annotations written nowhere, and ``OUT/test_lists/{VA,EXPR,AU}_test_set.txt`` (one video name a
   line; the lists differ per challenge as ABAW's do) with ``OUT/test_lists/frame_counts.csv``.
@@ -96,6 +107,11 @@ EXPR_COLOURS = np.array(
 )
 FACE_AXES = (0.62, 0.8)  # face ellipse semi-axes (x, y)
 DISC_RADIUS = 0.26  # expression disc
+# The disc where the expression cue is hidden (SynthConfig.onset_cues): mid grey, the same distance
+# (0.87) from every class colour, so it tells nothing about the class.
+NEUTRAL_DISC = np.array((0.5, 0.5, 0.5), dtype=np.float32)
+NO_CUE = -1  # the expression passed to draw_frame (and read back) where the disc is neutral
+NEUTRAL_READ_DISTANCE = 0.15  # labels_from_pixels: a centre this close to NEUTRAL_DISC reads NO_CUE
 MARK_RADIUS = 0.1  # AU marks
 
 
@@ -158,6 +174,9 @@ class SynthConfig:
     # Extra frame folders held out as an ABAW test set: frames written, no annotation file,
     # listed per challenge under test_lists/ (see TEST_LISTS_DIR).
     test_videos: int = 0
+    # K > 0: expression and AU cues show only on the K frames at each segment's onset (and an AU's
+    # offset blink), labels constant over the segment: a tree where only a model of time can win.
+    onset_cues: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -178,6 +197,11 @@ class SynthConfig:
             raise ValueError(f"noisy_frames must be in [0, 1]; got {self.noisy_frames}")
         if self.test_videos < 0:
             raise ValueError(f"test_videos must be >= 0; got {self.test_videos}")
+        if not 0 <= self.onset_cues <= MAX_ONSET_CUES:
+            raise ValueError(
+                f"onset_cues must be in [0, {MAX_ONSET_CUES}] (half the shortest segment, so an "
+                f"AU's onset and offset never meet); got {self.onset_cues}"
+            )
 
 
 # --- the tree plan: names, splits, pairs and tree-level quirks, from the seed alone --------------
@@ -334,23 +358,45 @@ def _segments(rng: np.random.Generator, length: int, low: int, high: int) -> lis
     return cuts
 
 
-def _piecewise_expr(rng: np.random.Generator, length: int) -> np.ndarray:
+# Segment lengths in frames (low, high): expression, AU on/off, and both on an onset-cue tree.
+EXPR_SEGMENT = (8, 60)
+AU_SEGMENT = (6, 50)
+# Longer than smoothing.WINDOW_GRID's widest window (41), at most a 128-frame window stride
+# (see the module docstring).
+ONSET_SEGMENT = (48, 120)
+MAX_ONSET_CUES = ONSET_SEGMENT[0] // 2
+
+
+def _piecewise_expr(
+    rng: np.random.Generator, length: int, lengths: tuple[int, int] = EXPR_SEGMENT
+) -> np.ndarray:
     """Expression in constant segments, each a different class than the last (balanced overall)."""
     expr = np.empty(length, dtype=np.int64)
     previous = -1
-    for start, stop in _segments(rng, length, 8, 60):
+    for start, stop in _segments(rng, length, *lengths):
         value = int(rng.integers(NUM_EXPR - (previous >= 0)))
         value += previous >= 0 and value >= previous  # skip the previous class
         expr[start:stop] = previous = value
     return expr
 
 
-def _on_off_au(rng: np.random.Generator, length: int) -> np.ndarray:
-    """Each AU in on/off segments, on about 40-55% of the time."""
+def _on_off_au(rng: np.random.Generator, length: int, onset_cues: bool = False) -> np.ndarray:
+    """Each AU in on/off segments, on about 40-55% of the time.
+
+    ``onset_cues``: segments of :data:`ONSET_SEGMENT` frames that alternate on and off (the first
+    one on with the AU's probability), so every "on" run is one segment with an onset of its own
+    and is never longer than ONSET_SEGMENT's high end.
+    """
     au = np.empty((length, NUM_AU), dtype=np.int64)
     for k in range(NUM_AU):
         p_on = rng.uniform(0.4, 0.55)
-        for start, stop in _segments(rng, length, 6, 50):
+        if onset_cues:
+            on = rng.random() < p_on
+            for start, stop in _segments(rng, length, *ONSET_SEGMENT):
+                au[start:stop, k] = on
+                on = not on
+            continue
+        for start, stop in _segments(rng, length, *AU_SEGMENT):
             au[start:stop, k] = rng.random() < p_on
     return au
 
@@ -364,16 +410,57 @@ def _gaps(rng: np.random.Generator, frames: int) -> np.ndarray:
     return has_image
 
 
-def video_labels(seed: int, plan: VideoPlan, frames: int) -> VideoLabelsTruth:
-    """The underlying labels of one video, from (seed, video index) alone."""
+def video_labels(seed: int, plan: VideoPlan, frames: int, onset_cues: int = 0) -> VideoLabelsTruth:
+    """The underlying labels of one video, from (seed, video index) alone.
+
+    With ``onset_cues`` > 0 (SynthConfig.onset_cues) expression and AU segments are
+    :data:`ONSET_SEGMENT` frames long and AU segments alternate on and off; valence, arousal and
+    the gaps are the same as without.
+    """
     rng = np.random.default_rng([seed, 1, plan.index])
     length = frames + plan.extra_lines
     va = np.round(np.stack([_smooth_signal(rng, length), _smooth_signal(rng, length)], axis=1), 3)
     has_image = np.zeros(length, dtype=bool)
     has_image[:frames] = _gaps(rng, frames)
     return VideoLabelsTruth(
-        va=va, expr=_piecewise_expr(rng, length), au=_on_off_au(rng, length), has_image=has_image
+        va=va,
+        expr=_piecewise_expr(rng, length, ONSET_SEGMENT if onset_cues else EXPR_SEGMENT),
+        au=_on_off_au(rng, length, onset_cues > 0),
+        has_image=has_image,
     )
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """The [start, stop) runs of equal consecutive values of a 1-d array."""
+    cuts = np.flatnonzero(np.diff(values)) + 1
+    edges = [0, *cuts.tolist(), len(values)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def cue_visibility(truth: VideoLabelsTruth, onset_cues: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which frame slots show their expression cue (bool L) and each AU's marks (bool L×12).
+
+    ``onset_cues`` 0: every frame shows everything. K > 0: the disc shows its class on the first K
+    frames of each expression segment (a run of one class); AU k's marks show on the first K
+    frames of each "on" run (onset) and on every other one of its last K frames, ending on its last
+    frame (offset: a blink, so the end of a run differs from its start and a sequence model knows
+    which side of a run it is on; marks shown at both ends alike would leave on and off runs
+    indistinguishable between them). Marks are never shown in an "off" run, so a shown mark always
+    means "on" and a per-frame model learns to see both cues.
+    """
+    length = len(truth.expr)
+    if onset_cues == 0:
+        return np.ones(length, dtype=bool), np.ones((length, NUM_AU), dtype=bool)
+    expr = np.zeros(length, dtype=bool)
+    for start, _ in _runs(truth.expr):
+        expr[start : start + onset_cues] = True
+    au = np.zeros((length, NUM_AU), dtype=bool)
+    for k in range(NUM_AU):
+        for start, stop in _runs(truth.au[:, k]):
+            if truth.au[start, k] == 1:
+                au[start : start + onset_cues, k] = True
+                au[np.arange(stop - 1, max(start, stop - onset_cues) - 1, -2), k] = True
+    return expr, au
 
 
 # --- annotation files ---------------------------------------------------------------------------
@@ -525,13 +612,17 @@ def face_masks(style: FaceStyle, size: int) -> FaceMasks:
 def draw_frame(
     masks: FaceMasks, style: FaceStyle, va, expr: int, au, noise: np.ndarray
 ) -> np.ndarray:
-    """One frame as uint8 H×W×3: the labels drawn into the face (see the module docstring)."""
+    """One frame as uint8 H×W×3: the labels drawn into the face (see the module docstring).
+
+    ``expr`` :data:`NO_CUE` draws the neutral disc; AUs whose mark is hidden are passed as 0.
+    """
     valence, arousal = va
     image = np.broadcast_to(
         np.float32(background_level(valence)) + style.tint, masks.face.shape[:2] + (3,)
     )
     image = image + (np.float32(skin_level(arousal)) * style.skin - image) * masks.face
-    image += (EXPR_COLOURS[expr] - image) * masks.disc
+    disc = NEUTRAL_DISC if expr == NO_CUE else EXPR_COLOURS[expr]
+    image += (disc - image) * masks.disc
     on = np.append(np.asarray(au) == 1, False)[masks.mark_id][..., None]  # H×W×1 bool
     image = np.where(on, image * (1 - masks.mark_cover) + masks.mark_rgb, image)
     image += noise
@@ -608,8 +699,8 @@ class _Chunk:
     style: FaceStyle
     frames: np.ndarray  # 1-based numbers of the frames to draw
     va: np.ndarray
-    expr: np.ndarray
-    au: np.ndarray
+    expr: np.ndarray  # the cue drawn: the class, or NO_CUE where it is hidden (onset_cues)
+    au: np.ndarray  # the marks drawn: 1 where the AU is on and its marks show
     noisy_frames: float  # fraction of frames corrupted (SynthConfig.noisy_frames)
 
 
@@ -637,6 +728,9 @@ def _chunks(config: SynthConfig, plan: VideoPlan, truth: VideoLabelsTruth, per_c
     """Split one video's frames with an image into chunks of at most ``per_chunk`` frames."""
     style = video_style(config.seed, plan)
     slots = np.flatnonzero(truth.has_image)
+    expr_shown, au_shown = cue_visibility(truth, config.onset_cues)
+    expr = np.where(expr_shown, truth.expr, NO_CUE)
+    au = truth.au * au_shown
     for start in range(0, len(slots), per_chunk):
         idx = slots[start : start + per_chunk]
         yield _Chunk(
@@ -647,8 +741,8 @@ def _chunks(config: SynthConfig, plan: VideoPlan, truth: VideoLabelsTruth, per_c
             style=style,
             frames=idx + 1,
             va=truth.va[idx],
-            expr=truth.expr[idx],
-            au=truth.au[idx],
+            expr=expr[idx],
+            au=au[idx],
             noisy_frames=config.noisy_frames,
         )
 
@@ -674,7 +768,7 @@ def synthesize(config: SynthConfig, progress: bool = False) -> Path:
     plans = plan_tree(config)
     chunks = []
     for plan in plans:
-        truth = video_labels(config.seed, plan, config.frames)
+        truth = video_labels(config.seed, plan, config.frames, config.onset_cues)
         if plan.split != "test":  # the test set's labels are written nowhere
             _write_annotations(config.out, config.seed, plan, truth)
         (config.out / FRAMES_DIR / plan.name).mkdir(parents=True, exist_ok=True)
@@ -710,7 +804,10 @@ def _patch_mean(image: np.ndarray, patch: tuple[float, float, float, float]) -> 
 def labels_from_pixels(image: np.ndarray) -> dict[str, np.ndarray]:
     """Read (va, expr, au) back from an unrotated synthetic frame (any size >= 32 px, flipped or not).
 
-    Valence and arousal come back within a few hundredths; expression and AUs exactly.
+    Valence and arousal come back within a few hundredths; expression and AUs exactly. What comes
+    back is the cue the frame shows: on an onset-cue tree (SynthConfig.onset_cues) a frame whose
+    cues are hidden (:func:`cue_visibility`) reads expression :data:`NO_CUE` (the neutral disc)
+    and 0 for each AU whose marks are hidden, whatever its label.
     """
     image = np.asarray(image)
     grey = np.mean([_patch_mean(image, p).mean() for p in VALENCE_PATCHES])
@@ -718,6 +815,9 @@ def labels_from_pixels(image: np.ndarray) -> dict[str, np.ndarray]:
     va = np.array([(grey - 0.5) / 0.4, (skin - 0.5) / 0.3])
     centre = _patch_mean(image, (-0.08, 0.08, -0.08, 0.08))
     expr = int(np.argmin(np.square(EXPR_COLOURS - centre).sum(axis=1)))
+    # Tight, so that a class colour under a corrupted exposure or a blur still reads as its class.
+    if np.linalg.norm(centre - NEUTRAL_DISC) < NEUTRAL_READ_DISTANCE:
+        expr = NO_CUE
     au = np.array([_mark_present(image, k) for k in range(NUM_AU)], dtype=np.int64)
     return {"va": np.clip(va, -1, 1), "expr": np.int64(expr), "au": au}
 

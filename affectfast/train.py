@@ -642,7 +642,7 @@ def config_changes(saved: dict, config: TrainConfig) -> list[str]:
 
     def normal(values: dict) -> dict:
         values = {k: v for k, v in values.items() if k != "out" and k not in RESUMABLE_CHANGES}
-        for key in ("shards", "tree"):
+        for key in ("shards", "tree", "features"):  # features: a TemporalConfig's
             if isinstance(values.get(key), str):
                 values[key] = str(Path(values[key]).resolve())
         init = values.get("init")

@@ -12,14 +12,19 @@ from click.testing import CliRunner
 from PIL import Image
 
 from affectfast.cli import main
+from affectfast.smoothing import complete_video, tune_windows
 from affectfast.synth import (
+    NO_CUE,
+    ONSET_SEGMENT,
     SynthConfig,
     frame_corruption,
+    frame_path,
     labels_from_pixels,
     plan_tree,
     synthesize,
+    video_labels,
 )
-from affectfast.tasks import CHALLENGE_DIRS, HEADERS, NUM_AU
+from affectfast.tasks import CHALLENGE_DIRS, HEADERS, NUM_AU, NUM_EXPR
 
 CHALLENGES = {task: names[0] for task, names in CHALLENGE_DIRS.items()}
 SETS = {"Train_Set": "train", "Validation_Set": "val"}
@@ -229,6 +234,8 @@ def test_reader_reads_the_tree_and_agrees_with_the_pixels(synth_tree):
         ("noisy_frames", -0.1),
         ("noisy_frames", 1.5),
         ("test_videos", -1),
+        ("onset_cues", -1),
+        ("onset_cues", 25),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, field, value):
@@ -302,7 +309,7 @@ def _combined(digest: dict[str, str]) -> str:
 
 
 # Digests of SynthConfig(videos=5, frames=12, seed=7, image_size=32) as written before the
-# noisy_frames and test_videos options existed. JPEG bytes depend on the encoder build, so the
+# noisy_frames, test_videos and onset_cues options existed. JPEG bytes depend on the encoder build, so the
 # whole-tree digest is compared only under the libjpeg-turbo it was made with.
 GOLDEN_ANNOTATIONS = "df80ee6650f4f9e9111f9041c1ba864ca9462994607fccf9d3494e8c907fe2d3"
 GOLDEN_TREE = "548b73201d89814f6be750a581c5355fcc638226811ac8e67c7bfea0618d0187"
@@ -313,7 +320,7 @@ def test_default_tree_is_byte_identical_to_before_the_new_options(tmp_path):
     from PIL import features
 
     config = SynthConfig(out=tmp_path, videos=5, frames=12, seed=7, image_size=32, workers=1)
-    assert (config.noisy_frames, config.test_videos) == (0.0, 0)
+    assert (config.noisy_frames, config.test_videos, config.onset_cues) == (0.0, 0, 0)
     digest = tree_digest(synthesize(config))
     assert len(digest) == 62
     assert _combined({k: v for k, v in digest.items() if k.endswith(".txt")}) == GOLDEN_ANNOTATIONS
@@ -427,3 +434,100 @@ def test_test_set_frames_without_annotations_and_one_list_per_challenge(tmp_path
     frames = images(root)
     assert all(common["frames"] <= counts[v] <= common["frames"] + 5 for v in test_videos)
     assert all(frames[v][-1] <= counts[v] for v in test_videos)
+
+
+# --- cues only at segment onsets (onset_cues) -----------------------------------------------------
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) runs of equal consecutive values."""
+    edges = [0, *(np.flatnonzero(np.diff(values)) + 1).tolist(), len(values)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _read_frame(root: Path, video: str, frame: int) -> dict[str, np.ndarray]:
+    with Image.open(frame_path(root, video, frame)) as image:
+        return labels_from_pixels(np.asarray(image.convert("RGB")))
+
+
+def test_onset_cues_keep_va_and_gaps_and_give_long_alternating_segments():
+    plans = plan_tree(SynthConfig(out=Path("unused"), videos=12, frames=600, seed=3))
+    low, high = ONSET_SEGMENT
+    for plan in plans:
+        plain, onset = (video_labels(3, plan, 600, k) for k in (0, 6))
+        np.testing.assert_array_equal(onset.va, plain.va)
+        np.testing.assert_array_equal(onset.has_image, plain.has_image)
+        columns = [onset.expr] + [onset.au[:, k] for k in range(NUM_AU)]
+        for values in columns:
+            lengths = [stop - start for start, stop in _runs(values)]
+            # Every run but the last (cut by the end of the video) is one whole segment: AU
+            # segments alternate on and off, so no two merge into a run longer than a segment.
+            assert all(low <= n <= high for n in lengths[:-1]), lengths
+    assert 0.35 < np.mean([video_labels(3, p, 600, 6).au.mean() for p in plans]) < 0.65
+
+
+def test_onset_cues_show_in_the_pixels_only_at_onsets_and_offsets(tmp_path):
+    """Pixels show the expression on the first K frames of each segment and the neutral disc after;
+    an AU's marks on the first K frames of an "on" run and every other one of its last K frames
+    (ending on its last frame), never in an "off" run; VA on every frame; labels as ever."""
+    k = 6
+    config = SynthConfig(
+        out=tmp_path, videos=4, frames=300, seed=1, image_size=48, workers=1, onset_cues=k
+    )
+    synthesize(config)
+    files = annotations(tmp_path)
+    shown = {"expr": 0, "hidden expr": 0, "au": 0, "hidden au": 0}
+    per_frame, truths = [], []  # EXPR as a per-frame reader sees it: one-hot, uniform where hidden
+    for plan in plan_tree(config):
+        truth = video_labels(config.seed, plan, config.frames, k)
+        # The annotation files hold the labels, constant over each segment, not the cues.
+        if ("expr", plan.name) in files:
+            lines = np.array(files[("expr", plan.name)][1][1:], dtype=int)
+            np.testing.assert_array_equal(lines[lines >= 0], truth.expr[lines >= 0])
+        reads = {f: _read_frame(tmp_path, plan.name, f) for f in images(tmp_path)[plan.name]}
+        for frame, read in reads.items():
+            np.testing.assert_allclose(read["va"], truth.va[frame - 1], atol=0.08)
+        for start, stop in _runs(truth.expr):
+            for frame in (f for f in reads if start < f <= stop):
+                onset = frame - 1 - start < k
+                assert reads[frame]["expr"] == (truth.expr[start] if onset else NO_CUE)
+                shown["expr" if onset else "hidden expr"] += 1
+        # Carrying the last expression cue forward reads every frame right (the first K frames of a
+        # segment always have an image: gaps are at most 4 frames long) ...
+        frames = np.array(list(reads))
+        expr = np.array([read["expr"] for read in reads.values()])
+        last_cue = np.maximum.accumulate(np.where(expr != NO_CUE, np.arange(len(expr)), 0))
+        np.testing.assert_array_equal(expr[last_cue], truth.expr[frames - 1])
+        onehot = np.eye(NUM_EXPR)[np.maximum(expr, 0)]
+        probs = np.where((expr == NO_CUE)[:, None], 1 / NUM_EXPR, onehot)
+        per_frame.append(complete_video(frames, probs, len(truth.expr), "nearest"))
+        truths.append(truth.expr)
+        for au in range(NUM_AU):
+            for start, stop in _runs(truth.au[:, au]):
+                for frame in (f for f in reads if start < f <= stop):
+                    i, last = frame - 1 - start, stop - frame  # frames since start, to last
+                    on = truth.au[start, au] == 1
+                    cue = on and (i < k or (last < k and last % 2 == 0))
+                    assert reads[frame]["au"][au] == cue, (plan.name, au, frame, start, stop)
+                    shown["au" if cue else "hidden au"] += on
+    # ... while per-frame reads, even at the best smoothing window, miss most of them.
+    masks = [np.ones(len(t), bool) for t in truths]
+    _, scores = tune_windows({"expr": per_frame}, {"expr": truths}, {"expr": masks})
+    assert scores["expr"]["smoothed"] < 0.6, scores
+    # Most frames of a segment hide its cue: that is what the option is for.
+    assert shown["hidden expr"] > 5 * shown["expr"] > 0
+    assert shown["hidden au"] > 5 * shown["au"] > 0
+
+
+def test_cli_onset_cues_reach_the_config(tmp_path):
+    common = ["--videos", "4", "--frames", "60", "--seed", "2", "--image-size", "32"]
+    command = ["synth", str(tmp_path / "cli"), *common, "--workers", "1", "--onset-cues", "3"]
+    assert CliRunner().invoke(main, command).exit_code == 0
+    config = SynthConfig(
+        out=tmp_path / "api", videos=4, frames=60, seed=2, image_size=32, workers=1, onset_cues=3
+    )
+    assert tree_digest(tmp_path / "cli") == tree_digest(synthesize(config))
+    plain = SynthConfig(
+        out=tmp_path / "plain", videos=4, frames=60, seed=2, image_size=32, workers=1
+    )
+    assert tree_digest(synthesize(plain)) != tree_digest(tmp_path / "cli")
+    bad = CliRunner().invoke(main, ["synth", str(tmp_path / "bad"), *common, "--onset-cues", "25"])
+    assert bad.exit_code == 2 and "--onset-cues" in bad.output
