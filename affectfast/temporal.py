@@ -16,31 +16,26 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
+import torch
+from tqdm import tqdm
 
 from affectfast.config import EvalConfig, ExtractConfig
 from affectfast.errors import DataError
 from affectfast.extract import extract_features
-from affectfast.features import (
-    LABEL_SHAPES,
-    FeatureSplit,
-    check_source,
-    load_manifest,
-    load_split,
-    pack_sha256,
-)
+from affectfast.features import check_source, load_manifest, load_split, pack_sha256
 from affectfast.metrics import Predictions
 from affectfast.safe_files import sha256_file
 from affectfast.sequence import predict_rows
-from affectfast.train_temporal import load_temporal_head
+from affectfast.train_temporal import load_temporal_checkpoint, split_predictions
 
 
 def temporal_predictions(
     config: EvalConfig, checkpoint: dict
 ) -> tuple[Predictions, tuple[str, ...]]:
     """(every image frame's outputs, labels and masks on ``config.split``; the head's tasks)."""
-    head = load_temporal_head(config.checkpoint, checkpoint)
+    model, head, checkpoint = load_temporal_checkpoint(config.checkpoint)
     source = checkpoint["features"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with _feature_folder(config, source) as folder:
         manifest = load_manifest(folder)
         check_source(
@@ -51,17 +46,15 @@ def temporal_predictions(
         )
         split = load_split(folder, config.split, manifest)
         outputs = predict_rows(
-            head.model,
+            model.to(device),
             split,
-            head.config.window,
-            head.config.stride,
-            head.device,
-            batch_size=config.batch_size,
-            standardization=head.standardization,
+            head.window,
+            head.stride,
+            device,
+            progress=lambda batches: tqdm(batches, desc=f"{config.split} windows", leave=False),
         )
-        labels, masks = _labels_and_masks(split, head.config.tasks)
-        keys = split.keys()
-    return Predictions(keys, outputs, labels, masks), tuple(head.config.tasks)
+        preds = split_predictions(split, outputs, head.tasks)
+    return preds, tuple(head.tasks)
 
 
 @contextlib.contextmanager
@@ -97,20 +90,3 @@ def _feature_folder(config: EvalConfig, source: dict) -> Iterator[Path]:
             )
         )
         yield out
-
-
-def _labels_and_masks(
-    split: FeatureSplit, tasks: tuple[str, ...]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Each task's labels (float32, as ``train.predict_split`` hands them over) and masks; a task
-    the split has no label for (the test split) is all masked out."""
-    rows = len(split.frames)
-    labels, masks = {}, {}
-    for task in tasks:
-        if task in split.labels:
-            labels[task] = np.asarray(split.labels[task], dtype=np.float32)
-            masks[task] = np.asarray(split.masks[task], dtype=bool)
-        else:
-            labels[task] = np.zeros((rows, *LABEL_SHAPES[task][0]), dtype=np.float32)
-            masks[task] = np.zeros(rows, dtype=bool)
-    return labels, masks
