@@ -677,6 +677,14 @@ def _add_eval_options(command, splits: tuple[str, ...]):
                 help="Without CUDA dali-gpu falls back to dali-cpu.",
             ),
             config_option("--batch-size", config=EVAL, type=click.IntRange(min=1)),
+            click.option(
+                "--features",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=None,
+                help="For a temporal CHECKPOINT (train-temporal): the feature folder extract "
+                "wrote from SHARDS. Without it the features of SPLIT are extracted on the fly "
+                "with the frame checkpoint the temporal one names.",
+            ),
             config_option(
                 "--num-threads",
                 config=EVAL,

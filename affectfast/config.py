@@ -383,6 +383,9 @@ class EvalConfig:
     tune_smoothing: bool = False
     smooth: bool = False  # predict: apply the windows of smoothing.json beside the checkpoint
     frame_counts: Path | None = None  # predict: a "video,frames" CSV of frames per video
+    # A temporal checkpoint's feature folder (affectfast extract); without it the features are
+    # extracted on the fly from shards with the frame checkpoint the temporal one names.
+    features: Path | None = None
 
     def __post_init__(self):
         check_field_types(self)
@@ -390,6 +393,8 @@ class EvalConfig:
         object.__setattr__(self, "shards", Path(self.shards))
         if self.frame_counts is not None:
             object.__setattr__(self, "frame_counts", Path(self.frame_counts))
+        if self.features is not None:
+            object.__setattr__(self, "features", Path(self.features))
         check_fields(
             self,
             [

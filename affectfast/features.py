@@ -25,6 +25,7 @@ matters (:func:`check_source`).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import numpy as np
 
 from affectfast.errors import DataError
 from affectfast.safe_files import excerpt, read_text
+from affectfast.shards import read_manifest
 from affectfast.tasks import NUM_AU, TASKS
 
 FEATURES_MANIFEST = "features.json"
@@ -180,6 +182,12 @@ def _check_manifest_fields(manifest: dict, path: Path) -> None:
         )
         if not fine:
             raise DataError(path, f"splits.{excerpt(split)}: expected rows and labelled tasks")
+
+
+def pack_sha256(shards: str | Path) -> str:
+    """The sha256 of a pack's ``manifest.json`` bytes (checked): what names the pack features
+    were extracted from (the manifest lists every shard with its size, so a repack changes it)."""
+    return hashlib.sha256(read_manifest(shards)[0]).hexdigest()
 
 
 def check_source(

@@ -46,7 +46,7 @@ from affectfast.errors import DataError
 from affectfast.metrics import Predictions
 from affectfast.model import AffectNet
 from affectfast.prediction_folder import PredictionFolder, check_out, write_folder
-from affectfast.rundir import load_checkpoint
+from affectfast.rundir import is_temporal, load_checkpoint
 from affectfast.safe_files import excerpt, read_text
 from affectfast.shards import MANIFEST, load_manifest, split_shards
 from affectfast.smoothing import (
@@ -68,6 +68,7 @@ from affectfast.tasks import (
     TASKS,
     split_member,
 )
+from affectfast.temporal import temporal_predictions
 from affectfast.train import (
     build_autocast,
     build_eval_loader,
@@ -124,6 +125,28 @@ def _predict_split(
         return predict_split(model, loader, autocast, info), run, info.is_main, checkpoint
     finally:
         teardown_distributed()
+
+
+def _predictions(
+    config: EvalConfig, checkpoint: dict | None = None
+) -> tuple[Predictions | None, tuple[str, ...], bool, dict]:
+    """(predictions of ``config.split`` on the main rank, None on the others; the checkpoint's
+    tasks, whether this is the main rank, the checkpoint) for a frame or a temporal checkpoint.
+
+    A temporal one (``train-temporal``) predicts from features (``config.features``, else
+    extracted on the fly), in one process: its head is small next to the frame model."""
+    checkpoint = checkpoint or load_checkpoint(config.checkpoint, temporal_ok=True)
+    if is_temporal(checkpoint):
+        preds, tasks = temporal_predictions(config, checkpoint)
+        return preds, tasks, True, checkpoint
+    if config.features is not None:
+        raise DataError(
+            config.checkpoint,
+            "a frame checkpoint reads SHARDS; --features is for a temporal checkpoint "
+            "(train-temporal)",
+        )
+    preds, run, is_main, checkpoint = _predict_split(config, checkpoint)
+    return preds, run.tasks, is_main, checkpoint
 
 
 # --- AU thresholds --------------------------------------------------------------------------------
@@ -186,10 +209,10 @@ def evaluate(config: EvalConfig) -> dict | None:
     tuning = config.tune_smoothing or config.tune_au_thresholds
     fingerprint = Fingerprint.of(config.checkpoint) if tuning else None
     counts = load_manifest(config.shards).get("frame_counts", {}) if config.tune_smoothing else {}
-    preds, run, is_main, checkpoint = _predict_split(config)
+    preds, tasks, is_main, checkpoint = _predictions(config)
     if not is_main:  # the main rank holds every rank's predictions, and reports
         return None
-    metrics = score(preds, run.tasks, config.tune_au_thresholds)
+    metrics = score(preds, tasks, config.tune_au_thresholds)
     if "au_thresholds" in metrics:
         path = tuned_path(config.checkpoint, AU_THRESHOLDS)
         scores = {"f1_au": metrics["f1_au"], "f1_au_tuned": metrics["f1_au_tuned"]}
@@ -199,11 +222,11 @@ def evaluate(config: EvalConfig) -> dict | None:
         thresholds = None  # AU scored at 0.5, as predict writes it without tuned thresholds
         if "au_thresholds" in metrics:
             thresholds = np.asarray(metrics["au_thresholds"])
-        elif "au" in run.tasks:
+        elif "au" in tasks:
             found = au_thresholds_for(config.checkpoint, checkpoint, fingerprint)
             thresholds = found.values if found.tuned else None
-        windows, scores = tune_smoothing(preds, run.tasks, counts, thresholds, source=config.shards)
-        absent = tuple(t for t in run.tasks if t not in windows)
+        windows, scores = tune_smoothing(preds, tasks, counts, thresholds, source=config.shards)
+        absent = tuple(t for t in tasks if t not in windows)
         path = tuned_path(config.checkpoint, SMOOTHING)
         save_windows(path, fingerprint, windows, scores, absent)
         metrics["smoothing"] = {
@@ -347,9 +370,9 @@ def predict(config: EvalConfig, out: str | Path) -> Submission:
     the model runs (:func:`plan_submission`), and nothing is written.
     """
     fingerprint = Fingerprint.of(config.checkpoint)
-    checkpoint = load_checkpoint(config.checkpoint)
+    checkpoint = load_checkpoint(config.checkpoint, temporal_ok=True)
     plan = plan_submission(config, out, checkpoint, fingerprint)
-    preds, _, is_main, _ = _predict_split(config, checkpoint)
+    preds, _, is_main, _ = _predictions(config, checkpoint)
     if not is_main:
         return Submission(plan.out.given, plan.split, frames=plan.frames, windows=plan.windows)
     return write_submission(plan, preds, config.shards)
@@ -368,6 +391,8 @@ def plan_submission(
     inputs = [(config.checkpoint, "checkpoint"), (config.shards, "shards")]
     if config.frame_counts is not None:
         inputs.append((config.frame_counts, "frame-count CSV"))
+    if config.features is not None:
+        inputs.append((config.features, "feature folder"))
     folder = check_out(out, inputs)
     manifest = load_manifest(config.shards)
     wanted = _videos_wanted(manifest, config)
@@ -411,6 +436,7 @@ def plan_submission(
     record_inputs = {
         "checkpoint": {"path": str(config.checkpoint), **fingerprint.to_dict()},
         "shards": str(config.shards),
+        "features": None if config.features is None else str(config.features),
         "split": config.split,
         "smoothing": None
         if windows is None

@@ -30,6 +30,7 @@ CONFIG_LIMIT = 1 << 20  # bytes: a run's config.json is about 1 KB
 METRICS_LIMIT = 1 << 26  # bytes: a metrics.jsonl line is under 1 KB, so a million epochs
 
 CHECKPOINT_FORMAT = 1
+TEMPORAL_STAGE = "temporal"  # a temporal head's checkpoint says "stage": "temporal"
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,25 @@ EVAL_ENTRIES = ("config", "model")
 RESUME_ENTRIES = (*EVAL_ENTRIES, "optimizer", "scheduler", "scaler", "rng", "epoch", "best_p_mtl")
 
 
-def load_checkpoint(path: Path, entries: tuple[str, ...] = EVAL_ENTRIES) -> dict:
+def load_checkpoint(
+    path: Path, entries: tuple[str, ...] = EVAL_ENTRIES, *, temporal_ok: bool = False
+) -> dict:
     """An affectfast checkpoint (on the CPU) holding ``entries``, its config a valid TrainConfig
-    and its model the network that config describes; else a one-line DataError."""
+    and its model the network that config describes; else a one-line DataError.
+
+    A temporal checkpoint (``train-temporal``) is refused unless ``temporal_ok``: then it is
+    returned unchecked, for its own stage to check (``train_temporal.check_temporal_checkpoint``).
+    """
     path = Path(path)
     checkpoint = load_weights_file(path, "checkpoint")
+    if is_temporal(checkpoint):
+        if temporal_ok:
+            return checkpoint
+        raise DataError(
+            path,
+            "a temporal checkpoint (train-temporal): this needs a frame checkpoint "
+            "(train's best.pt or last.pt)",
+        )
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise DataError(path, "not an affectfast checkpoint")
     missing = [name for name in entries if name not in checkpoint]
@@ -141,6 +156,11 @@ def load_checkpoint(path: Path, entries: tuple[str, ...] = EVAL_ENTRIES) -> dict
     if "model" in entries:
         _check_model_state(path, checkpoint["model"], config.tasks)
     return checkpoint
+
+
+def is_temporal(checkpoint: dict) -> bool:
+    """Whether a loaded checkpoint is a temporal head's (``train-temporal``), not a frame model's."""
+    return checkpoint.get("stage") == TEMPORAL_STAGE
 
 
 def _check_model_state(path: Path, state, tasks: tuple[str, ...]) -> None:

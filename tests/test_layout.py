@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("affwild2", "shards", "config", "features"),
     ("pack", "verify", "synth", "stage"),
     ("loaders", "model", "losses", "metrics", "smoothing", "tuned", "sequence"),
-    ("rundir", "train", "predict", "prediction_folder", "extract", "train_temporal"),
+    ("rundir", "train", "predict", "prediction_folder", "extract", "train_temporal", "temporal"),
     ("bench", "study", "doctor"),
     ("cli", "__main__"),
 )
