@@ -1010,8 +1010,22 @@ def doctor_command(shards, out, device, quick):
     "uni-va, uni-expr, uni-au and multi each; uni-TASK adds a multi-task model fine-tuned "
     "from the first one's uni-TASK run.",
 )
+@click.option(
+    "--temporal",
+    default="",
+    metavar="MODELS",
+    help="Comma-separated sequence models (gru, tcn, transformer): after the frame runs, "
+    "extract the multi-task model's features and train uni- and multi-task heads of each on "
+    "them (temporal rows of the table). Default: none.",
+)
+@click.option(
+    "--temporal-epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Epochs of each temporal head (default: train-temporal's).",
+)
 @_training_options
-def study_command(shards, out, inits, **options):
+def study_command(shards, out, inits, temporal, temporal_epochs, **options):
     """Run the uni- vs multi-task study on SHARDS and print the comparison table.
 
     Every input (the pack, each initialization's weights, run folders already there) is checked
@@ -1020,13 +1034,18 @@ def study_command(shards, out, inits, **options):
 
     \b
     On a GPU node:  affectfast study shards/affwild2 --out runs/study --inits scratch,imagenet,uni-expr
+    With temporal rows:  affectfast study shards/affwild2 --out runs/study --temporal gru
     """
     from affectfast.study import TABLE_NOTES, StudyConfig, format_summary, format_table, run_study
 
     base = _train_config(shards=shards, out=out, **options)
     try:
         config = StudyConfig(
-            out=out, base=base, inits=tuple(t.strip() for t in inits.split(",") if t.strip())
+            out=out,
+            base=base,
+            inits=tuple(t.strip() for t in inits.split(",") if t.strip()),
+            temporal=tuple(m.strip() for m in temporal.split(",") if m.strip()),
+            temporal_epochs=temporal_epochs,
         )
     except ValueError as error:
         raise click.BadParameter(str(error)) from None

@@ -7,6 +7,12 @@ an interrupted one resumed, so a study on a GPU node can simply be started again
 Before the first run trains, every input every run will read is checked (:func:`check_inputs`):
 a missing ImageNet file stops the study at once, not after hours of the runs before it.
 
+Temporal rows (``temporal``: sequence models, e.g. ``("gru",)``): after the frame runs of a base
+initialization, its multi-task model's features are extracted once (``OUT/<init>/features``, again
+only when that best.pt changes) and each model trains uni-va, uni-expr, uni-au and multi heads on
+them (``OUT/<init>/<model>-<run>/``, ordinary ``train-temporal`` runs): the seed's question, does
+multi-task help, asked again at the temporal stage on the same features.
+
 Initializations: the base ones ``TrainConfig.init`` accepts (``scratch``, ``imagenet``,
 ``imagenet:PATH``, ``ckpt:PATH``) give four rows each (uni-va, uni-expr, uni-au, multi); ``uni-TASK``
 gives one row: the multi-task model fine-tuned from the trunk of the uni-task TASK run of the first
@@ -19,18 +25,25 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from affectfast.config import TrainConfig, parse_init
+from affectfast.config import EvalConfig, ExtractConfig, TemporalConfig, TrainConfig, parse_init
 from affectfast.console import say
+from affectfast.constants import SEQUENCE_MODELS, SHARD_LOADER_KINDS
 from affectfast.errors import DataError
+from affectfast.extract import extract_features
+from affectfast.features import FEATURES_MANIFEST
+from affectfast.features import load_manifest as load_features_manifest
 from affectfast.model import build_model
 from affectfast.rundir import RunDir, read_metrics
+from affectfast.safe_files import sha256_file
 from affectfast.shards import MANIFEST, load_manifest, split_shards
 from affectfast.tasks import TASKS, parse_tasks
 from affectfast.train import build_task_loss, config_changes, resolve_device, train
+from affectfast.train_temporal import train_temporal
 
 RESULT_COLUMNS = (
     "run",
@@ -66,7 +79,9 @@ TABLE_NOTES = (
     "a uni-task run picks its epoch by its one task's metric (CCC mean, F1-EXPR or F1-AU), the "
     "multi-task run by the sum of all three, so its best epoch need not be best for each task. "
     "images/s: the median training throughput over epochs; train time: the training epochs' "
-    "wall time summed, validation and checkpointing excluded."
+    "wall time summed, validation and checkpointing excluded. Temporal rows (gru uni-va, ...): "
+    "heads trained on the features of the same initialization's multi-task frame model; their "
+    "images/s counts the frames stepped through (a frame in two overlapping windows twice)."
 )
 ABSENT = "absent"  # in results.md/.csv: a trained task without a single val label
 CURVE_METRICS = ("ccc_mean", "f1_expr", "f1_au", "p_mtl")
@@ -81,11 +96,17 @@ SUMMARIES = {
 class StudyRun:
     """One cell of the study: a model (task set) trained from one initialization."""
 
-    name: str  # "uni-va", "uni-expr", "uni-au" or "multi"
+    name: str  # "uni-va", "uni-expr", "uni-au" or "multi"; "gru multi" for a temporal head
     init_label: str  # the --inits token, e.g. "scratch" or "uni-expr"
     tasks: tuple[str, ...]
     init: str  # what TrainConfig.init gets
     out: Path
+    model: str | None = None  # a temporal head's sequence model; None for a frame run
+
+    @property
+    def features(self) -> Path:
+        """The feature folder a temporal run trains on: beside its frame runs."""
+        return self.out.parent / "features"
 
 
 @dataclass(frozen=True)
@@ -95,9 +116,16 @@ class StudyConfig:
     out: Path
     base: TrainConfig
     inits: tuple[str, ...] = ("scratch",)
+    temporal: tuple[str, ...] = ()  # sequence models with rows on the multi-task features
+    temporal_epochs: int | None = None  # None: TemporalConfig's default
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
+        unknown = [m for m in self.temporal if m not in SEQUENCE_MODELS]
+        if unknown:
+            raise ValueError(f"temporal models must be among {SEQUENCE_MODELS}; got {unknown[0]}")
+        if self.temporal_epochs is not None and self.temporal_epochs < 1:
+            raise ValueError("temporal_epochs must be >= 1")
         if not self.inits:
             raise ValueError("inits must name at least one initialization")
         for token in self.inits:
@@ -127,6 +155,21 @@ def plan_runs(config: StudyConfig) -> list[StudyRun]:
             StudyRun(f"uni-{task}", init, (task,), init, folder / f"uni-{task}") for task in TASKS
         ]
         runs.append(StudyRun("multi", init, TASKS, init, folder / "multi"))
+        for model in config.temporal:
+            runs += [
+                StudyRun(
+                    f"{model} uni-{task}",
+                    init,
+                    (task,),
+                    init,
+                    folder / f"{model}-uni-{task}",
+                    model,
+                )
+                for task in TASKS
+            ]
+            runs.append(
+                StudyRun(f"{model} multi", init, TASKS, init, folder / f"{model}-multi", model)
+            )
     for token in config.inits:
         if token.startswith("uni-"):
             pretrained = RunDir(config.out / slug(base_inits[0]) / token).best
@@ -157,15 +200,67 @@ def run_study(config: StudyConfig) -> list[dict]:
     check_inputs(base, runs)
     config.out.mkdir(parents=True, exist_ok=True)
     for index, run in enumerate(runs, 1):
-        train_config = run_config(base, run)
         folder = RunDir(run.out)
-        if len(read_records(run.out)) >= base.epochs and folder.config.is_file():
-            say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: finished, skipped")
-            continue
-        say(f"study [{index}/{len(runs)}] {run.init_label}/{run.name}: training {run.tasks}")
-        train(train_config, resume=folder.config.exists())
+        label = f"study [{index}/{len(runs)}] {run.init_label}/{run.name}"
+        if run.model is not None:
+            temporal = temporal_config(config, base, run)
+            if len(read_records(run.out)) >= temporal.epochs and folder.config.is_file():
+                say(f"{label}: finished, skipped")
+                continue
+            ensure_features(base, run)
+            say(f"{label}: training a {run.model} head for {run.tasks}")
+            train_temporal(temporal, resume=folder.config.exists())
+        else:
+            if len(read_records(run.out)) >= base.epochs and folder.config.is_file():
+                say(f"{label}: finished, skipped")
+                continue
+            say(f"{label}: training {run.tasks}")
+            train(run_config(base, run), resume=folder.config.exists())
         write_summaries(config.out, runs)  # after every run, so a long study shows progress
     return write_summaries(config.out, runs)
+
+
+def temporal_config(config: StudyConfig, base: TrainConfig, run: StudyRun) -> TemporalConfig:
+    """A temporal row's settings: TemporalConfig's defaults, with the study's seed, device, VA
+    loss and task weights, and ``temporal_epochs`` where given."""
+    weights = tuple((t, w) for t, w in base.task_weights if t in run.tasks)
+    epochs = {} if config.temporal_epochs is None else {"epochs": config.temporal_epochs}
+    return TemporalConfig(
+        features=run.features,
+        out=run.out,
+        tasks=run.tasks,
+        model=run.model,
+        seed=base.seed,
+        device=base.device,
+        va_loss=base.va_loss,
+        task_weights=weights,
+        **epochs,
+    )
+
+
+def ensure_features(base: TrainConfig, run: StudyRun) -> Path:
+    """The features of the multi-task frame model beside ``run`` (its best.pt, else last.pt),
+    extracted unless a finished folder from those very bytes is there already."""
+    frames = RunDir(run.out.parent / "multi")
+    checkpoint = frames.best if frames.best.is_file() else frames.last
+    if (run.features / FEATURES_MANIFEST).is_file():
+        made_from = load_features_manifest(run.features)["checkpoint"]["sha256"]
+        if made_from == sha256_file(checkpoint, what="checkpoint"):
+            return run.features
+        shutil.rmtree(run.features)  # the study's own folder, from an earlier best.pt
+    say(f"study: extracting the features of {checkpoint} into {run.features}")
+    loader = base.loader if base.loader in SHARD_LOADER_KINDS else EvalConfig.loader
+    return extract_features(
+        ExtractConfig(
+            checkpoint,
+            base.shards,
+            run.features,
+            splits=("train", "val"),
+            loader=loader,
+            batch_size=base.batch_size,
+            num_threads=base.num_threads,
+        )
+    )
 
 
 def run_config(base: TrainConfig, run: StudyRun) -> TrainConfig:
@@ -185,6 +280,8 @@ def check_inputs(base: TrainConfig, runs: list[StudyRun]) -> None:
     for split in ("train", "val"):
         split_shards(base.shards, split)
     for run in runs:
+        if run.model is not None:
+            continue  # a temporal run's inputs are made by the study itself
         config = run_config(base, run)
         build_task_loss(config, manifest, base.shards / MANIFEST)
         if RunDir(run.out).config.is_file():
@@ -267,10 +364,12 @@ def format_summary(config: StudyConfig) -> str:
     lines.append("  a run folder each (config.json, metrics.jsonl, last.pt, best.pt, tb/):")
     for run in runs:
         done = len(read_records(run.out))
-        lines.append(
-            f"    {str(run.out.relative_to(config.out)):<{width}}  {done}/{config.base.epochs} "
-            f"epochs"
-        )
+        epochs = config.base.epochs
+        if run.model is not None:
+            epochs = temporal_config(config, config.base, run).epochs
+        lines.append(f"    {str(run.out.relative_to(config.out)):<{width}}  {done}/{epochs} epochs")
+    features = sorted({run.features for run in runs if run.model is not None})
+    lines += [f"  {f.relative_to(config.out)}: the multi-task model's features" for f in features]
     return "\n".join(lines)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from affectfast.config import TrainConfig
 from affectfast.errors import DataError
@@ -214,3 +216,44 @@ def test_cli_study_ends_with_the_table_its_notes_and_where_files_went(packed, tm
     assert table.startswith("| run | init | best epoch |") and notes == TABLE_NOTES
     assert summary.strip().splitlines()[0] == f"study folder {out}:"
     assert summary.count("1/1 epochs") == 4 and (out / "results.md").is_file()
+
+
+def test_temporal_rows_train_heads_on_the_multi_task_features_once(packed, tmp_path):
+    base = TrainConfig(shards=packed, out=tmp_path / "study", **SMALL)
+    config = StudyConfig(out=tmp_path / "study", base=base, temporal=("gru",), temporal_epochs=1)
+    rows = run_study(config)
+    assert [r["run"] for r in rows] == [
+        "uni-va",
+        "uni-expr",
+        "uni-au",
+        "multi",
+        "gru uni-va",
+        "gru uni-expr",
+        "gru uni-au",
+        "gru multi",
+    ]
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["gru uni-va"]["f1_expr"] is None and by_run["gru uni-va"]["ccc_valence"]
+    multi = by_run["gru multi"]
+    assert multi["p_mtl"] == pytest.approx(
+        (multi["ccc_valence"] + multi["ccc_arousal"]) / 2 + multi["f1_expr"] + multi["f1_au"]
+    )
+    features = config.out / "scratch" / "features"
+    made_from = json.loads((features / "features.json").read_text())["checkpoint"]
+    frame_best = config.out / "scratch" / "multi" / "best.pt"
+    assert made_from["sha256"] == hashlib.sha256(frame_best.read_bytes()).hexdigest()
+    head = torch.load(config.out / "scratch" / "gru-multi" / "last.pt", weights_only=True)
+    assert head["stage"] == "temporal" and head["features"]["path"] == str(features.resolve())
+    assert "scratch/features: the multi-task model's features" in format_summary(config)
+    assert "    scratch/gru-multi     1/1 epochs" in format_summary(config).splitlines()
+
+    stamps = {p: p.stat().st_mtime_ns for p in config.out.rglob("*.pt")}
+    stamps[features / "features.json"] = (features / "features.json").stat().st_mtime_ns
+    assert run_study(config) == rows  # a restart extracts and trains nothing again
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_an_unknown_temporal_model_is_refused(tmp_path):
+    base = TrainConfig(shards=tmp_path, out=tmp_path / "study", **SMALL)
+    with pytest.raises(ValueError, match="temporal models must be among"):
+        StudyConfig(out=tmp_path / "study", base=base, temporal=("lstm",))
