@@ -175,6 +175,14 @@ def test_frame_numbers_out_of_order_are_refused(tmp_path):
         build_timeline(load_split(folder, "train"))
 
 
+def test_an_empty_split_has_no_window_and_no_prediction(tmp_path):
+    split = (np.zeros((0, 2), np.float32), np.zeros(0, np.int32), [], {}, {})
+    folder = write_folder(tmp_path / "empty", {"val": split}, dim=2)
+    empty = load_split(folder, "val")
+    assert len(build_windows(build_timeline(empty), 4, 2)) == 0
+    assert predict_rows(PositionModel(), empty, 4, 2)["va"].shape == (0, 2)
+
+
 @pytest.mark.parametrize(
     ("length", "window", "stride", "starts"),
     [(10, 4, 3, [0, 3, 6]), (11, 4, 3, [0, 3, 6, 7]), (3, 4, 3, [0]), (4, 4, 1, [0])],
