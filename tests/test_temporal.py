@@ -359,6 +359,21 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(straight_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_features_from_another_frame_checkpoint(tmp_path):
+    train, _ = onset_split(2, 40, seed=0)
+    folder = write_folder(tmp_path / "f", {"train": train}, dim=24)
+    config = TemporalConfig(features=folder, out=tmp_path / "r", epochs=2, **SMALL)
+    train_temporal(config, stop_after=1)
+    manifest = json.loads((folder / FEATURES_MANIFEST).read_text())
+    manifest["checkpoint"]["sha256"] = "c" * 64  # extracted again from another frame model
+    (folder / FEATURES_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="another frame checkpoint"):
+        train_temporal(config, resume=True)
+    assert [
+        json.loads(x)["epoch"] for x in (config.out / "metrics.jsonl").read_text().splitlines()
+    ] == [1]
+
+
 # --- refusals through the CLI ---------------------------------------------------------------------
 
 
