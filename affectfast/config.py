@@ -290,9 +290,12 @@ class TemporalConfig:
     model: str = "gru"  # one of SEQUENCE_MODELS
     window: int = 256  # frames per window
     stride: int = 128  # frames between window starts (overlap = window - stride)
-    epochs: int = 20
-    batch_size: int = 16  # windows per step
-    lr: float = 1e-3  # AdamW peak learning rate (warm-up, then cosine, as train)
+    # A small tree has few windows (one per video shorter than the window): 30 epochs of 8
+    # windows at 3e-3 learn onset-only cues there, where 20 epochs of 16 at 1e-3 did not
+    # (docs/temporal.md); Aff-Wild2 has ~22k windows, so an epoch is ~2,800 steps.
+    epochs: int = 30
+    batch_size: int = 8  # windows per step
+    lr: float = 3e-3  # AdamW peak learning rate (warm-up, then cosine, as train)
     weight_decay: float = 1e-2
     hidden: int = 128  # the encoder's width (GRU: per direction)
     dropout: float = 0.1

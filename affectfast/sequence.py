@@ -92,8 +92,9 @@ def build_timeline(split: FeatureSplit) -> Timeline:
         rows.append(row)
         lengths.append(len(row))
     lengths = np.asarray(lengths, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    return Timeline(np.concatenate(sources), np.concatenate(rows), starts, lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)[: len(lengths)]
+    empty = [np.zeros(0, np.int64)]  # a split without a video: no frame, no window
+    return Timeline(np.concatenate(sources + empty), np.concatenate(rows + empty), starts, lengths)
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

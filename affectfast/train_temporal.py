@@ -156,6 +156,8 @@ def build_temporal_run(config: TemporalConfig, device: torch.device) -> Temporal
     manifest = load_manifest(config.features)
     manifest_path = Path(config.features) / FEATURES_MANIFEST
     train = load_windows(config.features, "train", manifest, config)
+    if len(train.windows) == 0:
+        raise DataError(manifest_path, "the train split has no frames: nothing to train on")
     loss_spec = build_task_loss(config, train.split, manifest_path).to(device)
     val = (
         load_windows(config.features, "val", manifest, config)

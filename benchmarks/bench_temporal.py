@@ -8,7 +8,8 @@ float16 features (2.8M rows: ~2.9 GB; refused without that much free disk plus 1
 ``--videos`` videos of Aff-Wild2-like lengths (log-normal, mean ~5,000 frames, ~3 % of frames
 without an image), every task labelled. Then, per model and device (the CPU, and CUDA when
 present), builds the run as ``affectfast train-temporal`` does (defaults: window 256, stride 128,
-16 windows a batch) and times ``--repeats`` whole training epochs (validation not counted):
+8 windows a batch;
+``--batch-size`` changes it) and times ``--repeats`` whole training epochs (validation not counted):
 prints the median seconds per epoch, the split's frames per second of epoch and the frames the
 model steps through per second (windows overlap, so each frame counts about window / stride
 times there), and writes the table as CSV (``--csv``).

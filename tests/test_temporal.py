@@ -175,6 +175,14 @@ def test_frame_numbers_out_of_order_are_refused(tmp_path):
         build_timeline(load_split(folder, "train"))
 
 
+def test_an_empty_split_has_no_window_and_no_prediction(tmp_path):
+    split = (np.zeros((0, 2), np.float32), np.zeros(0, np.int32), [], {}, {})
+    folder = write_folder(tmp_path / "empty", {"val": split}, dim=2)
+    empty = load_split(folder, "val")
+    assert len(build_windows(build_timeline(empty), 4, 2)) == 0
+    assert predict_rows(PositionModel(), empty, 4, 2)["va"].shape == (0, 2)
+
+
 @pytest.mark.parametrize(
     ("length", "window", "stride", "starts"),
     [(10, 4, 3, [0, 3, 6]), (11, 4, 3, [0, 3, 6, 7]), (3, 4, 3, [0]), (4, 4, 1, [0])],
@@ -349,6 +357,21 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(straight_run, tmp_path):
     a = torch.load(config.out / "last.pt", weights_only=True)["model"]
     b = torch.load(resumed.out / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_features_from_another_frame_checkpoint(tmp_path):
+    train, _ = onset_split(2, 40, seed=0)
+    folder = write_folder(tmp_path / "f", {"train": train}, dim=24)
+    config = TemporalConfig(features=folder, out=tmp_path / "r", epochs=2, **SMALL)
+    train_temporal(config, stop_after=1)
+    manifest = json.loads((folder / FEATURES_MANIFEST).read_text())
+    manifest["checkpoint"]["sha256"] = "c" * 64  # extracted again from another frame model
+    (folder / FEATURES_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="another frame checkpoint"):
+        train_temporal(config, resume=True)
+    assert [
+        json.loads(x)["epoch"] for x in (config.out / "metrics.jsonl").read_text().splitlines()
+    ] == [1]
 
 
 # --- refusals through the CLI ---------------------------------------------------------------------
