@@ -274,6 +274,9 @@ class SequenceNet(nn.Module):
             )
             width = hidden
         self.dropout = nn.Dropout(dropout)
+        # The heads read the encoder's output beside the frame's own embedding: what a frame
+        # shows (VA here) needs no trip through the encoder, which adds only the context.
+        width += hidden
         self.heads = nn.ModuleDict({t: nn.Linear(width, HEAD_SIZE[t]) for t in self.tasks})
 
     def set_standardization(self, mean: np.ndarray, std: np.ndarray) -> None:
@@ -286,15 +289,15 @@ class SequenceNet(nn.Module):
     ) -> dict[str, torch.Tensor]:
         x = (features - self.feature_mean) / self.feature_std
         x = torch.where(padding.unsqueeze(-1), 0.0, x)
-        x = self.embed(torch.cat([x, missing.unsqueeze(-1)], dim=-1))
+        frame = self.embed(torch.cat([x, missing.unsqueeze(-1)], dim=-1))
         if self.kind == "gru":
-            x, _ = self.encoder(x)
+            x, _ = self.encoder(frame)
         elif self.kind == "tcn":
-            x = self.encoder(x)
+            x = self.encoder(frame)
         else:
-            x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
+            x = frame + sinusoidal_positions(frame.shape[1], frame.shape[2], frame.device)
             x = self.encoder(x, src_key_padding_mask=_keep_one(padding))
-        x = self.dropout(x)
+        x = self.dropout(torch.cat([x, frame], dim=-1))
         return {task: head(x) for task, head in self.heads.items()}
 
 
