@@ -208,7 +208,7 @@ def main():
     config=SYNTH,
     type=click.IntRange(0, 24),
     help="K > 0: the expression and AU cues show only on the K frames at each segment's onset "
-    "(an AU also blinks on its last K frames), labels constant over the segment, segments "
+    "(an AU shows black marks on its last K frames), labels constant over the segment, segments "
     "48-120 frames: a tree on which only a model of time reads the labels between onsets.",
 )
 @click.option(

@@ -34,9 +34,8 @@ them:
   labels stay constant over each segment, so a per-frame reader is blind between changes and only
   a model of time can carry a segment's label along it (see :func:`cue_visibility`). The disc
   shows the class colour on the first K frames of each expression segment and :data:`NEUTRAL_DISC`
-  after them; AU k's marks show on the first K frames of each "on" segment (its onset) and on
-  alternate frames of its last K frames (its offset, a blink that ends on the segment's last
-  frame), and nowhere else. Valence and arousal show on every frame. Segments are then
+  after them; AU k's marks show in its colour on the first K frames of each "on" segment (its
+  onset) and in black on its last K frames (its offset), and nowhere else. Valence and arousal show on every frame. Segments are then
   :data:`ONSET_SEGMENT` frames long: longer than the widest smoothing window, so smoothing cannot
   spread an onset over its segment, and at most 120, so with sequence windows of 256 frames at a
   stride of 128 every frame shares a window with its segment's onset. AU segments alternate on and
@@ -112,6 +111,10 @@ DISC_RADIUS = 0.26  # expression disc
 NEUTRAL_DISC = np.array((0.5, 0.5, 0.5), dtype=np.float32)
 NO_CUE = -1  # the expression passed to draw_frame (and read back) where the disc is neutral
 NEUTRAL_READ_DISTANCE = 0.15  # labels_from_pixels: a centre this close to NEUTRAL_DISC reads NO_CUE
+# How an AU's marks show (cue_visibility, draw_frame): not at all, in the AU's colour, or in black
+# (an onset-cue tree's offset). Black: no skin tone or background level comes near it.
+MARK_HIDDEN, MARK_COLOUR, MARK_DARK = 0, 1, 2
+DARK_READ_DISTANCE = 0.15  # labels_from_pixels: a mark pixel this close to black reads as a mark
 MARK_RADIUS = 0.1  # AU marks
 
 
@@ -174,8 +177,8 @@ class SynthConfig:
     # Extra frame folders held out as an ABAW test set: frames written, no annotation file,
     # listed per challenge under test_lists/ (see TEST_LISTS_DIR).
     test_videos: int = 0
-    # K > 0: expression and AU cues show only on the K frames at each segment's onset (and an AU's
-    # offset blink), labels constant over the segment: a tree where only a model of time can win.
+    # K > 0: expression and AU cues show only on the K frames at each segment's onset (and black AU
+    # marks at an AU's offset), labels constant over the segment: only a model of time can win.
     onset_cues: int = 0
 
     def __post_init__(self):
@@ -438,28 +441,29 @@ def _runs(values: np.ndarray) -> list[tuple[int, int]]:
 
 
 def cue_visibility(truth: VideoLabelsTruth, onset_cues: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which frame slots show their expression cue (bool L) and each AU's marks (bool L×12).
+    """Which frame slots show their expression cue (bool L), and how each AU's marks show (int8
+    L×12: :data:`MARK_HIDDEN`, :data:`MARK_COLOUR` or :data:`MARK_DARK`).
 
-    ``onset_cues`` 0: every frame shows everything. K > 0: the disc shows its class on the first K
-    frames of each expression segment (a run of one class); AU k's marks show on the first K
-    frames of each "on" run (onset) and on every other one of its last K frames, ending on its last
-    frame (offset: a blink, so the end of a run differs from its start and a sequence model knows
-    which side of a run it is on; marks shown at both ends alike would leave on and off runs
-    indistinguishable between them). Marks are never shown in an "off" run, so a shown mark always
-    means "on" and a per-frame model learns to see both cues.
+    ``onset_cues`` 0: every frame shows everything (an active AU's marks in its colour). K > 0: the
+    disc shows its class on the first K frames of each expression segment (a run of one class); AU
+    k's marks show in its colour on the first K frames of each "on" run (onset) and in black on its
+    last K frames (offset: so the end of a run looks unlike its start and a sequence model knows
+    which side of a run it is on; marks alike at both ends would leave on and off runs
+    indistinguishable between them). Marks never show in an "off" run, so a shown mark, coloured
+    or black, always means "on" and a per-frame model learns to see both cues.
     """
     length = len(truth.expr)
     if onset_cues == 0:
-        return np.ones(length, dtype=bool), np.ones((length, NUM_AU), dtype=bool)
+        return np.ones(length, dtype=bool), np.full((length, NUM_AU), MARK_COLOUR, np.int8)
     expr = np.zeros(length, dtype=bool)
     for start, _ in _runs(truth.expr):
         expr[start : start + onset_cues] = True
-    au = np.zeros((length, NUM_AU), dtype=bool)
+    au = np.full((length, NUM_AU), MARK_HIDDEN, np.int8)
     for k in range(NUM_AU):
         for start, stop in _runs(truth.au[:, k]):
             if truth.au[start, k] == 1:
-                au[start : start + onset_cues, k] = True
-                au[np.arange(stop - 1, max(start, stop - onset_cues) - 1, -2), k] = True
+                au[max(start, stop - onset_cues) : stop, k] = MARK_DARK
+                au[start : start + onset_cues, k] = MARK_COLOUR
     return expr, au
 
 
@@ -614,7 +618,8 @@ def draw_frame(
 ) -> np.ndarray:
     """One frame as uint8 H×W×3: the labels drawn into the face (see the module docstring).
 
-    ``expr`` :data:`NO_CUE` draws the neutral disc; AUs whose mark is hidden are passed as 0.
+    ``expr`` :data:`NO_CUE` draws the neutral disc; ``au`` per AU :data:`MARK_HIDDEN` (0: the AU
+    is off, or its marks are hidden), :data:`MARK_COLOUR` (1) or :data:`MARK_DARK` (2: black).
     """
     valence, arousal = va
     image = np.broadcast_to(
@@ -623,8 +628,10 @@ def draw_frame(
     image = image + (np.float32(skin_level(arousal)) * style.skin - image) * masks.face
     disc = NEUTRAL_DISC if expr == NO_CUE else EXPR_COLOURS[expr]
     image += (disc - image) * masks.disc
-    on = np.append(np.asarray(au) == 1, False)[masks.mark_id][..., None]  # H×W×1 bool
-    image = np.where(on, image * (1 - masks.mark_cover) + masks.mark_rgb, image)
+    kind = np.append(np.asarray(au), MARK_HIDDEN)[masks.mark_id][..., None]  # H×W×1
+    covered = image * (1 - masks.mark_cover)
+    image = np.where(kind == MARK_COLOUR, covered + masks.mark_rgb, image)
+    image = np.where(kind == MARK_DARK, covered, image)
     image += noise
     return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
@@ -730,7 +737,7 @@ def _chunks(config: SynthConfig, plan: VideoPlan, truth: VideoLabelsTruth, per_c
     slots = np.flatnonzero(truth.has_image)
     expr_shown, au_shown = cue_visibility(truth, config.onset_cues)
     expr = np.where(expr_shown, truth.expr, NO_CUE)
-    au = truth.au * au_shown
+    au = truth.au * au_shown  # MARK_* where the AU is active, 0 (hidden) where not
     for start in range(0, len(slots), per_chunk):
         idx = slots[start : start + per_chunk]
         yield _Chunk(
@@ -823,13 +830,17 @@ def labels_from_pixels(image: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _mark_present(image: np.ndarray, k: int) -> bool:
-    """Whether both marks of AU k show its colour near their nominal place (searching past jitter)."""
+    """Whether both marks of AU k show near their nominal place (searching past jitter), in its
+    colour or in black (an onset-cue tree's offset)."""
     h, w = image.shape[:2]
     x, y = AU_POSITIONS[k]
-    distance = np.linalg.norm(image.astype(np.float32) / 255.0 - MARK_COLOURS[k], axis=-1)
+    pixels = image.astype(np.float32) / 255.0
+    coloured = np.linalg.norm(pixels - MARK_COLOURS[k], axis=-1) < 0.3
+    dark = np.linalg.norm(pixels, axis=-1) < DARK_READ_DISTANCE
     gx, gy = _grid(w)[0][0], _grid(h)[1][:, 0]
-    found = []
+    found = {"colour": [], "dark": []}
     for px in (x, -x):
         near = (np.abs(gx - px) <= 0.05)[None, :] & (np.abs(gy - y) <= 0.05)[:, None]
-        found.append(bool(near.any()) and distance[near].min() < 0.3)
-    return all(found)
+        found["colour"].append(bool(near.any()) and bool(coloured[near].any()))
+        found["dark"].append(bool(near.any()) and bool(dark[near].any()))
+    return all(found["colour"]) or all(found["dark"])
