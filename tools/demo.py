@@ -1,5 +1,7 @@
 """The README's main job, end to end on the CPU: synthesize, pack, verify, benchmark loaders, run the
-study, then a complete test-set submission: smoothing tuned on val, every frame predicted, checked.
+study (frame models, then temporal heads on the multi-task model's features), compare frame / frame +
+smoothing / temporal on val, then a complete test-set submission from the temporal head: smoothing
+tuned on val, every frame predicted, checked.
 
 Run it with ``make demo`` (which installs first). Everything lands under ``demo/`` (git-ignored); a
 second run reuses the tree and shards and skips finished training runs. Set DEMO_FRESH=1 to start over.
@@ -23,7 +25,8 @@ DEMO = ROOT / "demo"
 TREE, SHARDS, STUDY = DEMO / "tree", DEMO / "shards", DEMO / "study"
 SUBMISSION = DEMO / "submission"
 AFFECTFAST = [sys.executable, "-m", "affectfast"]
-STEPS = 8
+STEPS = 9
+TEMPORAL_EPOCHS = "40"  # the demo's train split is 18 windows of 256 frames: a few steps an epoch
 
 
 def run(step: int, what: str, *args: str, capture: bool = False) -> str:
@@ -93,36 +96,58 @@ def main() -> None:
     )
     run(
         5,
-        "uni-task vs multi-task study",
+        "uni-task vs multi-task study: frame models, then GRU heads on the multi-task features",
         *("study", str(SHARDS), "--out", str(STUDY), "--inits", "scratch", "--epochs", "4"),
         *("--batch-size", "64", "--image-size", "48", "--lr", "3e-3"),
+        *("--temporal", "gru", "--temporal-epochs", TEMPORAL_EPOCHS),
     )
-    best = STUDY / "scratch" / "multi" / "best.pt"
-    metrics = json.loads(
-        run(
-            6,
-            "tune temporal smoothing on val (multi-task best.pt)",
-            *("evaluate", str(best), str(SHARDS), "--tune-smoothing", "--json"),
-            capture=True,
-        )
+    frame_best = STUDY / "scratch" / "multi" / "best.pt"
+    features = STUDY / "scratch" / "features"
+    temporal_best = STUDY / "scratch" / "gru-multi" / "best.pt"
+    frame = evaluate(6, "tune smoothing on val for the multi-task frame model", frame_best)
+    temporal = evaluate(
+        7,
+        "score the GRU head on val (and tune its smoothing)",
+        temporal_best,
+        "--features",
+        str(features),
     )
     run(
-        7,
-        "predict the test set: every frame of every listed video, smoothed",
-        *("predict", str(best), str(SHARDS), "--split", "test", "--smooth"),
+        8,
+        "predict the test set with the GRU head (test features extracted on the fly), smoothed",
+        *("predict", str(temporal_best), str(SHARDS), "--split", "test", "--smooth"),
         *("--frame-counts", str(TREE / TEST_LISTS_DIR / FRAME_COUNTS_FILE)),
         *("--out", str(SUBMISSION)),
     )
-    print(f"\n=== 8/{STEPS} check the submission against the test lists and frame_counts.csv")
+    print(f"\n=== 9/{STEPS} check the submission against the test lists and frame_counts.csv")
     files = check_submission(SUBMISSION, expected_submission())
     print(f"{SUBMISSION}: {files} files in the ABAW format, a line for every frame")
-    print("\nTemporal smoothing on val, multi-task model (windows saved beside best.pt):\n")
-    print(smoothing_table(metrics["smoothing"]))
+    print("\nTemporal smoothing on val, multi-task frame model (windows saved beside best.pt):\n")
+    print(smoothing_table(frame["smoothing"]))
+    print("\nFrame model, frame model + smoothing, GRU head (+ smoothing), multi-task, on val:\n")
+    print(side_by_side(frame, temporal))
     print(
         f"\ndemo finished in {time.perf_counter() - start:.0f} s; results: {STUDY / 'results.md'}, "
         f"curves: {STUDY / 'curves.png'}, loader benchmark: {DEMO / 'bench_loaders.png'}, "
         f"submission: {SUBMISSION}"
     )
+
+
+def evaluate(step: int, what: str, checkpoint: Path, *options: str) -> dict:
+    """``affectfast evaluate CHECKPOINT --tune-smoothing --json`` on val: metrics and smoothing."""
+    args = ("evaluate", str(checkpoint), str(SHARDS), "--tune-smoothing", "--json", *options)
+    return json.loads(run(step, what, *args, capture=True))
+
+
+def side_by_side(frame: dict, temporal: dict) -> str:
+    """Markdown: CCC (mean), F1-EXPR and F1-AU of each stage, raw and with tuned smoothing."""
+    lines = ["| model | CCC (mean) | F1-EXPR | F1-AU |", "|---|---|---|---|"]
+    for name, metrics in (("frame", frame), ("GRU head", temporal)):
+        scores = metrics["smoothing"]["scores"]
+        for kind, label in (("raw", name), ("smoothed", f"{name} + smoothing")):
+            cells = [scores[t][kind] for t in ("va", "expr", "au")]
+            lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
