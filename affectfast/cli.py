@@ -647,7 +647,8 @@ def train_temporal_command(features, out, resume, stop_after, **options):
     affectfast train-temporal features/mtl --tasks va,expr,au --model gru --out runs/mtl-gru
     """
     from affectfast.config import TemporalConfig
-    from affectfast.train_temporal import run_summary, train_temporal
+    from affectfast.train import run_summary
+    from affectfast.train_temporal import train_temporal
 
     try:
         config = TemporalConfig(features=features, out=out, **given(options))

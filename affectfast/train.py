@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from affectfast.config import TrainConfig
+from affectfast.config import TemporalConfig, TrainConfig
 from affectfast.console import say
 from affectfast.dist import (
     DistInfo,
@@ -586,7 +586,7 @@ def _run_epochs(
         best = max(best, _p_mtl(metrics))
         loader_states = gather_to_main(run.train_loader.state_dict(), info)
         if info.is_main:
-            _log_epoch(folder, writer, record)
+            log_epoch(folder, writer, record)
             state = {**run.state(), "loader": loader_states}
             _save_checkpoints(folder, config, epoch + 1, state, metrics, best)
     return records
@@ -721,8 +721,9 @@ def _restore(path: Path, config: TrainConfig, run: Run, info: DistInfo) -> tuple
         raise DataError(path, f"cannot restore this run from it ({first[:200]})") from None
 
 
-def _log_epoch(folder: RunDir, writer, record: dict) -> None:
-    """Append the epoch to metrics.jsonl and TensorBoard, and one summary line to stderr."""
+def log_epoch(folder: RunDir, writer, record: dict, unit: str = "img/s") -> None:
+    """Append the epoch to metrics.jsonl and TensorBoard, and one summary line to stderr
+    (``unit`` names what ``images_per_s`` counts: train-temporal's heads step through frames)."""
     append_metrics(folder.metrics, record)
     for key, value in record.items():
         if key != "epoch" and value is not None:  # an absent task has no point to plot
@@ -733,7 +734,7 @@ def _log_epoch(folder: RunDir, writer, record: dict) -> None:
         for k in ("train_loss", "ccc_mean", "f1_expr", "f1_au", "p_mtl")
         if record.get(k) is not None
     )
-    say(f"epoch {record['epoch']}: {shown} ({record['images_per_s']:.0f} img/s)")
+    say(f"epoch {record['epoch']}: {shown} ({record['images_per_s']:.0f} {unit})")
 
 
 def scalar_tag(field: str) -> str:
@@ -743,9 +744,10 @@ def scalar_tag(field: str) -> str:
     return f"val/{field}"
 
 
-def run_summary(config: TrainConfig) -> str:
+def run_summary(config: TrainConfig | TemporalConfig) -> str:
     """Where a run's files are, on one screen: the run folder, best.pt (its epoch and val P_MTL),
-    last.pt, metrics.jsonl, config.json and tb/, as the run folder holds them now."""
+    last.pt, metrics.jsonl, config.json and tb/, as the run folder holds them now (a train or a
+    train-temporal run: both keep the same files)."""
     folder = RunDir(config.out)
     records = [r for r in read_metrics(folder.metrics) if isinstance(r, dict)]
     done = max((r.get("epoch", 0) for r in records), default=0)

@@ -26,7 +26,6 @@ import torch
 from tqdm import tqdm
 
 from affectfast.config import TemporalConfig
-from affectfast.console import say
 from affectfast.errors import DataError
 from affectfast.features import (
     FEATURES_MANIFEST,
@@ -41,9 +40,9 @@ from affectfast.metrics import Predictions, headline
 from affectfast.model import HEAD_SIZE, load_weights_file
 from affectfast.rundir import (
     CHECKPOINT_FORMAT,
+    TEMPORAL_STAGE,
     RunDir,
-    append_metrics,
-    read_metrics,
+    is_temporal,
     rng_state,
     save_atomic,
     set_rng_state,
@@ -64,11 +63,10 @@ from affectfast.train import (
     build_schedule,
     claim_run_folder,
     config_changes,
-    scalar_tag,
+    log_epoch,
     score,
 )
 
-STAGE = "temporal"
 # What --resume restores from last.pt besides the config and the model.
 RESUME_ENTRIES = ("config", "model", "optimizer", "scheduler", "rng", "epoch", "best_p_mtl")
 
@@ -307,7 +305,7 @@ def save_checkpoints(
     """Write last.pt (always) and best.pt (when this epoch has the best val P_MTL), atomically."""
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
-        "stage": STAGE,
+        "stage": TEMPORAL_STAGE,
         "config": run.config.to_dict(),
         "epoch": epochs_done,
         **{name: obj.state_dict() for name, obj in run.state().items()},
@@ -334,7 +332,7 @@ def read_temporal_checkpoint(path: Path, entries: tuple[str, ...] = ("config", "
     checkpoint = load_weights_file(path, "checkpoint")
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise DataError(path, "not an affectfast checkpoint")
-    if checkpoint.get("stage") != STAGE:
+    if not is_temporal(checkpoint):
         raise DataError(
             path,
             "a frame checkpoint (affectfast train), not a temporal one (affectfast "
@@ -398,21 +396,6 @@ def restore(path: Path, run: TemporalRun) -> tuple[int, float]:
         raise DataError(path, f"cannot restore this run from it ({first[:200]})") from None
 
 
-def log_epoch(folder: RunDir, writer, record: dict) -> None:
-    """Append the epoch to metrics.jsonl and TensorBoard, and one summary line to stderr."""
-    append_metrics(folder.metrics, record)
-    for key, value in record.items():
-        if key != "epoch" and value is not None:
-            writer.add_scalar(scalar_tag(key), value, record["epoch"])
-    writer.flush()
-    shown = " ".join(
-        f"{k}={record[k]:.4f}"
-        for k in ("train_loss", "ccc_mean", "f1_expr", "f1_au", "p_mtl")
-        if record.get(k) is not None
-    )
-    say(f"epoch {record['epoch']}: {shown} ({record['images_per_s']:.0f} frames/s)")
-
-
 def train_temporal(
     config: TemporalConfig, resume: bool = False, stop_after: int | None = None
 ) -> list[dict]:
@@ -465,31 +448,6 @@ def _run_epochs(
         }
         records.append(record)
         best = max(best, _p_mtl(metrics))
-        log_epoch(folder, writer, record)
+        log_epoch(folder, writer, record, unit="frames/s")
         save_checkpoints(run, folder, epoch + 1, metrics, best)
     return records
-
-
-def run_summary(config: TemporalConfig) -> str:
-    """Where the run's files are: the run folder, best.pt, last.pt, metrics.jsonl, config.json."""
-    folder = RunDir(config.out)
-    records = [r for r in read_metrics(folder.metrics) if isinstance(r, dict)]
-    done = max((r.get("epoch", 0) for r in records), default=0)
-    scored = [r for r in records if isinstance(r.get("p_mtl"), (int, float))]
-    best = max(scored, key=lambda r: (r["p_mtl"], r["epoch"])) if scored else None
-    left = "" if done >= config.epochs else "; --resume continues it"
-    lines = [f"run folder {folder.root} ({done} of {config.epochs} epochs done{left})"]
-    if best is not None and folder.best.exists():
-        lines.append(
-            f"  best.pt        epoch {best['epoch']}, the best val P_MTL {best['p_mtl']:.4f}"
-        )
-    else:
-        lines.append("  best.pt        not written: no val split with a trained task's labels")
-    if folder.last.exists():
-        lines.append(f"  last.pt        epoch {done}, what --resume continues from")
-    lines += [
-        f"  metrics.jsonl  one JSON line per epoch ({len(records)} lines)",
-        "  config.json    the run's settings",
-        f"  tb/            TensorBoard: tensorboard --logdir {folder.tensorboard}",
-    ]
-    return "\n".join(lines)
