@@ -39,7 +39,7 @@ from affectfast.sequence import (
     window_starts,
 )
 from affectfast.tasks import NUM_AU, NUM_EXPR, TASKS
-from affectfast.train_temporal import load_temporal_checkpoint, train_temporal
+from affectfast.train_temporal import epoch_order, load_temporal_checkpoint, train_temporal
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ONSET = 3  # frames at a segment's start that show its cue
@@ -440,3 +440,14 @@ def test_without_a_val_split_the_metrics_are_null_and_no_best_pt(tmp_path):
         "metrics.jsonl",
         "tb",
     ]
+
+
+def test_every_window_once_an_epoch_in_a_fresh_order_per_epoch_and_seed(tmp_path):
+    config = TemporalConfig(features=tmp_path, out=tmp_path / "run", **SMALL)
+    other_seed = TemporalConfig(features=tmp_path, out=tmp_path / "run", seed=1, **SMALL)
+    orders = [epoch_order(config, epoch, 500) for epoch in range(3)]
+    for order in orders:
+        np.testing.assert_array_equal(np.sort(order), np.arange(500))  # each window once
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    assert not np.array_equal(orders[0], epoch_order(other_seed, 0, 500))
+    np.testing.assert_array_equal(orders[1], epoch_order(config, 1, 500))  # a resume repeats it
