@@ -133,8 +133,38 @@ class AugmentSpec:
         )
 
 
+class SavedConfig:
+    """A run's config as config.json and every checkpoint hold it: :meth:`to_dict` gives JSON
+    (paths as strings, tuples as lists, pairs as lists), :meth:`from_dict` reads it back."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (paths as strings, tuples as lists)."""
+        return {
+            field.name: _json_ready(getattr(self, field.name)) for field in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            **{
+                **d,
+                "tasks": tuple(d["tasks"]),
+                "task_weights": tuple(map(tuple, d["task_weights"])),
+            }
+        )
+
+
+def _json_ready(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(SavedConfig):
     """Everything that defines a training run; saved as config.json and inside every checkpoint.
 
     Defaults fit a GPU node (DALI on the GPU, mixed precision, channels_last); :func:`resolve_device`
@@ -246,30 +276,6 @@ class TrainConfig:
             ],
         )
 
-    def to_dict(self) -> dict:
-        """JSON-ready dict (paths as strings, tuples as lists)."""
-        d = dataclasses.asdict(self)
-        d.update(
-            shards=str(self.shards),
-            out=str(self.out),
-            tree=None if self.tree is None else str(self.tree),
-            stage_dir=None if self.stage_dir is None else str(self.stage_dir),
-            tasks=list(self.tasks),
-            task_weights=[list(p) for p in self.task_weights],
-        )
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            **{
-                **d,
-                "tasks": tuple(d["tasks"]),
-                "task_weights": tuple(map(tuple, d["task_weights"])),
-            }
-        )
-
     @property
     def augment_spec(self) -> AugmentSpec | None:
         return (
@@ -280,7 +286,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class TemporalConfig:
+class TemporalConfig(SavedConfig):
     """Everything that defines a train-temporal run (a sequence head over a feature folder);
     saved as config.json and inside every checkpoint, as TrainConfig is."""
 
@@ -346,28 +352,6 @@ class TemporalConfig:
                 ("seed", 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),
                 ("device", self.device in DEVICES, f"device must be one of {DEVICES}"),
             ],
-        )
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict (paths as strings, tuples as lists)."""
-        d = dataclasses.asdict(self)
-        d.update(
-            features=str(self.features),
-            out=str(self.out),
-            tasks=list(self.tasks),
-            task_weights=[list(p) for p in self.task_weights],
-        )
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TemporalConfig:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            **{
-                **d,
-                "tasks": tuple(d["tasks"]),
-                "task_weights": tuple(map(tuple, d["task_weights"])),
-            }
         )
 
 
