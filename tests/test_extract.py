@@ -268,6 +268,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Chosen limits, per row: |GPU - CPU| / |CPU| of the features. The CUDA trunk runs under the
+# checkpoint's autocast (bf16 on a recent GPU: ~1 % per row); dali-gpu decodes with nvJPEG, whose
+# pixels differ from libjpeg-turbo's by a level or two.
+CUDA_FEATURE_ERROR = {"dali-cpu": 0.05, "dali-gpu": 0.15}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loader", ["dali-cpu", "dali-gpu"])
+def test_extract_on_cuda_gives_the_cpu_trunks_features_row_for_row(
+    trained_run, packed_holdout, tmp_path, loader
+):
+    out = extract_features(
+        config(trained_run, packed_holdout, tmp_path / "features", splits=("val",), loader=loader)
+    )
+    data = load_split(out, "val")
+    expected = trunk_outputs(trained_run, packed_holdout, "val")  # on the CPU
+    keys = data.keys()
+    assert keys == sorted(expected)
+    got = data.features.astype(np.float32)
+    want = np.stack([expected[k][0] for k in keys])
+    error = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert error.max() < CUDA_FEATURE_ERROR[loader], (error.max(), keys[int(error.argmax())])
+    for task in data.labels:
+        masks = np.array([expected[k][2][task] for k in keys])
+        assert (data.masks[task] == masks).all()
+
+
 @pytest.mark.slow
 def test_two_processes_write_the_folder_one_process_writes(
     trained_run, packed_holdout, features, tmp_path

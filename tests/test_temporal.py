@@ -281,9 +281,14 @@ def per_frame_oracle(split, onsets: np.ndarray, train_labels: dict) -> tuple[flo
     return float(f1_expr), float(f1_au)
 
 
-def test_a_gru_learns_labels_shown_only_at_segment_onsets(onset_folder, tmp_path, one_thread):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_gru_learns_labels_shown_only_at_segment_onsets(
+    onset_folder, tmp_path, one_thread, device
+):
     folder, val_onsets = onset_folder
-    config = TemporalConfig(features=folder, out=tmp_path / "gru", epochs=12, **SMALL)
+    config = TemporalConfig(
+        features=folder, out=tmp_path / "gru", epochs=12, **{**SMALL, "device": device}
+    )
     records = train_temporal(config)
     train = load_split(folder, "train")
     oracle_expr, oracle_au = per_frame_oracle(load_split(folder, "val"), val_onsets, train.labels)
@@ -292,6 +297,13 @@ def test_a_gru_learns_labels_shown_only_at_segment_onsets(onset_folder, tmp_path
     assert last["f1_expr"] > oracle_expr + 0.3, (last, oracle_expr)
     assert last["f1_au"] > oracle_au + 0.2, (last, oracle_au)
     assert last["ccc_mean"] > 0.5, last
+    if device == "cuda":  # the checkpoint loads on the CPU and predicts there as on the GPU
+        model, head, _ = load_temporal_checkpoint(tmp_path / "gru" / "last.pt")
+        val = load_split(folder, "val")
+        on_cpu = predict_rows(model, val, head.window, head.stride, "cpu")
+        on_gpu = predict_rows(model.to("cuda"), val, head.window, head.stride, "cuda")
+        for task, outputs in on_cpu.items():  # TF32 GRU matmuls on the GPU: ~1e-3 apart
+            np.testing.assert_allclose(on_gpu[task], outputs, rtol=1e-2, atol=1e-2, err_msg=task)
 
 
 # --- the run folder -------------------------------------------------------------------------------
