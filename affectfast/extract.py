@@ -58,8 +58,8 @@ from affectfast.features import (
     write_split,
 )
 from affectfast.loaders import screen_labels
-from affectfast.model import AffectNet, load_weights_file
-from affectfast.rundir import load_checkpoint
+from affectfast.model import AffectNet
+from affectfast.rundir import is_temporal, load_checkpoint
 from affectfast.safe_files import excerpt, exclusive_lock
 from affectfast.shards import MANIFEST, check_key, read_manifest
 from affectfast.tasks import TASKS
@@ -75,7 +75,6 @@ from affectfast.tuned import Fingerprint
 
 FEATURE_DIM = 512  # ResNet-18's pooled features (the trunk's fc is removed)
 MERGE_ROWS = 1 << 16  # rows per copy in the merge: 64 MiB of 512-d float16
-TEMPORAL_STAGE = "temporal"  # the "stage" a train-temporal checkpoint carries
 # Disk-full errnos: a one-line DataError naming OUT, the staging folder removed.
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
@@ -142,12 +141,13 @@ def extract(config: ExtractConfig) -> Extraction:
 def load_frame_checkpoint(path: Path) -> dict:
     """A frame checkpoint (train's best.pt/last.pt) as ``rundir.load_checkpoint`` checks it; a
     temporal checkpoint is a one-line DataError."""
-    if load_weights_file(Path(path), "checkpoint").get("stage") == TEMPORAL_STAGE:
+    checkpoint = load_checkpoint(path, temporal_ok=True)  # read once
+    if is_temporal(checkpoint):
         raise DataError(
             path,
             "a temporal checkpoint; extract needs a frame checkpoint (train's best.pt/last.pt)",
         )
-    return load_checkpoint(path)
+    return checkpoint
 
 
 def resolve_splits(config: ExtractConfig, pack: dict) -> tuple[str, ...]:
