@@ -9,6 +9,7 @@ else. train, study and the benchmarks name these files only through :class:`RunD
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -156,6 +157,17 @@ def load_checkpoint(
     if "model" in entries:
         _check_model_state(path, checkpoint["model"], config.tasks)
     return checkpoint
+
+
+@contextlib.contextmanager
+def restoring_from(path: Path):
+    """Wrap the loading of a checkpoint's states into a run (``--resume``): a state that does not
+    fit (missing, wrong shape, wrong type) becomes one DataError naming the checkpoint."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(path, f"cannot restore this run from it ({first[:200]})") from None
 
 
 def is_temporal(checkpoint: dict) -> bool:

@@ -52,6 +52,7 @@ from affectfast.rundir import (
     load_checkpoint,
     read_config,
     read_metrics,
+    restoring_from,
     rng_state,
     save_atomic,
     set_rng_state,
@@ -710,15 +711,12 @@ def _restore(path: Path, config: TrainConfig, run: Run, info: DistInfo) -> tuple
             f"with {info.world_size}: each rank continues its own part of the epoch order, so "
             "resume with the same number of processes (or start a new run)",
         )
-    try:
+    with restoring_from(path):
         for name, obj in run.state().items():
             obj.load_state_dict(checkpoint[name])
         run.train_loader.load_state_dict(checkpoint["loader"][info.rank])
         set_rng_state(checkpoint["rng"])
         return int(checkpoint["epoch"]), float(checkpoint["best_p_mtl"])
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(path, f"cannot restore this run from it ({first[:200]})") from None
 
 
 def log_epoch(folder: RunDir, writer, record: dict, unit: str = "img/s") -> None:

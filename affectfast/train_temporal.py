@@ -43,6 +43,7 @@ from affectfast.rundir import (
     TEMPORAL_STAGE,
     RunDir,
     is_temporal,
+    restoring_from,
     rng_state,
     save_atomic,
     set_rng_state,
@@ -386,14 +387,11 @@ def restore(path: Path, run: TemporalRun) -> tuple[int, float]:
         checkpoint_sha256=(source.get("checkpoint") or {}).get("sha256"),
         pack_sha256=(source.get("pack") or {}).get("sha256"),
     )
-    try:
+    with restoring_from(path):
         for name, obj in run.state().items():
             obj.load_state_dict(checkpoint[name])
         set_rng_state(checkpoint["rng"])
         return int(checkpoint["epoch"]), float(checkpoint["best_p_mtl"])
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(path, f"cannot restore this run from it ({first[:200]})") from None
 
 
 def train_temporal(

@@ -371,6 +371,20 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(straight_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_last_pt_whose_states_do_not_fit_is_one_line_naming_it(tmp_path):
+    train, _ = onset_split(2, 40, seed=0)
+    folder = write_folder(tmp_path / "f", {"train": train}, dim=24)
+    config = TemporalConfig(features=folder, out=tmp_path / "r", epochs=2, **SMALL)
+    train_temporal(config, stop_after=1)
+    last = config.out / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["optimizer"]["param_groups"] = []  # another optimizer's state
+    torch.save(checkpoint, last)
+    with pytest.raises(DataError, match="cannot restore this run from it") as error:
+        train_temporal(config, resume=True)
+    assert error.value.path == last and "\n" not in str(error.value)
+
+
 def test_resume_refuses_features_from_another_frame_checkpoint(tmp_path):
     train, _ = onset_split(2, 40, seed=0)
     folder = write_folder(tmp_path / "f", {"train": train}, dim=24)
