@@ -618,7 +618,7 @@ def train_command(shards, out, resume, stop_after, **options):
     "--task-weights",
     config=TEMPORAL,
     callback=_task_weights,
-    help="Loss weight per task, e.g. va=1,expr=0.5 (unlisted tasks weigh 1).",
+    help="Loss weight per task, e.g. va=1,expr=0.5 (unlisted: au 6, the others 1; see docs/temporal.md).",
 )
 @config_option("--seed", config=TEMPORAL, type=click.IntRange(min=0))
 @config_option(

@@ -126,7 +126,8 @@ def format_result(result: dict, model: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The experiment's options and their defaults (tests/test_temporal_margin.py runs these)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for trees, runs, results")
     parser.add_argument(
@@ -136,9 +137,13 @@ def main() -> None:
     parser.add_argument("--held-out-videos", type=int, default=72, help="videos of tree B")
     parser.add_argument("--frames", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0, help="tree A's seed; B's is seed + 1")
-    parser.add_argument("--frame-epochs", type=int, default=6)
+    parser.add_argument("--frame-epochs", type=int, default=12)
     parser.add_argument("--model", default="gru", choices=("gru", "tcn", "transformer"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     start = time.perf_counter()
     result = run(args)
     (args.work / "margin.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -477,3 +477,15 @@ def test_every_window_once_an_epoch_in_a_fresh_order_per_epoch_and_seed(tmp_path
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
     assert not np.array_equal(orders[0], epoch_order(other_seed, 0, 500))
     np.testing.assert_array_equal(orders[1], epoch_order(config, 1, 500))  # a resume repeats it
+
+
+def test_au_weighs_six_unless_the_task_weights_name_it():
+    def weights(**kwargs):
+        return dict(TemporalConfig(features="f", out="o", **kwargs).task_weights)
+
+    assert weights() == {"au": 6.0}
+    assert weights(tasks="va,expr") == {}
+    assert weights(task_weights=(("va", 2.0),)) == {"au": 6.0, "va": 2.0}
+    assert weights(task_weights=(("au", 1.0),)) == {"au": 1.0}
+    config = TemporalConfig(features="f", out="o")  # what config.json records reads back alike
+    assert TemporalConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
