@@ -288,7 +288,7 @@ class TrainConfig(SavedConfig):
 # A sequence head learns each AU's on/off state from that AU's own cues: twelve binary states to
 # carry through time, while the AU loss (the mean of 12 BCEs) weighs as much as EXPR's one. Where
 # --task-weights does not name AU, it weighs 6: on the held-out onset-cue experiment
-# (docs/temporal.md) AU 1 -> 6 gave F1-AU +0.06 for F1-EXPR -0.08.
+# (docs/temporal.md) AU 1 -> 6 gave F1-AU +0.05 for F1-EXPR -0.07.
 TEMPORAL_TASK_WEIGHTS = {"au": 6.0}
 
 
