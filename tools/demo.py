@@ -26,9 +26,8 @@ TREE, SHARDS, STUDY = DEMO / "tree", DEMO / "shards", DEMO / "study"
 SUBMISSION = DEMO / "submission"
 AFFECTFAST = [sys.executable, "-m", "affectfast"]
 STEPS = 9
-TEMPORAL_EPOCHS = (
-    "12"  # the demo's heads: 3 steps an epoch (18 windows), kept short for the 10-minute budget
-)
+# The demo's heads: 3 steps an epoch (18 windows), kept short for the 10-minute budget.
+TEMPORAL_EPOCHS = "12"
 
 
 def run(step: int, what: str, *args: str, capture: bool = False) -> str:
